@@ -1,0 +1,84 @@
+"""Command-line entry points `dfembed` and `dfhead`: parse options, call one library function, print.
+
+No logic lives here. Every mistake a user can make surfaces as store.errors.UserError, printed
+as one line with a non-zero exit. Heavy imports (torch, open_clip) stay inside the commands so
+`--help` and `dfembed info` start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from store.errors import UserError
+
+console = Console(stderr=True)
+out = Console()
+
+embed_app = typer.Typer(
+    name="dfembed", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Extract frozen CLIP image features once into a resumable HDF5 store.",
+)
+head_app = typer.Typer(
+    name="dfhead", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Train, evaluate and sweep robust detector heads (CVaR, pairwise AUC, SAM) on a store.",
+)
+
+DEFAULT_STORE = Path("embeddings")
+
+
+def _main(app: typer.Typer) -> None:
+    try:
+        app()
+    except UserError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]: completed shards are kept; re-run the same command to resume")
+        sys.exit(130)
+
+
+def dfembed_main() -> None:
+    _main(embed_app)
+
+
+def dfhead_main() -> None:
+    _main(head_app)
+
+
+# ---------------------------------------------------------------- dfembed
+
+@embed_app.command()
+def info(
+    store_dir: Annotated[Path, typer.Argument(help="Store directory.")] = DEFAULT_STORE,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
+) -> None:
+    """Rows, dim, model, per-label and per-source counts, failures and size on disk of a store."""
+    import store
+
+    s = store.open(store_dir)
+    rep = s.info()
+    if as_json:
+        out.print_json(json.dumps(rep))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"store {rep['store']}", show_header=False)
+    for k in ("rows", "dim", "dtype", "model", "pretrained", "feature", "shards", "failures"):
+        t.add_row(k, str(rep[k]))
+    t.add_row("labels", ", ".join(f"{ {'1': 'fake', '0': 'real', '-1': 'unknown'}[k]}={v}" for k, v in rep["labels"].items()))
+    t.add_row("sources", ", ".join(f"{k or '(none)'}={v}" for k, v in rep["sources"].items()))
+    t.add_row("size on disk", f"{rep['bytes_on_disk'] / 2**20:.1f} MiB")
+    out.print(t)
+
+
+# ---------------------------------------------------------------- dfhead
+
+
+if __name__ == "__main__":  # python cli.py ... runs dfembed
+    dfembed_main()

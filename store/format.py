@@ -1,0 +1,54 @@
+"""The on-disk contract of a dfclip store. docs/store-format.md is the prose version; keep both true.
+
+A store is a directory:
+
+    shard-r000-00000.h5     immutable HDF5 shards, written to a temp name then os.replace'd
+    shard-r001-00000.h5     (r = torchrun rank of the writer, then a per-rank sequence number)
+    failures.parquet        convenience view of unreadable inputs, rebuilt from the shards
+    .lock-r000              advisory lock of a running writer (fcntl; released if it dies)
+
+Each shard is self-describing: rows, their metadata, the failures met while writing them,
+and a provenance JSON attribute. Readers need only h5py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+FORMAT_VERSION = "dfclip-store/1"
+
+SHARD_GLOB = "shard-r*-*.h5"
+SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{5,})\.h5$")
+FAILURES_FILE = "failures.parquet"
+
+# Row datasets, all of length N.
+EMBEDDINGS = "embeddings"  # N x D, float16 (default) or float32
+STRING_COLUMNS = ("path", "source", "split", "group")  # UTF-8, variable length
+LABEL = "label"  # int8: 1 fake, 0 real, -1 unknown
+FILE_COLUMNS = ("size", "mtime_ns")  # int64: the resume key, with path
+# Failures met while writing this shard: group "failures" with these datasets.
+FAILURES_GROUP = "failures"
+FAILURE_STRING_COLUMNS = ("path", "error", "message")
+
+EMBEDDING_DTYPES = ("float16", "float32")
+
+# Provenance keys that must agree for rows to be comparable (mixing them is refused).
+IDENTITY_KEYS = ("model", "model_config", "pretrained", "feature", "dim", "preprocess")
+
+
+def shard_name(rank: int, seq: int) -> str:
+    return f"shard-r{rank:03d}-{seq:05d}.h5"
+
+
+def identity(provenance: dict) -> str:
+    """A canonical string of what makes two stores' embeddings comparable."""
+    return json.dumps({k: provenance.get(k) for k in IDENTITY_KEYS}, sort_keys=True, default=str)
+
+
+def describe_identity(provenance: dict) -> str:
+    """Short human form for error messages."""
+    p = provenance.get("pretrained")
+    if isinstance(p, dict):
+        p = p.get("tag") or p.get("file") or p.get("sha256", "?")[:12]
+    return f"model={provenance.get('model')} pretrained={p} feature={provenance.get('feature')} dim={provenance.get('dim')}"

@@ -1,0 +1,171 @@
+"""Writing a store: ShardWriter (atomic, immutable shards) and the per-rank writer lock."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from store import format as fmt
+from store.errors import UserError
+
+_STR = h5py.string_dtype("utf-8")
+
+
+def _chunk_rows(dim: int, itemsize: int) -> int:
+    # ~1 MiB chunks: big enough for fast sequential reads, small enough for subset reads.
+    return max(1, (1 << 20) // max(1, dim * itemsize))
+
+
+class ShardWriter:
+    """Buffers rows and writes them as immutable HDF5 shards of at most `shard_size` rows.
+
+    Each shard is written to a hidden temporary file and moved into place with os.replace,
+    so a reader (or a resumed run) never sees a half-written shard. A killed writer loses at
+    most its unflushed buffer, which a resumed run recomputes; it never duplicates a row.
+    Leaving the context (normally or by an exception) flushes the completed rows.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        provenance: dict,
+        *,
+        dim: int,
+        dtype: str = "float16",
+        shard_size: int = 16384,
+        rank: int = 0,
+    ) -> None:
+        if dtype not in fmt.EMBEDDING_DTYPES:
+            raise UserError(f"unsupported --dtype {dtype!r}; use one of {', '.join(fmt.EMBEDDING_DTYPES)}")
+        if shard_size < 1:
+            raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.provenance = {**provenance, "dim": int(dim), "dtype": dtype}
+        self.dim, self.dtype, self.shard_size, self.rank = int(dim), np.dtype(dtype), int(shard_size), int(rank)
+        self._emb = np.empty((self.shard_size, self.dim), dtype=self.dtype)
+        self._n = 0
+        self._meta: dict[str, list] = {c: [] for c in (*fmt.STRING_COLUMNS, fmt.LABEL, *fmt.FILE_COLUMNS)}
+        self._fail: dict[str, list] = {c: [] for c in (*fmt.FAILURE_STRING_COLUMNS, *fmt.FILE_COLUMNS)}
+        self._remove_stale_temps()
+        self._seq = 1 + max((int(m.group(2)) for p in self.root.iterdir()
+                             if (m := fmt.SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank), default=-1)
+        self.written: list[Path] = []
+        self.rows_written = 0
+        self.failures_written = 0
+
+    def _remove_stale_temps(self) -> None:
+        # Temps of this rank can only come from a dead writer: the lock excludes live ones.
+        for p in self.root.glob(f".shard-r{self.rank:03d}-*.tmp*"):
+            p.unlink(missing_ok=True)
+
+    def add(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray]) -> None:
+        """Append rows. `rows` has path, label, source, split, group, size, mtime_ns, one entry per row."""
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
+            raise ValueError(f"embeddings must be (n, {self.dim}), got {embeddings.shape}")
+        n, start = len(embeddings), 0
+        while start < n:
+            take = min(n - start, self.shard_size - self._n)
+            self._emb[self._n:self._n + take] = embeddings[start:start + take]
+            for c in self._meta:
+                self._meta[c].extend(list(rows[c][start:start + take]))
+            self._n += take
+            start += take
+            if self._n == self.shard_size:
+                self.flush()
+
+    def add_failure(self, path: str, size: int, mtime_ns: int, error: str, message: str) -> None:
+        """Record an input that could not be embedded; it is written with the next shard."""
+        for c, v in zip(self._fail, (path, error, message, size, mtime_ns)):
+            self._fail[c].append(v)
+
+    def flush(self) -> Path | None:
+        """Write buffered rows and failures as one shard; returns its path (None if nothing buffered)."""
+        n, nf = self._n, len(self._fail["path"])
+        if n == 0 and nf == 0:
+            return None
+        name = fmt.shard_name(self.rank, self._seq)
+        tmp = self.root / f".{name}.tmp{os.getpid()}"
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = fmt.FORMAT_VERSION
+            f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True, default=str)
+            f.attrs["created_ns"] = time.time_ns()
+            f.attrs["rank"] = self.rank
+            chunks = (min(n, _chunk_rows(self.dim, self.dtype.itemsize)), self.dim) if n else None
+            f.create_dataset(fmt.EMBEDDINGS, data=self._emb[:n], chunks=chunks)
+            for c in fmt.STRING_COLUMNS:
+                f.create_dataset(c, data=np.array(self._meta[c], dtype=object), dtype=_STR, shape=(n,))
+            f.create_dataset(fmt.LABEL, data=np.array(self._meta[fmt.LABEL], dtype=np.int8), shape=(n,))
+            for c in fmt.FILE_COLUMNS:
+                f.create_dataset(c, data=np.array(self._meta[c], dtype=np.int64), shape=(n,))
+            g = f.create_group(fmt.FAILURES_GROUP)
+            for c in fmt.FAILURE_STRING_COLUMNS:
+                g.create_dataset(c, data=np.array(self._fail[c], dtype=object), dtype=_STR, shape=(nf,))
+            for c in fmt.FILE_COLUMNS:
+                g.create_dataset(c, data=np.array(self._fail[c], dtype=np.int64), shape=(nf,))
+            f.flush()
+            os.fsync(f.id.get_vfd_handle())
+        os.replace(tmp, self.root / name)
+        _fsync_dir(self.root)
+        self.written.append(self.root / name)
+        self.rows_written += n
+        self.failures_written += nf
+        self._seq += 1
+        self._n = 0
+        for d in (self._meta, self._fail):
+            for c in d:
+                d[c].clear()
+        return self.root / name
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def writer_lock(root: str | os.PathLike, rank: int = 0):
+    """Hold the advisory write lock of `rank` on a store, or raise UserError if another process has it.
+
+    fcntl locks die with their process, so a SIGKILLed run never leaves a stale lock behind.
+    torchrun ranks lock different files; two plain runs on one store collide on rank 0.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f".lock-r{rank:03d}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UserError(
+            f"another dfembed extract (pid {holder}) is writing to {root}; wait for it to finish or use a different --out"
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
