@@ -77,6 +77,34 @@ def info(
     out.print(t)
 
 
+@embed_app.command("import-h5")
+def import_h5(
+    h5_file: Annotated[Path, typer.Argument(help="HDF5 file holding an N x D feature dataset (e.g. cup_train.h5).")],
+    csv: Annotated[Path, typer.Option(help="Labels CSV whose rows are in the dataset's order.")],
+    dataset: Annotated[str, typer.Option(help="Dataset name inside the .h5 (SP_CUP: train_features / test_features).")] = "train_features",
+    out_dir: Annotated[Path, typer.Option("--out", help="Store directory to write.")] = DEFAULT_STORE,
+    column: Annotated[Optional[list[str]], typer.Option(help="OURS=THEIRS, e.g. 'path=Image Path', 'label=Target', 'source=Gen'.")] = None,
+    target_means: Annotated[str, typer.Option(help="What Target 1 means: fake (SP_CUP) or real.")] = "fake",
+    split: Annotated[str, typer.Option(help="Split of every row when no split column is mapped, e.g. train / val.")] = "",
+    model: Annotated[str, typer.Option(help="Model that made the features (recorded as declared).")] = "ViT-L-14",
+    pretrained: Annotated[str, typer.Option(help="Its weights (recorded as declared).")] = "openai",
+    feature: Annotated[str, typer.Option(help="proj (CLIP embedding) or pre (before the projection).")] = "proj",
+    dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = "float16",
+) -> None:
+    """Import features you already extracted (SP_CUP-style .h5 + labels CSV) into a store."""
+    from embed.sources import parse_column_map
+    from store.importer import import_h5 as run_import
+
+    rep = run_import(h5_file, csv, dataset=dataset, out=out_dir, columns=parse_column_map(column or []),
+                     target_means=target_means, split=split, model=model, pretrained=pretrained, feature=feature,
+                     dtype=dtype)
+    labels = rep["labels"]
+    out.print(f"imported {rep['rows']} rows (fake={labels['1']}, real={labels['0']}, unknown={labels['-1']}) "
+              f"of dim {rep['dim']} into {rep['store']} ({rep['shards']} shards)", highlight=False)
+    if rep["duplicate_paths"]:
+        console.print(f"[yellow]note[/]: {rep['duplicate_paths']} paths appear more than once; the last row of each is kept")
+
+
 # ---------------------------------------------------------------- dfhead
 
 

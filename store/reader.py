@@ -44,8 +44,12 @@ def list_shards(root: str | os.PathLike) -> list[Shard]:
                 shards.append(Shard(p, int(m.group(1)), int(m.group(2)), int(f.attrs["created_ns"]),
                                     int(f[fmt.EMBEDDINGS].shape[0]), prov))
         except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"{p} is not a readable dfclip shard ({e}); move it out of the store and re-run") from None
+            raise _unreadable(p, e) from None
     return sorted(shards, key=lambda s: (s.created_ns, s.rank, s.seq))
+
+
+def _unreadable(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path} is not a readable dfclip shard ({e}); move it out of the store and re-run")
 
 
 def _strings(ds) -> np.ndarray:
@@ -70,9 +74,12 @@ class Store:
         ident = fmt.identity(self.provenance)
         for s in self.shards[1:]:
             if fmt.identity(s.provenance) != ident:
+                # Name the differing keys: model_config / preprocess differences don't show in the short form.
+                differ = [k for k in fmt.IDENTITY_KEYS if s.provenance.get(k) != self.provenance.get(k)]
                 raise UserError(
                     f"store {self.root} mixes embeddings: {s.path.name} has {fmt.describe_identity(s.provenance)} but "
-                    f"{self.shards[0].path.name} has {fmt.describe_identity(self.provenance)}; keep one model per store"
+                    f"{self.shards[0].path.name} has {fmt.describe_identity(self.provenance)} "
+                    f"(differs in {', '.join(differ)}); keep one model per store"
                 )
         self.dim = int(self.provenance["dim"])
         self._meta: pl.DataFrame | None = None
@@ -81,15 +88,18 @@ class Store:
     def _scan(self) -> None:
         rows, fails = [], []
         for i, s in enumerate(self.shards):
-            with h5py.File(s.path, "r") as f:
-                cols = {c: _strings(f[c]) for c in fmt.STRING_COLUMNS}
-                cols.update({fmt.LABEL: f[fmt.LABEL][:], **{c: f[c][:] for c in fmt.FILE_COLUMNS}})
-                rows.append(pl.DataFrame({**cols, "shard": np.full(s.n_rows, i, np.int32),
-                                          "row": np.arange(s.n_rows, dtype=np.int64)}, schema=META_SCHEMA))
-                g = f[fmt.FAILURES_GROUP]
-                fcols = {c: _strings(g[c]) for c in fmt.FAILURE_STRING_COLUMNS}
-                fcols.update({c: g[c][:] for c in fmt.FILE_COLUMNS})
-                fails.append(pl.DataFrame(fcols, schema=FAILURE_SCHEMA).with_columns(shard=pl.lit(i, pl.Int32)))
+            try:  # a file named like a shard but missing datasets is the user's to move, not a crash
+                with h5py.File(s.path, "r") as f:
+                    cols = {c: _strings(f[c]) for c in fmt.STRING_COLUMNS}
+                    cols.update({fmt.LABEL: f[fmt.LABEL][:], **{c: f[c][:] for c in fmt.FILE_COLUMNS}})
+                    rows.append(pl.DataFrame({**cols, "shard": np.full(s.n_rows, i, np.int32),
+                                              "row": np.arange(s.n_rows, dtype=np.int64)}, schema=META_SCHEMA))
+                    g = f[fmt.FAILURES_GROUP]
+                    fcols = {c: _strings(g[c]) for c in fmt.FAILURE_STRING_COLUMNS}
+                    fcols.update({c: g[c][:] for c in fmt.FILE_COLUMNS})
+                    fails.append(pl.DataFrame(fcols, schema=FAILURE_SCHEMA).with_columns(shard=pl.lit(i, pl.Int32)))
+            except (OSError, KeyError, ValueError, pl.exceptions.PolarsError) as e:
+                raise _unreadable(s.path, e) from None
         events = pl.concat([
             pl.concat(rows).select("path", "shard").with_columns(ok=pl.lit(True)),
             pl.concat(fails).select("path", "shard").with_columns(ok=pl.lit(False)),
@@ -97,7 +107,9 @@ class Store:
         # The newest event per path decides: a row (live) or a failure (listed in failures).
         last = events.sort("shard", maintain_order=True).unique("path", keep="last", maintain_order=True)
         live = last.filter(pl.col("ok")).select("path", "shard")
-        self._meta = pl.concat(rows).join(live, on=["path", "shard"], how="semi").sort(["shard", "row"])
+        # A path added twice within one shard keeps its last row.
+        self._meta = (pl.concat(rows).join(live, on=["path", "shard"], how="semi")
+                      .sort(["shard", "row"]).unique("path", keep="last", maintain_order=True))
         failed = last.filter(~pl.col("ok")).select("path", "shard")
         self._failures = (pl.concat(fails).join(failed, on=["path", "shard"], how="semi")
                           .unique(["path", "shard"], keep="last").sort("path").drop("shard"))
@@ -139,6 +151,8 @@ class Store:
         rows = rows.sort(["shard", "row"])  # storage order: long contiguous runs, each shard opened once
         dtype = np.dtype(dtype or self.provenance.get("dtype", "float32"))
         out = np.empty((rows.height, self.dim), dtype=dtype)
+        if rows.height == 0:  # an empty selection is a valid answer, not an error
+            return out, rows
         shard_col, row_col = rows["shard"].to_numpy(), rows["row"].to_numpy()
         # Cut the rows into runs that are contiguous within one shard: each run is one read_direct.
         cuts = np.flatnonzero((np.diff(shard_col) != 0) | (np.diff(row_col) != 1)) + 1

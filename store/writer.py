@@ -71,6 +71,11 @@ class ShardWriter:
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must be (n, {self.dim}), got {embeddings.shape}")
+        # Check before buffering anything: a half-added batch would misalign the columns of the shard
+        # that __exit__ then flushes.
+        bad = [c for c in self._meta if c not in rows or len(rows[c]) != len(embeddings)]
+        if bad:
+            raise ValueError(f"rows must have {len(embeddings)} entries in each of {list(self._meta)}; check {bad}")
         n, start = len(embeddings), 0
         while start < n:
             take = min(n - start, self.shard_size - self._n)

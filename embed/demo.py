@@ -1,0 +1,210 @@
+"""A small, labelled demo image folder drawn from scratch, so dfclip can be tried without data.
+
+Layout (the folder walk in embed/sources.py reads labels and sources from it):
+
+    out_dir/real/{ffhq,celeba}/vid000_f00.png ...
+    out_dir/fake/{stylegan2,sd15,dalle}/vid000_f00.jpg ...
+    out_dir/manifest.csv          path,label,source,split,group
+
+The "faces" are cartoons (head, hair, eyes, brows, nose, mouth, shoulders) with random skin
+tone, proportions, background and per-frame pose jitter; a few frames share one identity, like
+frames of one video, and the manifest keeps them in one group and one split. Each fake source
+carries its own generator trace at its own strength, so training on some sources and testing
+on a held-out one is a meaningful (and not trivially solved) experiment:
+
+    stylegan2  strong   period-2 checkerboard (transposed-convolution upsampling)
+    sd15       medium   over-smooth skin plus a faint period-8 grid (8x latent decoder)
+    dalle      weak     slight smoothing and a warm colour cast
+    real       -        camera-like sensor noise
+
+File format (jpg/png/webp) and size (64-256 px) are drawn per video independently of the label,
+so neither is a shortcut. Output is byte-identical for a given seed.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image, ImageDraw, ImageFilter
+
+from store.errors import UserError
+
+REAL_SOURCES = ("ffhq", "celeba")
+FAKE_SOURCES = ("stylegan2", "sd15", "dalle")
+FRAMES_PER_VIDEO = 4
+SPLIT_FRACTIONS = {"val": 0.2, "test": 0.2}  # of each source's videos; the rest is train
+FORMATS = {  # suffix -> (PIL format, save options)
+    "jpg": ("JPEG", {"quality": 90}),
+    "png": ("PNG", {}),
+    "webp": ("WEBP", {"quality": 90, "method": 4}),
+}
+SUPERSAMPLE = 2  # draw at 2x and downscale: anti-aliased edges without a slow renderer
+
+# Skin tones from light to dark; a face takes a random point between two neighbours.
+SKIN_TONES = np.array(
+    [[255, 224, 196], [241, 194, 150], [224, 172, 122], [198, 134, 90], [141, 85, 54], [94, 58, 40]],
+    dtype=np.float64,
+)
+HAIR_COLOURS = np.array(
+    [[30, 22, 18], [70, 45, 30], [120, 80, 40], [200, 160, 90], [150, 150, 150], [120, 40, 20]],
+    dtype=np.float64,
+)
+
+
+def _identity(rng: np.random.Generator) -> dict:
+    """Everything that stays fixed across the frames of one video."""
+    tone = rng.uniform(0, len(SKIN_TONES) - 1)
+    low = int(tone)
+    skin = SKIN_TONES[low] + (tone - low) * (SKIN_TONES[min(low + 1, len(SKIN_TONES) - 1)] - SKIN_TONES[low])
+    return {
+        "size": int(rng.integers(64, 257)),
+        "format": str(rng.choice(list(FORMATS))),
+        "skin": skin,
+        "hair": HAIR_COLOURS[rng.integers(len(HAIR_COLOURS))] * rng.uniform(0.8, 1.2),
+        "iris": rng.uniform(20, 140, size=3),
+        "shirt": rng.uniform(20, 235, size=3),
+        "bg_top": rng.uniform(0, 255, size=3),
+        "bg_bottom": rng.uniform(0, 255, size=3),
+        "head_w": rng.uniform(0.26, 0.34),  # half-widths as fractions of the image side
+        "head_h": rng.uniform(0.34, 0.42),
+        "eye_gap": rng.uniform(0.10, 0.14),
+        "hair_len": rng.uniform(0.0, 0.25),
+    }
+
+
+def _colour(rgb: np.ndarray, alpha: int = 255) -> tuple[int, int, int, int]:
+    r, g, b = np.clip(rgb, 0, 255).astype(int)
+    return int(r), int(g), int(b), alpha
+
+
+def _draw_face(person: dict, rng: np.random.Generator) -> np.ndarray:
+    """One frame of `person` with pose jitter, as float32 HxWx3 in [0, 255]."""
+    size = person["size"]
+    side = size * SUPERSAMPLE
+
+    # Pose jitter for this frame: shift, scale and in-plane rotation of the whole person.
+    cx = side * (0.5 + rng.uniform(-0.06, 0.06))
+    cy = side * (0.47 + rng.uniform(-0.05, 0.05))
+    scale = side * rng.uniform(0.92, 1.08)
+    hw, hh = person["head_w"] * scale, person["head_h"] * scale
+
+    layer = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    skin, shade, hair = _colour(person["skin"]), person["skin"] * 0.8, _colour(person["hair"])
+    # Shoulders and neck, then hair behind the head, then the head.
+    draw.ellipse([cx - 1.6 * hw, cy + 0.85 * hh, cx + 1.6 * hw, cy + 2.6 * hh], fill=_colour(person["shirt"]))
+    draw.rectangle([cx - 0.4 * hw, cy + 0.5 * hh, cx + 0.4 * hw, cy + 1.05 * hh], fill=_colour(shade))
+    hair_bottom = cy + hh * (0.1 + 2 * person["hair_len"])
+    draw.ellipse([cx - 1.12 * hw, cy - 1.12 * hh, cx + 1.12 * hw, hair_bottom + 0.3 * hh], fill=hair)
+    draw.ellipse([cx - hw, cy - hh, cx + hw, cy + hh], fill=skin)
+    draw.chord([cx - 1.05 * hw, cy - 1.1 * hh, cx + 1.05 * hw, cy - 0.2 * hh], 180, 360, fill=hair)
+
+    # Eyes (sometimes mid-blink), brows, nose, mouth.
+    eye_y, eye_dx = cy - 0.1 * hh, person["eye_gap"] * scale
+    eye_w, eye_h = 0.2 * hw, 0.11 * hh * (0.25 if rng.random() < 0.15 else 1.0)
+    for ex in (cx - eye_dx, cx + eye_dx):
+        draw.ellipse([ex - eye_w, eye_y - eye_h, ex + eye_w, eye_y + eye_h], fill=(245, 245, 240, 255))
+        iris = 0.8 * min(eye_w, eye_h)
+        draw.ellipse([ex - iris, eye_y - iris, ex + iris, eye_y + iris], fill=_colour(person["iris"]))
+        pupil = 0.45 * iris
+        draw.ellipse([ex - pupil, eye_y - pupil, ex + pupil, eye_y + pupil], fill=(10, 10, 10, 255))
+        brow_y = eye_y - 0.22 * hh
+        draw.line([ex - eye_w, brow_y + 0.03 * hh, ex + eye_w, brow_y],
+                  fill=_colour(person["hair"] * 0.7), width=max(1, int(0.04 * hh)))
+    draw.line([cx, cy - 0.02 * hh, cx - 0.08 * hw, cy + 0.25 * hh, cx + 0.05 * hw, cy + 0.27 * hh],
+              fill=_colour(shade * 0.9), width=max(1, int(0.025 * hh)))
+    mouth_y, mouth_w = cy + 0.5 * hh, rng.uniform(0.25, 0.4) * hw
+    mouth_h = rng.uniform(0.02, 0.12) * hh
+    draw.ellipse([cx - mouth_w, mouth_y - mouth_h, cx + mouth_w, mouth_y + mouth_h], fill=(150, 50, 60, 255))
+
+    # Downscale first, then rotate: rotating at full resolution was most of the demo's run time.
+    layer = layer.reduce(SUPERSAMPLE)  # box average of each 2x2 block
+    layer = layer.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR,
+                         center=(cx / SUPERSAMPLE, cy / SUPERSAMPLE))
+    # Background: a vertical gradient between two colours.
+    t = np.linspace(0.0, 1.0, size)[:, None, None]
+    background = (1 - t) * person["bg_top"] + t * person["bg_bottom"]
+    canvas = Image.fromarray(np.broadcast_to(background, (size, size, 3)).astype(np.uint8), "RGB")
+    canvas.paste(layer, (0, 0), layer)
+    return np.asarray(canvas, dtype=np.float32)
+
+
+def _smooth(pixels: np.ndarray, radius: float) -> np.ndarray:
+    image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
+    return np.asarray(image.filter(ImageFilter.GaussianBlur(radius)), dtype=np.float32)
+
+
+def _noise(rng: np.random.Generator, sigma: float, shape: tuple[int, ...]) -> np.ndarray:
+    return sigma * rng.standard_normal(shape, dtype=np.float32)
+
+
+def _add_trace(pixels: np.ndarray, source: str, rng: np.random.Generator) -> np.ndarray:
+    """The capture (real) or generator (fake) fingerprint of `source`, applied to one frame."""
+    side = pixels.shape[0]
+    if source in REAL_SOURCES:
+        return pixels + _noise(rng, rng.uniform(3.0, 6.0), pixels.shape)
+    if source == "stylegan2":
+        parity = np.arange(side) % 2
+        checker = np.where(parity[:, None] == parity[None, :], 1.0, -1.0).astype(np.float32)
+        return pixels * (1.0 + 0.06 * checker[..., None]) + _noise(rng, 1.0, pixels.shape)
+    if source == "sd15":
+        wave = np.cos(2 * np.pi * np.arange(side) / 8).astype(np.float32)
+        return _smooth(pixels, 1.2) + 4.0 * np.outer(wave, wave)[..., None]
+    if source == "dalle":
+        warm = np.array([6.0, 2.0, -6.0], dtype=np.float32)
+        return _smooth(pixels, 0.6) + warm + _noise(rng, 1.5, pixels.shape)
+    raise ValueError(f"unknown demo source {source!r}")
+
+
+def _split_of_videos(n_videos: int, rng: np.random.Generator) -> list[str]:
+    """Split names per video index: whole videos go to one split so frames never leak."""
+    if n_videos < 3:  # too few to hold anything out
+        return ["train"] * n_videos
+    n_val = max(1, round(SPLIT_FRACTIONS["val"] * n_videos))
+    n_test = max(1, round(SPLIT_FRACTIONS["test"] * n_videos))
+    names = ["val"] * n_val + ["test"] * n_test + ["train"] * (n_videos - n_val - n_test)
+    return [names[i] for i in rng.permutation(n_videos)]
+
+
+def make_demo_images(out_dir: str | os.PathLike, *, n_per_source: int = 40, seed: int = 0) -> Path:
+    """Write the demo folder (see module docstring) into the empty or new `out_dir`.
+
+    Each fake source gets `n_per_source` images and each real source half that (at least 1),
+    so the defaults give 40 real and 120 fake images, a 1:3 imbalance. Returns the absolute
+    folder path. The same `seed` gives byte-identical files.
+    """
+    if n_per_source < 1:
+        raise UserError(f"n_per_source must be at least 1, got {n_per_source}")
+    out = Path(os.path.abspath(os.path.expanduser(out_dir)))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"demo folder {out} already exists and is not empty; pass a new or empty folder")
+
+    rows: list[dict] = []
+    sources = [(s, 0, max(1, n_per_source // 2)) for s in REAL_SOURCES]
+    sources += [(s, 1, n_per_source) for s in FAKE_SOURCES]
+    for source_index, (source, label, n_images) in enumerate(sources):
+        folder = out / ("fake" if label else "real") / source
+        folder.mkdir(parents=True, exist_ok=True)
+        n_videos = -(-n_images // FRAMES_PER_VIDEO)
+        splits = _split_of_videos(n_videos, np.random.default_rng([seed, source_index, 1]))
+        for video in range(n_videos):
+            # One stream per video: the same seed draws the same video whatever n_per_source is.
+            rng = np.random.default_rng([seed, source_index, 0, video])
+            person = _identity(rng)
+            pil_format, options = FORMATS[person["format"]]
+            n_frames = min(FRAMES_PER_VIDEO, n_images - video * FRAMES_PER_VIDEO)
+            for frame in range(n_frames):
+                pixels = _add_trace(_draw_face(person, rng), source, rng)
+                image = Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
+                name = f"vid{video:03d}_f{frame:02d}.{person['format']}"
+                image.save(folder / name, pil_format, **options)
+                rows.append({
+                    "path": f"{folder.relative_to(out).as_posix()}/{name}",
+                    "label": label,
+                    "source": source,
+                    "split": splits[video],
+                    "group": f"{source}/vid{video:03d}",
+                })
+    pl.DataFrame(rows).sort("path").write_csv(out / "manifest.csv")
+    return out

@@ -1,0 +1,384 @@
+"""Where the images come from: a labelled folder walk or a CSV/Parquet manifest.
+
+Both give the same table of input rows (`ROW_SCHEMA`), sorted by path with unique paths:
+
+    path      Utf8   POSIX path relative to the input root
+    label     Int8   1 fake, 0 real, -1 unknown
+    source    Utf8   generator / dataset name, "" when unknown
+    split     Utf8   "train", "val", "test", or "" when none
+    group     Utf8   frames that must stay together (e.g. one video), "" when none
+    size      Int64  file size in bytes
+    mtime_ns  Int64  modification time, so a re-run can tell changed files apart
+
+Folder rules (`scan_folder`), all case-insensitive and applied to directory names only:
+- label: a folder named real / 0_real / authentic -> 0, fake / 1_fake / synthetic / generated
+  -> 1; when several appear on one path the deepest wins; none -> -1.
+- source: the first folder below the label folder that is not a split name
+  (fake/stylegan2/x.png -> "stylegan2"); "" when the image sits directly in the label folder
+  or the path has no label folder.
+- split: a folder named train, val / valid / validation, test -> "train" / "val" / "test";
+  deepest wins; none -> "".
+- group: always "" (a folder does not say which frames belong together; manifests can).
+"""
+
+import os
+import stat
+from pathlib import Path
+
+import polars as pl
+
+from embed.images import IMAGE_EXTENSIONS  # the one list of file types dfclip decodes
+from store.errors import UserError
+
+ROW_SCHEMA: dict[str, pl.DataType] = {
+    "path": pl.Utf8,
+    "label": pl.Int8,
+    "source": pl.Utf8,
+    "split": pl.Utf8,
+    "group": pl.Utf8,
+    "size": pl.Int64,
+    "mtime_ns": pl.Int64,
+}
+
+LABEL_FOLDERS: dict[str, int] = {
+    "real": 0, "0_real": 0, "authentic": 0,
+    "fake": 1, "1_fake": 1, "synthetic": 1, "generated": 1,
+}
+SPLIT_FOLDERS: dict[str, str] = {
+    "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
+}
+# Manifest label spellings beyond the integers; these words are never flipped by target_means.
+LABEL_WORDS: dict[str, int] = {**LABEL_FOLDERS, "unknown": -1}
+
+MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+MANIFEST_COLUMNS = ("path", "label", "source", "split", "group")
+
+
+def _accepted_extensions() -> str:
+    return ", ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    """Absolute, normalised path without resolving symlinks (keeps the user's spelling)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def _classify_dirs(dir_parts: list[str]) -> tuple[int, str, str]:
+    """(label, source, split) for a directory given its components below the root."""
+    label, label_at = -1, -1
+    split = ""
+    for i, part in enumerate(dir_parts):
+        name = part.lower()
+        if name in LABEL_FOLDERS:
+            label, label_at = LABEL_FOLDERS[name], i
+        if name in SPLIT_FOLDERS:
+            split = SPLIT_FOLDERS[name]
+    source = ""
+    if label_at >= 0:
+        # Skip split folders so fake/train/stylegan2/x.png still names stylegan2.
+        for part in dir_parts[label_at + 1:]:
+            if part.lower() not in SPLIT_FOLDERS:
+                source = part
+                break
+    return label, source, split
+
+
+def _rows_frame(columns: dict[str, list]) -> pl.DataFrame:
+    """Build the row table in ROW_SCHEMA, sorted by path."""
+    try:
+        frame = pl.DataFrame(columns, schema=ROW_SCHEMA)
+    except UnicodeEncodeError:
+        bad = next(p for p in columns["path"] if not _is_utf8(p))
+        raise UserError(
+            f"file name is not valid UTF-8: {bad!r}; rename the file (dfclip stores paths as UTF-8)"
+        ) from None
+    return frame.sort("path")
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
+    """Walk `root` recursively and return one row per image file (see module docstring).
+
+    Uses os.scandir with an explicit stack (fast on 1M files). Symlinked files and folders are
+    followed (a folder reached twice through links is walked once); folders and files whose
+    name starts with "." are skipped (hidden folders, macOS "._x.jpg" resource forks).
+    Paths in the result are relative to the absolute `root`.
+    """
+    root_path = _absolute(root)
+    if not root_path.exists():
+        raise UserError(f"image folder does not exist: {root_path}; check the path")
+    if not root_path.is_dir():
+        raise UserError(
+            f"not a folder: {root_path}; pass the folder holding the images, or read it as a manifest"
+        )
+
+    paths: list[str] = []
+    labels: list[int] = []
+    sources: list[str] = []
+    splits: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+
+    seen_dirs: set[tuple[int, int]] = set()
+    # Stack of (absolute dir, relative prefix ending in "/" or "", dir components below root).
+    stack: list[tuple[str, str, list[str]]] = [(str(root_path), "", [])]
+    # Symlinked folders wait until the plain tree is done, so a folder inside root that is also
+    # linked from elsewhere keeps its real path.
+    linked: list[tuple[str, str, list[str]]] = []
+    while stack or linked:
+        if not stack:
+            stack.append(linked.pop(0))
+        dir_abs, prefix, dir_parts = stack.pop()
+        dir_stat = os.stat(dir_abs)
+        dir_key = (dir_stat.st_dev, dir_stat.st_ino)
+        if dir_key in seen_dirs:  # symlink loop or two links to one folder
+            continue
+        seen_dirs.add(dir_key)
+        # Label/source/split depend only on the folder, so work them out once per folder.
+        label, source, split = _classify_dirs(dir_parts)
+        try:
+            entries = sorted(os.scandir(dir_abs), key=lambda e: e.name)  # deterministic walk
+        except PermissionError:
+            raise UserError(
+                f"cannot read folder {dir_abs}: permission denied; fix its permissions"
+            ) from None
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            try:
+                if entry.is_dir():
+                    todo = linked if entry.is_symlink() else stack
+                    todo.append((entry.path, prefix + name + "/", dir_parts + [name]))
+                    continue
+                if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                    continue
+                file_stat = entry.stat()  # follows symlinks: size/mtime of the target image
+            except FileNotFoundError:  # dangling symlink
+                continue
+            paths.append(prefix + name)
+            labels.append(label)
+            sources.append(source)
+            splits.append(split)
+            sizes.append(file_stat.st_size)
+            mtimes.append(file_stat.st_mtime_ns)
+
+    if not paths:
+        raise UserError(
+            f"no images found under {root_path} (accepted extensions: {_accepted_extensions()}); "
+            "point it at the folder that holds the images"
+        )
+    return _rows_frame({
+        "path": paths, "label": labels, "source": sources, "split": splits,
+        "group": [""] * len(paths), "size": sizes, "mtime_ns": mtimes,
+    })
+
+
+def parse_column_map(items: list[str]) -> dict[str, str]:
+    """Parse CLI column mappings like ["path=Image Path", "label=Target"] into {ours: theirs}."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        ours, sep, theirs = item.partition("=")
+        ours, theirs = ours.strip().lower(), theirs.strip()
+        if not sep or not ours or not theirs:
+            raise UserError(
+                f"bad column mapping {item!r}; write it as OURS=THEIRS, e.g. --column 'path=Image Path'"
+            )
+        if ours not in MANIFEST_COLUMNS:
+            raise UserError(
+                f"unknown column {ours!r} in mapping {item!r}; map one of: {', '.join(MANIFEST_COLUMNS)}"
+            )
+        if ours in mapping:
+            raise UserError(f"column {ours!r} is mapped twice; give one --column {ours}=NAME")
+        mapping[ours] = theirs
+    return mapping
+
+
+def _read_table(file: Path) -> pl.DataFrame:
+    """Load a manifest as a table; CSV cells stay strings so paths and labels are not guessed at."""
+    suffix = file.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            return pl.read_csv(
+                file, separator="\t" if suffix == ".tsv" else ",", infer_schema=False
+            )
+        return pl.read_parquet(file)
+    except (pl.exceptions.PolarsError, OSError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot read manifest {file}: {first_line}; check the file format") from None
+
+
+def _parse_labels(raw: pl.Series, target_means: str) -> pl.Series:
+    """Manifest labels -> Int8 in {1, 0, -1}.
+
+    Accepts integers (or their float spelling, "1.0"), booleans, and the words real / fake /
+    unknown (and the folder synonyms). Empty cells mean unknown (-1). With target_means="real"
+    the numbers 0 and 1 swap; words are explicit and never swap.
+    """
+    text = raw.cast(pl.Utf8).str.strip_chars().str.to_lowercase().fill_null("")
+    numbers = {"1": 1, "1.0": 1, "true": 1, "0": 0, "0.0": 0, "false": 0, "-1": -1, "-1.0": -1}
+    if target_means == "real":
+        numbers = {k: (1 - v if v in (0, 1) else v) for k, v in numbers.items()}
+    known = {**numbers, **LABEL_WORDS, "": -1}
+    bad = text.filter(~text.is_in(list(known)))
+    if len(bad):
+        examples = ", ".join(repr(v) for v in bad.unique(maintain_order=True).head(3).to_list())
+        raise UserError(
+            f"{len(bad)} manifest labels are not 0/1/-1 or real/fake/unknown (e.g. {examples}); "
+            "fix the label column or map another with --column label=NAME"
+        )
+    return text.replace_strict(known, return_dtype=pl.Int8).alias("label")
+
+
+def _relative_path(path: str, root: Path) -> str | None:
+    """`path` (absolute or relative to root) as a normalised POSIX path under root, else None."""
+    if os.path.isabs(path):
+        rel = os.path.relpath(os.path.normpath(path), root)
+        if _escapes(rel):  # maybe the same folder spelled through a symlink (/tmp vs /private/tmp)
+            rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    else:
+        rel = os.path.normpath(path)
+    if _escapes(rel):
+        return None
+    return Path(rel).as_posix()
+
+
+def _escapes(rel: str) -> bool:
+    """True when a normalised relative path is the root itself or leaves it."""
+    return rel in (".", "..") or rel.startswith("../")
+
+
+def read_manifest(
+    file: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    columns: dict[str, str] | None = None,
+    target_means: str = "fake",
+) -> pl.DataFrame:
+    """Read a CSV/TSV/Parquet manifest into input rows (see module docstring for the schema).
+
+    Required columns: path, label; optional: source, split, group. `columns` maps our names to
+    the file's, e.g. {"path": "Image Path", "label": "Target"}. `target_means="real"` is for
+    files where 1 means real. Paths are relative to `root` (default: the manifest's folder) or
+    absolute under it; they are stored relative to root. size/mtime_ns come from the files.
+    Split values valid/validation are normalised to "val".
+    """
+    file_path = _absolute(file)
+    if not file_path.is_file():
+        raise UserError(f"manifest file does not exist: {file_path}; check the path")
+    if file_path.suffix.lower() not in MANIFEST_SUFFIXES:
+        raise UserError(
+            f"unsupported manifest type {file_path.suffix or '(no suffix)'!r} for {file_path.name}; "
+            f"use one of {', '.join(MANIFEST_SUFFIXES)}"
+        )
+    if target_means not in ("fake", "real"):
+        raise UserError(f"target_means must be 'fake' or 'real', got {target_means!r}")
+    root_path = _absolute(root) if root is not None else file_path.parent
+    if not root_path.is_dir():
+        raise UserError(f"manifest root folder does not exist: {root_path}; check --root")
+
+    table = _read_table(file_path)
+    names = {ours: (columns or {}).get(ours, ours) for ours in MANIFEST_COLUMNS}
+    for ours in ("path", "label"):
+        if names[ours] not in table.columns:
+            hint = " (use -1 in every row for unlabelled images)" if ours == "label" else ""
+            raise UserError(
+                f"manifest {file_path.name} has no {names[ours]!r} column for {ours}{hint}; "
+                f"available columns: {', '.join(table.columns)}; map it with --column {ours}=NAME"
+            )
+    for ours in ("source", "split", "group"):
+        if ours in (columns or {}) and names[ours] not in table.columns:
+            raise UserError(
+                f"manifest {file_path.name} has no {names[ours]!r} column for {ours}; "
+                f"available columns: {', '.join(table.columns)}; fix --column {ours}=NAME"
+            )
+    if table.height == 0:
+        raise UserError(f"manifest {file_path} has no rows; add one row per image")
+
+    def text_column(ours: str) -> list[str]:
+        if names[ours] not in table.columns:
+            return [""] * table.height
+        return table[names[ours]].cast(pl.Utf8).fill_null("").to_list()
+
+    raw_paths = table[names["path"]].cast(pl.Utf8).to_list()
+    empty = sum(1 for p in raw_paths if p is None or p.strip() == "")
+    if empty:
+        raise UserError(f"{empty} manifest rows have an empty path; fill or drop them")
+    paths = [_relative_path(p, root_path) for p in raw_paths]
+    outside = [raw for raw, rel in zip(raw_paths, paths) if rel is None]
+    if outside:
+        raise UserError(
+            f"{len(outside)} manifest paths are outside the root {root_path} "
+            f"(first: {', '.join(outside[:3])}); pass --root with a folder that contains them"
+        )
+
+    counts: dict[str, int] = {}
+    for p in paths:
+        counts[p] = counts.get(p, 0) + 1
+    duplicates = [p for p, n in counts.items() if n > 1]
+    if duplicates:
+        raise UserError(
+            f"{len(duplicates)} paths appear more than once in manifest {file_path.name} "
+            f"(first: {', '.join(duplicates[:3])}); keep one row per image"
+        )
+
+    labels = _parse_labels(table[names["label"]], target_means)
+
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    missing: list[str] = []
+    root_text = str(root_path)
+    for p in paths:
+        try:
+            file_stat = os.stat(os.path.join(root_text, p))
+        except OSError:
+            file_stat = None
+        if file_stat is None or not stat.S_ISREG(file_stat.st_mode):
+            missing.append(p)
+            continue
+        sizes.append(file_stat.st_size)
+        mtimes.append(file_stat.st_mtime_ns)
+    if missing:
+        raise UserError(
+            f"{len(missing)} of {len(paths)} manifest files not found under {root_path} "
+            f"(first: {', '.join(missing[:3])}); fix the paths or pass --root"
+        )
+
+    splits = [SPLIT_FOLDERS.get(s.strip().lower(), s.strip()) for s in text_column("split")]
+    return _rows_frame({
+        "path": paths, "label": labels.to_list(), "source": text_column("source"),
+        "split": splits, "group": text_column("group"), "size": sizes, "mtime_ns": mtimes,
+    })
+
+
+def load_inputs(
+    source: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    columns: dict[str, str] | None = None,
+    target_means: str = "fake",
+) -> tuple[pl.DataFrame, Path]:
+    """Rows and their absolute root from a folder (walked) or a manifest file (read).
+
+    For a folder the root is the folder itself; `root`, `columns` and `target_means` only apply
+    to manifests. For a manifest the root is `root`, or the manifest's folder.
+    """
+    source_path = _absolute(source)
+    if source_path.is_dir():
+        if root is not None or columns or target_means != "fake":
+            raise UserError(
+                f"{source_path} is a folder, but root / column mapping / target_means only apply "
+                "to manifests; drop those options or pass a manifest file"
+            )
+        return scan_folder(source_path), source_path
+    if not source_path.exists():
+        raise UserError(f"input does not exist: {source_path}; pass an image folder or a manifest file")
+    rows = read_manifest(source_path, root=root, columns=columns, target_means=target_means)
+    return rows, _absolute(root) if root is not None else source_path.parent

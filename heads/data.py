@@ -1,0 +1,237 @@
+"""Tensor and table logic the trainer needs: feature noise, train/val/holdout rows, batches.
+
+No file reading here. `meta` is a polars DataFrame with one row per embedding row, in the
+embedding array's order: path, label (Int8: 1 fake, 0 real, -1 unknown), source, split
+and group (Utf8; "" = none).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+from store.errors import UserError
+
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+# --- feature augmentation --------------------------------------------------------------
+
+
+def feature_noise(x: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Originals followed by noisy copies along the batch dim: [..., B, D] -> [..., 2B, D].
+
+    The reference's augmentation: x_aug = x + lam * sigma * eps with lam, sigma ~ U(0, 1) drawn
+    per sample and eps ~ N(0, I). x is [B, D] or [K, B, D]. generator: one for the whole draw,
+    or (for [K, B, D]) a list of K so model k's noise does not depend on K; generators must
+    live on x's device. Computed and returned in float32 (or x's dtype if wider).
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
+
+    def draw(shape: torch.Size, g: torch.Generator | None) -> torch.Tensor:
+        scale_shape = (*shape[:-1], 1)  # one lam and one sigma per sample
+        sigma = torch.rand(scale_shape, generator=g, device=x.device, dtype=dtype)
+        lam = torch.rand(scale_shape, generator=g, device=x.device, dtype=dtype)
+        return lam * sigma * torch.randn(shape, generator=g, device=x.device, dtype=dtype)
+
+    if generator is None or isinstance(generator, torch.Generator):
+        noise = draw(x.shape, generator)
+    else:
+        if x.dim() != 3 or len(generator) != x.shape[0]:
+            raise ValueError(f"a list of generators needs x [K, B, D] with K={len(generator)}, got {tuple(x.shape)}")
+        noise = torch.stack([draw(x.shape[1:], g) for g in generator])
+    return torch.cat([x, x + noise], dim=-2)
+
+
+def augment_with_noise(
+    x: torch.Tensor, y: torch.Tensor, generator: Generators = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """feature_noise(x) with labels duplicated to match: x [..., B, D], y [..., B] -> [..., 2B, D], [..., 2B]."""
+    return feature_noise(x, generator), torch.cat([y, y], dim=-1)
+
+
+# --- train / val / holdout rows ---------------------------------------------------------
+
+TRAIN_SPLITS = ("train", "")  # split values that may be trained on
+VAL_SPLIT = "val"
+
+
+def split_rows(
+    meta: pl.DataFrame,
+    *,
+    val_frac: float = 0.2,
+    seed: int = 0,
+    holdout_sources: Sequence[str] = (),
+    has_val_store: bool = False,
+) -> dict[str, np.ndarray]:
+    """Row indices (sorted int64) for "train", "val" and "holdout".
+
+    Only labelled rows (0 or 1; -1 and null are unknown and never supervised) enter any set.
+    "holdout": every labelled row of `holdout_sources` (the unseen-generator test); these
+    rows never enter train or val. Rows whose split is not "train", "val" or "" (e.g.
+    "test") are reserved and never trained on. Of the rest, first rule that applies:
+      1. has_val_store: all of them are train (validation comes from the other store);
+      2. the split column has "val" rows: split decides ("val" -> val, "train"/"" -> train);
+      3. a seeded split stratified by label, val_frac of each class to val, moving whole
+         groups (the `group` column, e.g. a video) so no group is in both; rows with group
+         "" are their own group.
+    """
+    if not 0.0 < val_frac < 1.0:
+        raise UserError(f"val_frac must be between 0 and 1 (exclusive), got {val_frac}; try 0.2")
+    n = meta.height
+    labels = meta["label"].fill_null(-1).cast(pl.Int64).to_numpy()
+    odd = sorted(set(np.unique(labels).tolist()) - {-1, 0, 1})
+    if odd:
+        raise UserError(f"labels must be 1 (fake), 0 (real) or -1 (unknown), found {odd}; fix the store's labels")
+    labelled = labels >= 0
+    if not labelled.any():
+        raise UserError("the store has no labelled rows (every label is -1); label rows 1 (fake) or 0 (real) to train")
+
+    sources = meta["source"].cast(pl.Utf8).fill_null("")
+    known = sorted(sources.unique().to_list())
+    unknown = sorted(set(holdout_sources) - set(known))
+    if unknown:
+        raise UserError(f"unknown holdout source(s) {', '.join(unknown)}; known sources: {', '.join(known)}")
+    in_holdout = sources.is_in(list(holdout_sources)).to_numpy()
+    split = _str_column(meta, "split")
+    is_val = (split == VAL_SPLIT).to_numpy()
+
+    usable = labelled & ~in_holdout & split.is_in([*TRAIN_SPLITS, VAL_SPLIT]).to_numpy()
+    if has_val_store:
+        train, val = usable, np.zeros(n, dtype=bool)
+    elif (usable & is_val).any():
+        train, val = usable & ~is_val, usable & is_val
+    else:
+        val = _grouped_stratified_val(labels, _str_column(meta, "group"), usable, val_frac, seed)
+        train = usable & ~val
+
+    for cls, name in ((1, "fake"), (0, "real")):
+        if not (train & (labels == cls)).any():
+            hint = ", or hold out fewer sources" if len(holdout_sources) else ""
+            raise UserError(
+                f"the training set has no {name} (label {cls}) rows; it needs both classes: "
+                f"add labelled {name} images to the store{hint}"
+            )
+    if not has_val_store and not val.any():
+        raise UserError(
+            f"the validation split is empty ({int(usable.sum())} labelled rows, val_frac={val_frac}); "
+            "raise val_frac, mark rows split='val', or give a validation store"
+        )
+    return {
+        "train": np.flatnonzero(train),
+        "val": np.flatnonzero(val),
+        "holdout": np.flatnonzero(labelled & in_holdout),
+    }
+
+
+def _str_column(meta: pl.DataFrame, name: str) -> pl.Series:
+    """A Utf8 column with nulls as ""; all "" if the column is missing."""
+    if name not in meta.columns:
+        return pl.Series(name, [""] * meta.height, dtype=pl.Utf8)
+    return meta[name].cast(pl.Utf8).fill_null("")
+
+
+def _grouped_stratified_val(
+    labels: np.ndarray, groups: pl.Series, usable: np.ndarray, val_frac: float, seed: int
+) -> np.ndarray:
+    """Boolean val mask over all rows: per class, shuffled whole groups until closest to val_frac."""
+    val = np.zeros(len(labels), dtype=bool)
+    rows = np.flatnonzero(usable)
+    if len(rows) == 0:
+        return val
+    # Dense group codes; rows without a group get a fresh code each.
+    groups = groups.gather(rows)
+    codes = groups.rank("dense").cast(pl.Int64).to_numpy().copy()
+    alone = (groups == "").to_numpy()
+    codes[alone] = codes.max() + 1 + np.arange(alone.sum())
+    _, group_of_row = np.unique(codes, return_inverse=True)
+    size = np.bincount(group_of_row)
+    fakes = np.bincount(group_of_row, weights=labels[rows])
+    group_label = (2 * fakes > size).astype(np.int64)  # majority label; ties count as real
+
+    rng = np.random.default_rng(seed)
+    val_groups = []
+    for cls in (0, 1):
+        members = rng.permutation(np.flatnonzero(group_label == cls))
+        if len(members) < 2:
+            continue  # a lone group stays in train
+        target = round(val_frac * size[members].sum())
+        taken = np.concatenate([[0], np.cumsum(size[members])[:-1]])  # rows in val after j groups, j < m
+        val_groups.append(members[: int(np.argmin(np.abs(taken - target)))])
+    val[rows[np.isin(group_of_row, np.concatenate([*val_groups, np.empty(0, np.int64)]))]] = True
+    return val
+
+
+# --- batches ----------------------------------------------------------------------------
+
+
+def epoch_batches(
+    labels: torch.Tensor,
+    k: int,
+    batch_size: int,
+    generators: Sequence[torch.Generator],
+    *,
+    balanced_fake_rate: float | None = None,
+    drop_last: bool = True,
+) -> list[torch.Tensor]:
+    """One epoch of batches for K models: a list over steps of [K, B] positions into `labels`.
+
+    labels: [n] 0/1 labels of the training rows, on the device the indices should live on.
+    Model k's batches come only from generators[k] (on labels' device), so they equal a K=1
+    call with the same generator state. Without balancing each model sees its own random
+    permutation of all n rows (the last, short batch kept unless drop_last). With
+    balanced_fake_rate=r every batch holds exactly round(r*B) fakes (half rounds up), fakes
+    first, drawn from per-model reshuffles of the fake and real pools (a pool is reshuffled
+    each time it runs out); an epoch is then n // B steps (ceil without drop_last), the same
+    compute as an unbalanced epoch.
+    """
+    if len(generators) != k:
+        raise ValueError(f"need one generator per model: k={k} but {len(generators)} generators")
+    n, device = labels.numel(), labels.device
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    steps = n // batch_size if drop_last else math.ceil(n / batch_size)
+    if steps == 0:
+        raise UserError(f"the training set has {n} rows, fewer than the batch size {batch_size}; lower the batch size")
+
+    if balanced_fake_rate is None:
+        perms = torch.stack([torch.randperm(n, generator=g, device=device) for g in generators])
+        if drop_last:
+            perms = perms[:, : steps * batch_size]
+        return list(perms.split(batch_size, dim=1))
+
+    n_fake = math.floor(balanced_fake_rate * batch_size + 0.5)
+    if not 1 <= n_fake <= batch_size - 1:
+        raise UserError(
+            f"balanced fake rate {balanced_fake_rate} gives {n_fake} fakes per batch of {batch_size}; "
+            "choose a rate that leaves at least one fake and one real per batch"
+        )
+    fake_pool = torch.nonzero(labels == 1).flatten()
+    real_pool = torch.nonzero(labels == 0).flatten()
+    if len(fake_pool) == 0 or len(real_pool) == 0:
+        raise UserError("balanced batches need both fake (1) and real (0) training rows; add the missing class")
+    per_model = []
+    for g in generators:
+        fakes = _draw_cycling(fake_pool, steps * n_fake, g).view(steps, n_fake)
+        reals = _draw_cycling(real_pool, steps * (batch_size - n_fake), g).view(steps, -1)
+        per_model.append(torch.cat([fakes, reals], dim=1))
+    return list(torch.stack(per_model, dim=1).unbind(0))
+
+
+def _draw_cycling(pool: torch.Tensor, count: int, g: torch.Generator) -> torch.Tensor:
+    """`count` entries of pool: consecutive fresh random permutations of it, truncated."""
+    m = len(pool)
+    cycles = math.ceil(count / m)
+    if cycles <= 16:
+        order = torch.cat([torch.randperm(m, generator=g, device=pool.device) for _ in range(cycles)])
+    else:
+        # A small pool reused many times: one call instead of `cycles` small ones; the argsort
+        # of uniform keys along each row is a random permutation of that row.
+        keys = torch.rand(cycles, m, generator=g, device=pool.device, dtype=torch.float64)
+        order = keys.argsort(dim=1).flatten()
+    return pool[order[:count]]

@@ -1,0 +1,349 @@
+"""Evaluation metrics in torch, batched over K heads scored on the same evaluation set.
+
+Every function takes `scores` [K, N] (or [N], treated as K=1): the probability that each row is
+fake, one row of scores per head, and `labels` [N] with 1 = fake, 0 = real. Work happens on the
+scores' device; each head's row is sorted once and everything rank-based is read off cumulative
+counts. Counts are int64 and rates float64, so results match scikit-learn to rounding even at
+millions of rows.
+
+Tensor functions return NaN where a metric is undefined (e.g. AUC without reals);
+`evaluate` turns those into None for its JSON-ready report.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+import polars as pl
+import torch
+from torch import Tensor
+
+from store.errors import UserError
+
+TPR_AT_FPR_TARGETS = (0.01, 0.05)
+
+
+def _prepare(scores: Tensor, labels) -> tuple[Tensor, Tensor]:
+    """Check shapes/values; return scores as [K, N] floats and labels as int64 [N] on their device."""
+    scores = torch.as_tensor(scores)
+    if scores.ndim == 1:
+        scores = scores.unsqueeze(0)
+    if scores.ndim != 2:
+        raise UserError(f"scores must be [N] or [K, N], got shape {tuple(scores.shape)}; pass one row of scores per head")
+    if not scores.is_floating_point():
+        scores = scores.float()
+    labels = torch.as_tensor(labels, device=scores.device)
+    if ((labels != 0) & (labels != 1)).any():
+        raise UserError("labels must be 0 (real) or 1 (fake); drop unknown (-1) rows before evaluating")
+    labels = labels.long()
+    if labels.ndim != 1 or labels.shape[0] != scores.shape[1]:
+        raise UserError(f"labels must be [N] with N = {scores.shape[1]} (scores' last dim), got shape {tuple(labels.shape)}")
+    if scores.shape[1] == 0:
+        raise UserError("no rows to evaluate; check that the evaluation split has labelled rows")
+    if torch.isnan(scores).any():
+        raise UserError("scores contain NaN; check the head's outputs (diverged training?)")
+    return scores, labels
+
+
+class RocPoints(NamedTuple):
+    """Batched ROC curve, padded to [K, N+1] so all heads share one shape.
+
+    Column 0 is the origin (threshold +inf: nothing predicted fake); column j >= 1 is the
+    threshold at the j-th highest score of that row. Within a run of tied scores every column
+    carries the values of the run's last column (the one real ROC point for that threshold), so
+    the rows are valid, monotone curves with repeated points and can be reduced directly;
+    `is_distinct` marks one column per distinct threshold (exactly sklearn's
+    `roc_curve(..., drop_intermediate=False)` points, in the same order).
+    """
+
+    fpr: Tensor  # [K, N+1] float64; NaN when there are no reals
+    tpr: Tensor  # [K, N+1] float64; NaN when there are no fakes
+    thresholds: Tensor  # [K, N+1] scores' dtype; predict fake when score >= threshold
+    is_distinct: Tensor  # [K, N+1] bool
+
+
+class _RocCounts(NamedTuple):
+    """Cumulative counts behind `RocPoints` ([K, N+1], int64) and the class sizes (0-dim int64)."""
+
+    fps: Tensor
+    tps: Tensor
+    thresholds: Tensor
+    is_distinct: Tensor
+    n_fake: Tensor
+    n_real: Tensor
+
+
+def _roc_counts(scores: Tensor, labels: Tensor) -> _RocCounts:
+    """Sort each head's scores once and count false/true positives at every threshold (checked inputs)."""
+    k, n = scores.shape
+    sorted_scores, order = torch.sort(scores, dim=1, descending=True)
+    tps = labels[order].cumsum(dim=1)  # fakes among the top j+1 rows
+    # A position ends a run of ties when the next score differs (or it is the last row).
+    run_end = torch.ones_like(order, dtype=torch.bool)
+    run_end[:, :-1] = sorted_scores[:, :-1] != sorted_scores[:, 1:]
+    # Index of the end of each position's tie run: a reverse running minimum of end positions.
+    positions = torch.arange(n, device=scores.device).expand(k, n)
+    end_positions = torch.where(run_end, positions, n)
+    run_end_index = end_positions.flip(1).cummin(dim=1).values.flip(1)
+    tps = tps.gather(1, run_end_index)
+    fps = (run_end_index + 1) - tps
+
+    zeros = torch.zeros(k, 1, dtype=torch.long, device=scores.device)
+    infs = torch.full((k, 1), float("inf"), dtype=scores.dtype, device=scores.device)
+    origin_is_point = torch.ones(k, 1, dtype=torch.bool, device=scores.device)
+    n_fake = labels.sum()
+    return _RocCounts(
+        fps=torch.cat([zeros, fps], dim=1),
+        tps=torch.cat([zeros, tps], dim=1),
+        thresholds=torch.cat([infs, sorted_scores], dim=1),
+        is_distinct=torch.cat([origin_is_point, run_end], dim=1),
+        n_fake=n_fake,
+        n_real=n - n_fake,
+    )
+
+
+def roc_points(scores: Tensor, labels: Tensor) -> RocPoints:
+    """Batched, tie-aware ROC curve of each head; see `RocPoints` for the layout."""
+    c = _roc_counts(*_prepare(scores, labels))
+    return RocPoints(c.fps.double() / c.n_real.double(), c.tps.double() / c.n_fake.double(), c.thresholds, c.is_distinct)
+
+
+def roc_auc(scores: Tensor, labels: Tensor) -> Tensor:
+    """ROC AUC per head [K] (trapezoid over distinct thresholds, i.e. ties count 1/2); NaN without both classes.
+
+    Equal to sklearn.metrics.roc_auc_score.
+    """
+    return _roc_auc(_roc_counts(*_prepare(scores, labels)))
+
+
+def _roc_auc(c: _RocCounts) -> Tensor:
+    # Twice the area in count units, exact in int64; repeated points within tie runs add zero.
+    twice_area = ((c.fps[:, 1:] - c.fps[:, :-1]) * (c.tps[:, 1:] + c.tps[:, :-1])).sum(dim=1)
+    return twice_area.double() / (2.0 * c.n_fake.double() * c.n_real.double())
+
+
+def average_precision(scores: Tensor, labels: Tensor) -> Tensor:
+    """Average precision per head [K]: sum over distinct thresholds of (recall step) x precision.
+
+    Equal to sklearn.metrics.average_precision_score (a step sum, not an interpolated area).
+    NaN when there are no fakes; 1.0 when there are no reals.
+    """
+    return _average_precision(_roc_counts(*_prepare(scores, labels)))
+
+
+def _average_precision(c: _RocCounts) -> Tensor:
+    # Columns >= 1 hold at least one predicted-fake row, so precision is always defined there.
+    precision = c.tps[:, 1:].double() / (c.tps[:, 1:] + c.fps[:, 1:]).double()
+    recall_step = (c.tps[:, 1:] - c.tps[:, :-1]).double()  # zero on repeated tie-run points
+    return (recall_step * precision).sum(dim=1) / c.n_fake.double()
+
+
+def eer(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Equal error rate per head: (eer [K] float64, threshold [K] scores' dtype).
+
+    Definition: among the ROC points (distinct thresholds, plus the origin at threshold +inf),
+    take the first one, in order of decreasing threshold, that minimises |FNR - FPR|, where
+    FNR = 1 - TPR. The EER is (FPR + FNR) / 2 at that point and the threshold is that point's
+    score (predict fake when score >= threshold; +inf means predict nothing fake).
+    The comparison is exact (integer cross-multiplication), so float rounding cannot pick the
+    point. NaN EER and threshold when a class is absent.
+    """
+    return _eer(_roc_counts(*_prepare(scores, labels)))
+
+
+def _eer(c: _RocCounts) -> tuple[Tensor, Tensor]:
+    fns = c.n_fake - c.tps
+    # |FN/P - FP/R| compared as |FN*R - FP*P|: same order, no rounding. argmin returns the first
+    # minimum, and repeated tie-run points equal their run's real point, so the rule holds.
+    best = (fns * c.n_real - c.fps * c.n_fake).abs().argmin(dim=1, keepdim=True)
+    fpr = c.fps.gather(1, best).squeeze(1).double() / c.n_real.double()
+    fnr = fns.gather(1, best).squeeze(1).double() / c.n_fake.double()
+    threshold = c.thresholds.gather(1, best).squeeze(1)
+    both_classes = (c.n_fake > 0) & (c.n_real > 0)
+    return (fpr + fnr) / 2, torch.where(both_classes, threshold, float("nan"))
+
+
+def tpr_at_fpr(scores: Tensor, labels: Tensor, target_fpr: float) -> Tensor:
+    """TPR per head [K] at a false-positive budget: the highest TPR among ROC points with FPR <= target_fpr.
+
+    The origin (threshold +inf) is always such a point, so the result is >= 0; NaN without both classes.
+    """
+    return _tpr_at_fpr(_roc_counts(*_prepare(scores, labels)), target_fpr)
+
+
+def _tpr_at_fpr(c: _RocCounts, target_fpr: float) -> Tensor:
+    within_budget = c.fps.double() / c.n_real.double() <= target_fpr
+    best_tps = torch.where(within_budget, c.tps, 0).amax(dim=1)
+    tpr = best_tps.double() / c.n_fake.double()
+    return torch.where(c.n_real > 0, tpr, float("nan"))
+
+
+def _per_head_threshold(threshold: float | Tensor, k: int, scores: Tensor) -> Tensor:
+    """Threshold as a [K, 1] column in the scores' dtype and device, from a float or a [K] (or scalar) tensor."""
+    # Compared in the scores' own precision (as torch and numpy do with a python float), so a
+    # float32 score of 0.7 counts as >= a 0.7 threshold.
+    threshold = torch.as_tensor(threshold, device=scores.device).to(scores.dtype)
+    if threshold.ndim == 0:
+        threshold = threshold.expand(k)
+    if threshold.shape != (k,):
+        raise UserError(f"threshold must be a float or a [K] tensor with K = {k} heads, got shape {tuple(threshold.shape)}")
+    return threshold.unsqueeze(1)
+
+
+def threshold_metrics(scores: Tensor, labels: Tensor, threshold: float | Tensor) -> dict[str, Tensor]:
+    """Confusion-matrix metrics per head [K], predicting fake when score >= threshold (a float or one per head).
+
+    The threshold is cast to the scores' dtype before comparing.
+    Keys: accuracy, balanced_acc, precision_/recall_/f1_ + fake, real, macro (macro = the
+    unweighted mean over both classes). Equal to scikit-learn with zero_division=0: a ratio with a
+    zero denominator is 0, macro averages always cover both classes (labels=[0, 1]), and
+    balanced accuracy averages recall over the classes present in `labels` (as
+    balanced_accuracy_score does).
+    """
+    scores, labels = _prepare(scores, labels)
+    predicted_fake = scores >= _per_head_threshold(threshold, scores.shape[0], scores)
+    is_fake = labels.bool()
+    tp = (predicted_fake & is_fake).sum(dim=1).double()
+    fp = (predicted_fake & ~is_fake).sum(dim=1).double()
+    fn = (~predicted_fake & is_fake).sum(dim=1).double()
+    tn = (~predicted_fake & ~is_fake).sum(dim=1).double()
+
+    def ratio(num: Tensor, den: Tensor) -> Tensor:
+        return torch.where(den > 0, num / den.clamp(min=1), 0.0)
+
+    out = {"accuracy": (tp + tn) / (tp + fp + fn + tn)}
+    # The real class is the positive one when the roles of (tp, tn) and (fp, fn) swap.
+    for name, (t_pos, f_pos, f_neg) in {"fake": (tp, fp, fn), "real": (tn, fn, fp)}.items():
+        out[f"precision_{name}"] = ratio(t_pos, t_pos + f_pos)
+        out[f"recall_{name}"] = ratio(t_pos, t_pos + f_neg)
+        out[f"f1_{name}"] = ratio(2 * t_pos, 2 * t_pos + f_pos + f_neg)
+    for metric in ("precision", "recall", "f1"):
+        out[f"{metric}_macro"] = (out[f"{metric}_fake"] + out[f"{metric}_real"]) / 2
+    has_fake, has_real = (tp + fn) > 0, (tn + fp) > 0
+    both = (out["recall_fake"] + out["recall_real"]) / 2
+    out["balanced_acc"] = torch.where(has_fake & has_real, both, torch.where(has_fake, out["recall_fake"], out["recall_real"]))
+    return out
+
+
+def _py(value: float) -> float | None:
+    """A python float for JSON, or None for NaN/inf (undefined metric, or the 'predict nothing' threshold)."""
+    return value if np.isfinite(value) else None
+
+
+def _headline(scores: Tensor, labels: Tensor, threshold: float | Tensor) -> list[dict]:
+    """The headline metrics (no per_source/video) as one JSON-ready dict per head."""
+    n_fake = int(labels.sum())
+    n_real = labels.shape[0] - n_fake
+    both_classes = n_fake > 0 and n_real > 0
+    at_threshold = threshold_metrics(scores, labels, threshold)  # also checks the threshold's shape
+    counts = _roc_counts(scores, labels)  # one sort per head for all rank metrics
+    eer_value, eer_threshold = _eer(counts)
+    columns = {
+        "auc": _roc_auc(counts),
+        "ap": _average_precision(counts),
+        "eer": eer_value,
+        "eer_threshold": eer_threshold.double(),
+        "acc@0.5": threshold_metrics(scores, labels, 0.5)["accuracy"],
+        "acc@eer": threshold_metrics(scores, labels, eer_threshold)["accuracy"],
+        "threshold": torch.as_tensor(threshold, dtype=torch.float64, device=scores.device).expand(scores.shape[0]),
+    }
+    columns["acc"] = at_threshold.pop("accuracy")
+    columns.update(at_threshold)
+    for target in TPR_AT_FPR_TARGETS:
+        columns[f"tpr@fpr={target}"] = _tpr_at_fpr(counts, target)
+    if not both_classes:  # acc@eer means nothing when there is no EER threshold
+        columns["acc@eer"] = torch.full_like(columns["acc@eer"], float("nan"))
+    as_lists = {key: value.double().cpu().tolist() for key, value in columns.items()}  # one transfer per metric
+    return [
+        {"n": labels.shape[0], "n_fake": n_fake, "n_real": n_real} | {key: _py(values[k]) for key, values in as_lists.items()}
+        for k in range(scores.shape[0])
+    ]
+
+
+def _group_codes(names: pl.Series, device: torch.device) -> tuple[list[str], Tensor]:
+    """Sorted distinct names and each entry's index into them, as an int64 tensor on `device`."""
+    codes = names.rank("dense").cast(pl.Int64).to_numpy() - 1  # dense rank = position in sorted names
+    return names.unique().sort().to_list(), torch.from_numpy(codes).to(device)
+
+
+def _per_source(scores: Tensor, labels: Tensor, sources: list[str]) -> list[dict]:
+    """{source: {n, auc, acc}} per head; auc = that source's fakes against all reals of the set."""
+    k, n = scores.shape
+    names, codes = _group_codes(pl.Series(sources, dtype=pl.String).fill_null(""), scores.device)
+    sorted_reals = scores[:, labels == 0].sort(dim=1).values.contiguous()
+    # Per row, twice its AUC "wins" against all reals: reals strictly below count 2, tied reals 1
+    # (searchsorted left = strictly below, right = at or below). AUC of a source's fakes vs all
+    # reals is then the sum over its fakes / (2 * n_fakes * n_reals), for every source at once.
+    twice_wins = torch.searchsorted(sorted_reals, scores.contiguous(), side="left")
+    twice_wins += torch.searchsorted(sorted_reals, scores.contiguous(), side="right")
+    is_fake = labels == 1
+    zeros = torch.zeros(k, len(names), dtype=torch.float64, device=scores.device)
+    fake_wins = zeros.index_add(1, codes[is_fake], twice_wins[:, is_fake].double())
+    correct = zeros.index_add(1, codes, ((scores >= 0.5) == is_fake).double())
+    rows = torch.bincount(codes, minlength=len(names))
+    fakes = torch.bincount(codes[is_fake], minlength=len(names))
+    n_real = n - int(is_fake.sum())
+    auc = (fake_wins / (2.0 * fakes * n_real)).cpu().tolist()  # 0/0 = NaN -> None below
+    acc = (correct / rows).cpu().tolist()
+    rows = rows.tolist()
+    return [
+        {name: {"n": rows[j], "auc": _py(auc[h][j]), "acc": acc[h][j]} for j, name in enumerate(names)}
+        for h in range(k)
+    ]
+
+
+def _video_level(scores: Tensor, labels: Tensor, groups: list) -> tuple[Tensor, Tensor] | None:
+    """Mean frame score per group [K, G] and group labels [G]; rows with an empty/None group are ignored."""
+    group_series = pl.Series("group", groups, dtype=pl.String)
+    keep = (group_series.is_not_null() & (group_series != "")).to_numpy()
+    if not keep.any():
+        return None
+    _, codes = _group_codes(group_series.filter(pl.Series(keep)), scores.device)
+    keep = torch.from_numpy(keep).to(scores.device)
+    n_groups = int(codes.max()) + 1
+    frame_scores, frame_labels = scores[:, keep].double(), labels[keep]
+    sums = torch.zeros(scores.shape[0], n_groups, dtype=torch.float64, device=scores.device).index_add_(1, codes, frame_scores)
+    counts = torch.bincount(codes, minlength=n_groups)
+    # A group with any fake frame is a fake video (a partly manipulated video is still fake).
+    group_labels = torch.zeros(n_groups, dtype=torch.long, device=scores.device)
+    group_labels = group_labels.scatter_reduce(0, codes, frame_labels, reduce="amax")
+    return sums / counts, group_labels
+
+
+def evaluate(
+    scores: Tensor,
+    labels: Tensor,
+    *,
+    sources: list[str] | None = None,
+    groups: list[str] | None = None,
+    threshold: float | Tensor = 0.5,
+) -> list[dict]:
+    """Full report per head: a list of K JSON-serialisable dicts of python floats/ints/None.
+
+    Keys: n, n_fake, n_real, auc, ap, eer, eer_threshold, acc@0.5, acc@eer, tpr@fpr=0.01,
+    tpr@fpr=0.05, and at `threshold` (float or one per head; predict fake when score >= it):
+    threshold, acc, balanced_acc, precision_/recall_/f1_ + fake/real/macro (see
+    `threshold_metrics`; zero_division=0 conventions).
+    Rank metrics (auc, eer, eer_threshold, acc@eer, tpr@fpr) are None when a class is absent,
+    ap is None without fakes; eer_threshold is None when the EER point is 'predict nothing fake'.
+    - sources ([N] names): adds per_source = {source: {n, auc, acc}} where auc compares the
+      source's fake rows with ALL real rows of the set (None for a source without fakes, or when
+      the set has no reals) and acc is accuracy at 0.5 over the source's rows.
+    - groups ([N] ids, e.g. video ids): adds video = the same headline metrics on the mean frame
+      score per group; rows with an empty or None id are left out; a group is fake if ANY of its
+      frames is fake (max label), so mixed groups count as fake. None if no row has a group.
+    """
+    scores, labels = _prepare(scores, labels)
+    n = labels.shape[0]
+    for name, values in (("sources", sources), ("groups", groups)):
+        if values is not None and len(values) != n:
+            raise UserError(f"{name} has {len(values)} entries but there are {n} rows; pass one entry per row")
+    reports = _headline(scores, labels, threshold)
+    if sources is not None:
+        for report, per_source in zip(reports, _per_source(scores, labels, sources)):
+            report["per_source"] = per_source
+    if groups is not None:
+        video = _video_level(scores, labels, groups)
+        video_reports = _headline(*video, threshold) if video is not None else [None] * len(reports)
+        for report, video_report in zip(reports, video_reports):
+            report["video"] = video_report
+    return reports

@@ -1,0 +1,235 @@
+"""Classifier heads on cached CLIP embeddings, batched over K independent models.
+
+A sweep trains K configurations that share one architecture as ONE module: every
+parameter and buffer has a leading dim K, the forward takes x [K, B, D] (each model its
+own batch) and returns logits [K, B]. A plain fit is the K = 1 case.
+
+Initialisation follows the reference (SP_CUP): nn.init.kaiming_uniform_ (fan_in, relu) on
+every Linear weight, biases as nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)). Model k draws its init from its own seed,
+so its starting weights are those of a K = 1 model with that seed, whatever else is in
+the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from store.errors import UserError
+
+# One generator for the whole [K, ...] draw, or one per model (model k's randomness then
+# does not depend on K or on the other models).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+class BatchedLinearLayer(nn.Module):
+    """K independent nn.Linear(fan_in, fan_out): weight [K, out, in] (nn.Linear's layout), bias [K, out]."""
+
+    def __init__(self, k: int, fan_in: int, fan_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(k, fan_out, fan_in))
+        self.bias = nn.Parameter(torch.zeros(k, fan_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [K, B, in] -> [K, B, out]; x [B, in] (one batch shared by all models) -> [K, B, out]."""
+        k, fan_out, fan_in = self.weight.shape
+        if x.dim() == 2:
+            # Shared input: one [B, in] x [in, K*out] matmul instead of K copies of x.
+            y = x @ self.weight.reshape(k * fan_out, fan_in).T
+            return y.view(x.shape[0], k, fan_out).transpose(0, 1) + self.bias[:, None, :]
+        return torch.baddbmm(self.bias[:, None, :], x, self.weight.transpose(1, 2))
+
+
+def _init_linears(layers: Sequence[BatchedLinearLayer], seeds: Sequence[int]) -> None:
+    """Kaiming-uniform weights (fan_in, relu) and nn.Linear's default bias init, as the reference;
+    model k's draws come from torch.Generator(seeds[k]), layer by layer in forward order (weight,
+    then bias), exactly as a K = 1 model with that seed would draw them."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        for layer in layers:
+            fan_in = layer.weight.shape[2]
+            for i, g in enumerate(gens):
+                w = torch.empty(layer.weight.shape[1:])
+                nn.init.kaiming_uniform_(w, mode="fan_in", nonlinearity="relu", generator=g)
+                layer.weight[i].copy_(w)
+                bound = 1.0 / fan_in**0.5
+                layer.bias[i].copy_(torch.empty(layer.bias.shape[1:]).uniform_(-bound, bound, generator=g))
+
+
+class BatchedBatchNorm(nn.Module):
+    """K independent nn.BatchNorm1d(H) on x [K, B, H]: statistics over each model's own batch.
+
+    Same maths as nn.BatchNorm1d (eps 1e-5, momentum 0.1, biased variance to normalise,
+    unbiased variance in running_var).
+    """
+
+    def __init__(self, k: int, features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(k, features))
+        self.bias = nn.Parameter(torch.zeros(k, features))
+        self.register_buffer("running_mean", torch.zeros(k, features))
+        self.register_buffer("running_var", torch.ones(k, features))
+
+    def forward(self, x: torch.Tensor, *, update_stats: bool = True) -> torch.Tensor:
+        # Statistics in the parameters' precision (float32) even under autocast, as nn.BatchNorm1d does.
+        x = x.to(self.weight.dtype)
+        if self.training:
+            batch = x.shape[1]
+            if batch < 2:
+                raise ValueError(f"BatchNorm in train mode needs at least 2 rows per model, got {batch}")
+            var, mean = torch.var_mean(x, dim=1, unbiased=False)  # [K, H] each
+            if update_stats:
+                with torch.no_grad():
+                    m = self.momentum
+                    self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                    self.running_var.mul_(1 - m).add_(var * (batch / (batch - 1)), alpha=m)
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.weight * torch.rsqrt(var + self.eps)  # [K, H]
+        return (x - mean[:, None, :]) * scale[:, None, :] + self.bias[:, None, :]
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool, generator: Generators) -> torch.Tensor:
+    """Dropout on [K, B, H], independent masks everywhere; optional generator(s) for the masks."""
+    if not training or p == 0.0:
+        return x
+    if generator is None:
+        return F.dropout(x, p, training=True)
+    if isinstance(generator, torch.Generator):
+        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    else:
+        u = torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+    return x * (u >= p) / (1.0 - p)
+
+
+def _check_seeds(k: int, seeds: Sequence[int] | None) -> list[int]:
+    if seeds is None:
+        # Only for models whose weights are loaded right after (head_from_config, select).
+        return list(range(k))
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != k:
+        raise ValueError(f"need one seed per model: k={k} but {len(seeds)} seeds")
+    return seeds
+
+
+class BatchedMLP(nn.Module):
+    """K copies of the paper's head: depth x [Linear -> BatchNorm1d -> ReLU -> Dropout] -> Linear(H, 1).
+
+    Parameters are [K, ...]; forward(x [K, B, D]) -> logits [K, B].
+    """
+
+    def __init__(
+        self,
+        k: int,
+        dim: int,
+        *,
+        hidden: int | None = None,
+        depth: int = 3,
+        dropout: float = 0.335,
+        seeds: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        hidden = dim if hidden is None else int(hidden)
+        if depth < 1 or hidden < 1 or not 0.0 <= dropout < 1.0:
+            raise UserError(
+                f"invalid MLP head (depth={depth}, hidden={hidden}, dropout={dropout}); "
+                "use depth >= 1, hidden >= 1 and 0 <= dropout < 1"
+            )
+        self.k, self.dim, self.hidden, self.depth, self.dropout = k, dim, hidden, depth, float(dropout)
+        self.seeds = _check_seeds(k, seeds)
+        widths = [dim] + [hidden] * depth
+        self.linears = nn.ModuleList(BatchedLinearLayer(k, a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.norms = nn.ModuleList(BatchedBatchNorm(k, hidden) for _ in range(depth))
+        self.out = BatchedLinearLayer(k, hidden, 1)
+        _init_linears([*self.linears, self.out], self.seeds)
+
+    @property
+    def config(self) -> dict:
+        """JSON-serialisable description that rebuilds this head (see head_from_config)."""
+        return {"kind": "mlp", "dim": self.dim, "hidden": self.hidden, "depth": self.depth, "dropout": self.dropout}
+
+    def forward(
+        self, x: torch.Tensor, *, update_stats: bool = True, generator: Generators = None
+    ) -> torch.Tensor:
+        """Logits [K, B] for x [K, B, D] (x [B, D]: the same batch for every model).
+
+        update_stats=False (train mode): normalise with batch statistics but leave BN running
+        buffers untouched, e.g. for SAM's second forward of the same step.
+        generator: dropout masks from one generator, or one per model (list of K); generators
+        must live on x's device. None uses torch's global RNG.
+        """
+        h = x.to(self.out.weight.dtype)
+        for linear, norm in zip(self.linears, self.norms):
+            h = norm(linear(h), update_stats=update_stats)
+            h = _dropout(torch.relu(h), self.dropout, self.training, generator)
+        return self.out(h).squeeze(-1)
+
+    def select(self, indices: Sequence[int]) -> BatchedMLP:
+        """A new BatchedMLP holding copies of models `indices` (weights, BN buffers, seeds, mode)."""
+        return _select(self, indices)
+
+
+class BatchedLinear(nn.Module):
+    """K linear probes Linear(D, 1) (UniversalFakeDetect style); forward(x [K, B, D]) -> logits [K, B]."""
+
+    def __init__(self, k: int, dim: int, *, seeds: Sequence[int] | None = None):
+        super().__init__()
+        self.k, self.dim = k, dim
+        self.seeds = _check_seeds(k, seeds)
+        self.linear = BatchedLinearLayer(k, dim, 1)
+        _init_linears([self.linear], self.seeds)
+
+    @property
+    def config(self) -> dict:
+        """JSON-serialisable description that rebuilds this head (see head_from_config)."""
+        return {"kind": "linear", "dim": self.dim}
+
+    def forward(
+        self, x: torch.Tensor, *, update_stats: bool = True, generator: Generators = None
+    ) -> torch.Tensor:
+        """Logits [K, B] for x [K, B, D] or [B, D]; update_stats and generator are accepted and unused."""
+        return self.linear(x.to(self.linear.weight.dtype)).squeeze(-1)
+
+    def select(self, indices: Sequence[int]) -> BatchedLinear:
+        """A new BatchedLinear holding copies of models `indices`."""
+        return _select(self, indices)
+
+
+Head = BatchedMLP | BatchedLinear
+HEAD_KINDS = {"mlp": BatchedMLP, "linear": BatchedLinear}
+
+
+def _select(head: Head, indices: Sequence[int]) -> Head:
+    indices = [int(i) for i in indices]
+    if not indices or not all(0 <= i < head.k for i in indices):
+        raise ValueError(f"select needs indices in [0, {head.k}), got {indices}")
+    ref = next(head.parameters())
+    new = head_from_config(head.config, len(indices)).to(device=ref.device, dtype=ref.dtype)
+    rows = torch.tensor(indices, device=ref.device)
+    new.load_state_dict({name: t.index_select(0, rows) for name, t in head.state_dict().items()})
+    new.seeds = [head.seeds[i] for i in indices]
+    return new.train(head.training)
+
+
+def build_head(kind: str, k: int, dim: int, seeds: Sequence[int] | None = None, **cfg) -> Head:
+    """K heads of `kind` ("mlp" or "linear") on D=dim embeddings; cfg: hidden, depth, dropout (mlp only)."""
+    if kind not in HEAD_KINDS:
+        raise UserError(f"unknown head kind {kind!r}; choose one of: {', '.join(HEAD_KINDS)}")
+    allowed = {"mlp": {"hidden", "depth", "dropout"}, "linear": set()}[kind]
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise UserError(
+            f"the {kind} head has no option {', '.join(unknown)}; "
+            f"its options are: {', '.join(sorted(allowed)) or 'none'}"
+        )
+    return HEAD_KINDS[kind](k, dim, seeds=seeds, **cfg)
+
+
+def head_from_config(config: dict, k: int, seeds: Sequence[int] | None = None) -> Head:
+    """Rebuild K heads from `.config` (weights freshly initialised; load a state_dict after)."""
+    cfg = dict(config)
+    return build_head(cfg.pop("kind"), k, cfg.pop("dim"), seeds, **cfg)

@@ -1,0 +1,179 @@
+"""Run directories: writing and reading them, plots, and the sweep leaderboard.
+
+    runs/<name>/config.json      every setting, the head architecture, threshold, store provenance
+    runs/<name>/head.safetensors the head weights (K = 1; no pickled code)
+    runs/<name>/metrics.parquet  one row per epoch
+    runs/<name>/report.json      val and held-out-source metrics of the selected epoch
+    runs/<name>/roc_pr.png       ROC and PR curves of val (and held-out sources)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+
+from heads.config import PER_MODEL, RunConfig
+from heads.models import Head, head_from_config
+from store.errors import UserError
+
+RUN_FORMAT = "dfclip-run/1"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    parts = [cfg.head, f"a{cfg.cvar_alpha:g}", f"g{cfg.auc_gamma:g}"]
+    if cfg.sam_rho:
+        parts.append(f"rho{cfg.sam_rho:g}")
+    parts.append(f"s{cfg.seed}")
+    return "-".join(parts)
+
+
+def save_run(result, run_dir: str | os.PathLike, *, provenance: dict, counts: dict, scores: dict | None = None) -> Path:
+    """Write one trained configuration as an ordinary run directory (see module docstring)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    head = result.head
+    state = {n: t.detach().cpu().contiguous() for n, t in head.state_dict().items()}
+    save_file(state, str(run_dir / ".head.safetensors.tmp"))
+    os.replace(run_dir / ".head.safetensors.tmp", run_dir / "head.safetensors")
+    config = {
+        "format": RUN_FORMAT, "run": result.config.to_dict(), "head": head.config, "threshold": result.threshold,
+        "best_epoch": result.best_epoch, "data": counts, "provenance": provenance,
+    }
+    _atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, default=str))
+    result.history.write_parquet(run_dir / "metrics.parquet")
+    report = {"best_epoch": result.best_epoch, "threshold": result.threshold, "seconds": result.seconds, **result.reports}
+    _atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
+    if scores:
+        plot_roc_pr(scores, run_dir / "roc_pr.png", title=run_dir.name)
+    return run_dir
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Head, dict]:
+    """The trained head (eval mode) and config.json of a run directory."""
+    run_dir = Path(run_dir)
+    cfg_path, weights = run_dir / "config.json", run_dir / "head.safetensors"
+    if not cfg_path.is_file() or not weights.is_file():
+        raise UserError(f"{run_dir} is not a dfclip run directory (needs config.json and head.safetensors); "
+                        "pass a directory written by `dfhead fit` or `dfhead sweep`")
+    config = json.loads(cfg_path.read_text())
+    head = head_from_config(config["head"], 1, seeds=[config["run"].get("seed", 0)])
+    head.load_state_dict(load_file(str(weights)))
+    return head.to(device).eval(), config
+
+
+def plot_roc_pr(scores: dict, path: Path, *, title: str = "") -> None:
+    """ROC and PR curves; scores = {set name: (probabilities [N] numpy, labels [N] numpy)}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_roc, ax_pr) = plt.subplots(1, 2, figsize=(10, 4.5))
+    for name, (s, y) in scores.items():
+        if len(np.unique(y)) < 2:
+            continue
+        order = np.argsort(-s, kind="stable")
+        ys = y[order]
+        tp, fp = np.cumsum(ys), np.cumsum(1 - ys)
+        tpr, fpr = np.r_[0, tp / tp[-1]], np.r_[0, fp / fp[-1]]
+        precision = tp / np.arange(1, len(ys) + 1)
+        ax_roc.plot(fpr, tpr, label=name)
+        ax_pr.plot(tp / tp[-1], precision, label=name)
+    ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax_roc.set(xlabel="false positive rate (real called fake)", ylabel="true positive rate (fake caught)", title="ROC")
+    ax_pr.set(xlabel="recall (fake)", ylabel="precision (fake)", title="precision-recall", ylim=(0, 1.02))
+    for ax in (ax_roc, ax_pr):
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right" if ax is ax_roc else "lower left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def flat_metrics(report: dict, prefix: str) -> dict:
+    """Headline numbers of a metrics report as flat columns (`val_auc`, `holdout_eer`, ...)."""
+    keep = ("auc", "ap", "eer", "acc", "acc@0.5", "balanced_acc", "f1_macro", "tpr@fpr=0.01", "tpr@fpr=0.05")
+    out = {f"{prefix}_{k}": report.get(k) for k in keep}
+    if report.get("video"):
+        out[f"{prefix}_video_auc"] = report["video"].get("auc")
+    for src, v in (report.get("per_source") or {}).items():
+        if v.get("auc") is not None:
+            out[f"{prefix}_auc[{src}]"] = v["auc"]
+    return out
+
+
+def result_row(result) -> dict:
+    row = {k: (",".join(v) if isinstance(v, (list, tuple)) else v) for k, v in result.config.to_dict().items()}
+    row.update({"best_epoch": result.best_epoch, "decision_threshold": result.threshold, "seconds": result.seconds})
+    for name, rep in result.reports.items():
+        row.update(flat_metrics(rep, name))
+    return row
+
+
+def leaderboard(rows: pl.DataFrame, select: str = "auc") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(per-run table, per-configuration mean and std over seeds), both sorted by the selection metric."""
+    from heads.config import FIELDS
+
+    metric_cols = [c for c in rows.columns if c.startswith(("val_", "holdout_")) and c not in FIELDS]
+    cfg_cols = [c for c in rows.columns if c in FIELDS and c != "seed"]
+    sort_col, desc = "val_auc", True  # every selection mode is compared on val AUC in the table
+    summary = (rows.group_by(cfg_cols, maintain_order=True)
+               .agg(pl.len().alias("seeds"),
+                    *[pl.col(c).mean().alias(f"{c}_mean") for c in metric_cols],
+                    *[pl.col(c).std().alias(f"{c}_std") for c in metric_cols])
+               .sort(f"{sort_col}_mean", descending=desc, nulls_last=True))
+    return rows.sort(sort_col, descending=desc, nulls_last=True), summary
+
+
+def varying_columns(rows: pl.DataFrame) -> list[str]:
+    """Config columns that differ across a sweep (what the leaderboard should show)."""
+    from heads.config import FIELDS
+
+    return [c for c in rows.columns if c in FIELDS and rows[c].n_unique() > 1]
+
+
+def plot_heatmap(summary: pl.DataFrame, path: Path, value: str = "val_auc_mean") -> bool:
+    """Val AUC over alpha x gamma (mean over seeds and any other varied option); False if not a grid."""
+    if summary["cvar_alpha"].n_unique() < 1 or value not in summary.columns:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    g = summary.group_by("cvar_alpha", "auc_gamma").agg(pl.col(value).mean())
+    alphas, gammas = sorted(g["cvar_alpha"].unique()), sorted(g["auc_gamma"].unique())
+    grid = np.full((len(gammas), len(alphas)), np.nan)
+    for a, gm, v in g.iter_rows():
+        grid[gammas.index(gm), alphas.index(a)] = np.nan if v is None else v
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(alphas), 1.2 + 0.7 * len(gammas)))
+    im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_yticks(range(len(gammas)), [f"{gm:g}" for gm in gammas])
+    ax.set(xlabel="CVaR alpha", ylabel="AUC gamma", title="val AUC (mean over the rest)")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w" if v < np.nanmean(grid) else "k", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=@+-]", "_", name)

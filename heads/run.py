@@ -1,0 +1,205 @@
+"""The notebook-level API behind `dfhead`: fit, sweep, evaluate, predict, list runs.
+
+    from heads.run import fit, sweep, grid
+    from heads.config import make_config
+    run_dir = fit("embeddings", make_config("paper", cvar_alpha=0.3))
+    board = sweep("embeddings", grid(make_config(), cvar_alpha=[0.1, 0.3, 1.0], seeds=3))
+
+`fit` is a sweep of one configuration: both go through heads.train.train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import torch
+
+import store
+from heads import metrics
+from heads.config import RunConfig, validate
+from heads.report import (default_run_name, leaderboard, load_run, plot_heatmap, result_row, safe_name, save_run,
+                          varying_columns)
+from heads.train import Data, RunResult, predict_logits, resolve_device, train
+from store.errors import UserError
+
+
+def _eval_scores(result: RunResult, data: Data) -> dict:
+    sets = {"val": data.val} | ({"holdout": data.holdout} if data.holdout is not None else {})
+    return {name: (torch.sigmoid(predict_logits(result.head, s.x, l2_normalize=result.config.l2_normalize))[0]
+                   .cpu().numpy(), s.y.cpu().numpy()) for name, s in sets.items()}
+
+
+def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs_dir: str | os.PathLike = "runs",
+        name: str | None = None, device: str = "auto", log: Callable[[str], None] = print,
+        progress: Callable | None = None) -> Path:
+    """Train one head and write its run directory; returns the directory."""
+    results, data = train(store_dir, [validate(config)], val_store=val_store, device=device, log=log,
+                          progress=progress)
+    run_dir = Path(runs_dir) / safe_name(name or default_run_name(config))
+    save_run(results[0], run_dir, provenance=data.provenance, counts=data.counts, scores=_eval_scores(results[0], data))
+    return run_dir
+
+
+def grid(base: RunConfig, *, seeds: int = 1, **options) -> list[RunConfig]:
+    """The cartesian product of option lists over `base`, times `seeds` consecutive seeds from base.seed."""
+    for k in options:
+        if k not in {f.name for f in dataclasses.fields(RunConfig)}:
+            raise UserError(f"unknown sweep option {k!r}")
+    lists = {k: (v if isinstance(v, (list, tuple)) and k != "holdout_sources" else [v]) for k, v in options.items()}
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    out = []
+    for combo in itertools.product(*lists.values()):
+        cfg = dataclasses.replace(base, **dict(zip(lists, combo)))
+        for s in range(seeds):
+            out.append(validate(dataclasses.replace(cfg, seed=cfg.seed + s)))
+    return out
+
+
+def sweep_memory_bytes(n_rows: int, dim: int, cfgs: list[RunConfig], itemsize: int = 2) -> int:
+    """A conservative estimate of the device memory a sweep needs.
+
+    Embeddings once (store dtype on GPU) + per model: weights, grads, 2 AdamW moments, best copy
+    and SAM's saved copy (6 x params), and activations of a batch (about 8 x B x hidden floats
+    per layer, doubled by feature noise) plus the [B, B] AUC pair matrix.
+    """
+    total = n_rows * dim * itemsize
+    for c in cfgs:
+        h = c.hidden or dim
+        params = (dim * h + h * h * (c.depth - 1) + 5 * h * c.depth + h + 1) if c.head == "mlp" else dim + 1
+        b = c.batch_size * (2 if c.feature_noise else 1)
+        act = 8 * b * (h * c.depth if c.head == "mlp" else 1) + b * dim + 4 * b * b
+        total += 4 * (6 * params + act)
+    return total
+
+
+def _check_memory(data_rows: int, dim: int, cfgs: list[RunConfig], device: torch.device) -> None:
+    need = sweep_memory_bytes(data_rows, dim, cfgs, itemsize=2 if device.type == "cuda" else 4)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.9 * free:
+        raise UserError(f"this sweep needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
+                        f"{device}; split the grid into smaller sweeps (fewer values per option or --seeds)")
+
+
+def _dist() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None,
+          runs_dir: str | os.PathLike = "runs", name: str = "sweep", device: str = "auto",
+          log: Callable[[str], None] = print, progress: Callable | None = None) -> tuple[Path, pl.DataFrame]:
+    """Train every config at once; write the leaderboard, a heatmap and the best run directory.
+
+    Under torchrun each rank trains a disjoint slice of the grid (configs rank, rank+world, ...)
+    and writes its rows; rank 0 waits for all ranks, merges the leaderboard and keeps the best.
+    """
+    rank, world = _dist()
+    out = Path(runs_dir) / safe_name(name)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    mine = cfgs[rank::world]
+    if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    if mine:
+        dev = resolve_device(device)
+        s = store.open(store_dir)
+        _check_memory(len(s), s.dim, mine, dev)
+        t0 = time.perf_counter()
+        results, data = train(s, mine, val_store=val_store, device=device, log=log, progress=progress)
+        log(f"rank {rank}: trained {len(mine)} heads in {time.perf_counter() - t0:.1f}s")
+        rows = pl.DataFrame([result_row(r) | {"rank": rank, "index": i} for i, r in enumerate(results)])
+        best_i = int(np.nanargmax([r.reports["val"].get("auc") or -1.0 for r in results]))
+        save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts,
+                 scores=_eval_scores(results[best_i], data))
+        tmp = parts / f".rows-r{rank:03d}.parquet.tmp"
+        rows.write_parquet(tmp)
+        os.replace(tmp, parts / f"rows-r{rank:03d}.parquet")
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return out, pl.DataFrame()
+    rows = pl.concat([pl.read_parquet(p) for p in sorted(parts.glob("rows-r*.parquet"))], how="diagonal_relaxed")
+    runs, summary = leaderboard(rows)
+    runs.write_parquet(out / "runs.parquet")
+    summary.write_parquet(out / "leaderboard.parquet")
+    plot_heatmap(summary, out / "heatmap_alpha_gamma.png")
+    best = runs.row(0, named=True)
+    best_dir = out / "best"
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    shutil.copytree(parts / f"best-r{best['rank']:03d}", best_dir)
+    (out / "sweep.json").write_text(json.dumps({"configs": len(cfgs), "world_size": world, "best": best,
+                                                "varying": varying_columns(rows)}, indent=2, default=str))
+    return out, summary
+
+
+def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
+                 device: str = "auto") -> dict:
+    """Metrics of a trained run on a store (default: its validation numbers from report.json)."""
+    run_dir = Path(run_dir)
+    if store_dir is None:
+        return json.loads((run_dir / "report.json").read_text())
+    dev = resolve_device(device)
+    head, config = load_run(run_dir, dev)
+    s = store.open(store_dir)
+    _check_same_model(config, s)
+    rows = s.select(label=[0, 1])
+    if rows.height == 0:
+        raise UserError(f"store {store_dir} has no labelled rows to evaluate on; use `dfhead predict` for unlabelled data")
+    x, rows = s.load(rows)
+    scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
+    y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
+    groups = rows["group"].to_list() if (rows["group"] != "").any() else None
+    return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"])[0]
+
+
+def _check_same_model(config: dict, s: store.Store) -> None:
+    if store.format.identity(config["provenance"]) != store.format.identity(s.provenance):
+        raise UserError(f"store {s.root} has {store.format.describe_identity(s.provenance)} but the run was trained on "
+                        f"{store.format.describe_identity(config['provenance'])}; embed with the run's model")
+
+
+def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto") -> pl.DataFrame:
+    """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store."""
+    dev = resolve_device(device)
+    head, config = load_run(run_dir, dev)
+    s = store.open(store_dir)
+    _check_same_model(config, s)
+    x, rows = s.load()
+    scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))[0]
+    scores = scores.cpu().numpy()
+    return pl.DataFrame({"path": rows["path"], "score": scores,
+                         "pred": (scores >= config["threshold"]).astype(np.int8), "label": rows["label"]}).sort("path")
+
+
+def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:
+    """One row per run directory under runs_dir (sweeps' best runs included), newest first."""
+    rows = []
+    for cfg_path in sorted(Path(runs_dir).glob("**/config.json")):
+        if "parts" in cfg_path.parts:
+            continue
+        run = cfg_path.parent
+        c = json.loads(cfg_path.read_text())
+        rep = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
+        r = c["run"]
+        rows.append({"run": str(run.relative_to(runs_dir)), "head": r["head"], "alpha": r["cvar_alpha"],
+                     "gamma": r["auc_gamma"], "rho": r["sam_rho"], "lr": r["lr"], "epochs": r["epochs"],
+                     "seed": r["seed"], "val_auc": (rep.get("val") or {}).get("auc"),
+                     "val_eer": (rep.get("val") or {}).get("eer"),
+                     "holdout_auc": (rep.get("holdout") or {}).get("auc"),
+                     "modified": cfg_path.stat().st_mtime})
+    if not rows:
+        raise UserError(f"no runs under {runs_dir}; train one with `dfhead fit`")
+    return pl.DataFrame(rows).sort("modified", descending=True).drop("modified")

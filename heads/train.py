@@ -1,0 +1,305 @@
+"""Training K heads at once on resident embeddings. `dfhead fit` is the K = 1 case of `train`.
+
+The data is loaded once from the store into one tensor on the device. Each step gathers a
+[K, B] index batch (model k's own permutation), so a sweep holds the embeddings once and
+every model sees exactly the batches it would see alone. Configs that share an
+architecture train as one batched module; their alpha, gamma, rho, lr, wd are [K] tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+
+import store
+from heads import losses, metrics
+from heads.config import PER_MODEL, RunConfig, group_key, parse_threshold
+from heads.data import augment_with_noise, epoch_batches, split_rows
+from heads.models import Head, build_head
+from heads.optim import SAM, BatchedAdamW
+from store.errors import UserError
+
+EVAL_CHUNK = 8192  # rows per eval forward: bounds activation memory to K * chunk * hidden
+
+
+@dataclass
+class EvalSet:
+    """Rows of one evaluation set, resident on the device."""
+
+    name: str
+    x: torch.Tensor  # [N, D]
+    y: torch.Tensor  # [N] long
+    meta: pl.DataFrame
+
+    @property
+    def groups(self) -> list[str] | None:
+        g = self.meta["group"]
+        return g.to_list() if (g != "").any() else None
+
+
+@dataclass
+class Data:
+    """Everything a sweep trains and evaluates on, loaded once."""
+
+    x: torch.Tensor  # [N_train, D] training embeddings
+    y: torch.Tensor  # [N_train] long
+    val: EvalSet
+    holdout: EvalSet | None
+    provenance: dict
+    dim: int
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunResult:
+    """One trained configuration: its best weights (a K=1 head), history and reports."""
+
+    config: RunConfig
+    head: Head
+    history: pl.DataFrame  # one row per epoch
+    best_epoch: int
+    threshold: float
+    reports: dict  # {"val": {...}, "holdout": {...}?}
+    seconds: float
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(x)
+    # CPUs multiply float16 slowly: keep float32 there; GPUs keep the store's float16 (half the memory).
+    return t.float() if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def load_data(train_store, cfg: RunConfig, *, val_store=None, device: torch.device) -> Data:
+    """Load train/val/holdout rows once, on `device`. Split rules: heads.data.split_rows."""
+    tr = store.open(train_store) if not isinstance(train_store, store.Store) else train_store
+    va = None
+    if val_store is not None:
+        va = store.open(val_store) if not isinstance(val_store, store.Store) else val_store
+        if store.format.identity(va.provenance) != store.format.identity(tr.provenance):
+            raise UserError(
+                f"--val-store {va.root} was embedded with {store.format.describe_identity(va.provenance)} but the "
+                f"train store with {store.format.describe_identity(tr.provenance)}; extract both with the same model"
+            )
+    meta = tr.meta
+    parts = split_rows(meta, val_frac=cfg.val_frac, seed=cfg.split_seed, holdout_sources=cfg.holdout_sources,
+                       has_val_store=va is not None)
+    x_all, _ = tr.load(meta)  # storage order == meta order
+    ys = torch.from_numpy(meta["label"].to_numpy().astype(np.int64))
+
+    def subset(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, pl.DataFrame]:
+        return _to_device(x_all[idx], device), ys[idx].to(device), meta[idx]
+
+    x, y, _ = subset(parts["train"])
+    if va is not None:
+        vmeta = va.select(label=[0, 1])
+        vx, vmeta = va.load(vmeta)
+        val = EvalSet("val", _to_device(vx, device),
+                      torch.from_numpy(vmeta["label"].to_numpy().astype(np.int64)).to(device), vmeta)
+    else:
+        val = EvalSet("val", *subset(parts["val"]))
+    if val.y.numel() == 0 or val.y.min() == val.y.max():
+        raise UserError("the validation set needs both real and fake rows; raise --val-frac or give --val-store")
+    holdout = None
+    if len(parts["holdout"]):
+        hx, hy, hmeta = subset(parts["holdout"])
+        if not (hy == 0).any():  # unseen fakes are ranked against the validation reals
+            reals = val.y == 0
+            hx, hy = torch.cat([hx, val.x[reals]]), torch.cat([hy, val.y[reals]])
+            hmeta = pl.concat([hmeta, val.meta.filter(pl.Series(reals.cpu().numpy()))])
+        holdout = EvalSet("holdout", hx, hy, hmeta)
+    counts = {"train": int(y.numel()), "train_fake": int(y.sum()), "val": int(val.y.numel()),
+              "holdout": int(holdout.y.numel()) if holdout else 0}
+    return Data(x, y, val, holdout, tr.provenance, tr.dim, counts)
+
+
+def _per_model(cfgs: list[RunConfig], name: str, device) -> torch.Tensor:
+    return torch.tensor([float(getattr(c, name)) for c in cfgs], device=device)
+
+
+def _lr_scale(step: int, total: int, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 0 over the remaining steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@torch.no_grad()
+def predict_logits(head: Head, x: torch.Tensor, *, l2_normalize: bool = False) -> torch.Tensor:
+    """Logits [K, N] of every model on shared rows x [N, D], in eval mode, chunked."""
+    was_training = head.training
+    head.eval()
+    out = []
+    for chunk in x.split(EVAL_CHUNK):
+        chunk = chunk.float()
+        out.append(head(F.normalize(chunk, dim=-1) if l2_normalize else chunk))
+    head.train(was_training)
+    return torch.cat(out, dim=1) if out else torch.empty(head.k, 0, device=x.device)
+
+
+def pick_threshold(spec: str, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-model decision thresholds [K] from validation scores [K, N] (predict fake when score >= t)."""
+    kind, value = parse_threshold(spec)
+    k = scores.shape[0]
+    if kind == "fixed":
+        return torch.full((k,), value, dtype=torch.float64, device=scores.device)
+    if kind == "eer":
+        return metrics.eer(scores, labels)[1].double().nan_to_num(0.5)
+    # fpr@v: the lowest threshold whose false-positive rate on val reals is <= v.
+    reals = scores[:, labels == 0].double().sort(dim=1, descending=True).values
+    allowed = math.floor(value * reals.shape[1])
+    if allowed >= reals.shape[1]:
+        return reals[:, -1]
+    return torch.nextafter(reals[:, allowed], torch.tensor(math.inf, dtype=torch.float64, device=scores.device))
+
+
+def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None] = print,
+                progress: Callable | None = None) -> list[RunResult]:
+    """Train configs that share group_key(...) as one batched head; returns one RunResult each.
+
+    This is the whole training loop: gather [K, B] batches, optional feature noise, forward,
+    CVaR + AUC loss, (SAM) AdamW step, then per-epoch validation and best-state tracking.
+    """
+    c0, k, device = cfgs[0], len(cfgs), data.x.device
+    assert all(group_key(c) == group_key(c0) for c in cfgs), "train_group needs configs of one group"
+    arch = {"hidden": c0.hidden, "depth": c0.depth, "dropout": c0.dropout} if c0.head == "mlp" else {}
+    head = build_head(c0.head, k, data.dim, seeds=[c.seed for c in cfgs], **arch).to(device)
+    opt = BatchedAdamW(list(head.parameters()), lr=_per_model(cfgs, "lr", device),
+                       weight_decay=_per_model(cfgs, "weight_decay", device))
+    rho = _per_model(cfgs, "sam_rho", device)
+    sam = SAM(opt, rho, adaptive=c0.sam_adaptive) if any(c.sam_rho > 0 for c in cfgs) else None
+    alpha, gamma = _per_model(cfgs, "cvar_alpha", device), _per_model(cfgs, "auc_gamma", device)
+    use_auc = any(c.auc_gamma > 0 for c in cfgs)
+    vs = {n: _per_model(cfgs, f"vs_{n}", device)[:, None] for n in
+          ("delta_fake", "delta_real", "iota_fake", "iota_real", "scale")}
+    margin = _per_model(cfgs, "auc_margin", device)[:, None, None]
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return losses.head_loss(logits, y.float(), alpha=alpha, gamma=gamma if use_auc else 0.0,
+                                per_sample=c0.per_sample, auc_kind=c0.auc_kind, margin=margin, vs=vs)  # [K]
+
+    # Model k's batch order comes from its own seed; dropout and noise share one generator.
+    batch_gens = [torch.Generator(device).manual_seed(c.seed) for c in cfgs]
+    rng = torch.Generator(device).manual_seed(c0.seed + 1_000_003)
+    steps = data.y.numel() // c0.batch_size  # drop_last, also for balanced batches
+    total, warmup = c0.epochs * steps, int(c0.warmup_epochs * steps)
+    minimize = c0.select == "loss"
+    best = {n: t.detach().clone() for n, t in head.state_dict().items()}
+    best_score = torch.full((k,), math.inf if minimize else -math.inf, device=device)
+    best_epoch = torch.zeros(k, dtype=torch.long, device=device)
+    stale = torch.zeros(k, dtype=torch.long, device=device)
+    rows, step, t0 = [], 0, time.perf_counter()
+    for epoch in range(1, c0.epochs + 1):
+        te = time.perf_counter()
+        head.train()
+        train_loss = torch.zeros(k, device=device)
+        batches = epoch_batches(data.y, k, c0.batch_size, batch_gens,
+                                balanced_fake_rate=c0.fake_rate if c0.balanced else None)
+        for idx in batches:
+            xb, yb = data.x[idx].float(), data.y[idx]  # [K, B, D], [K, B]
+            if c0.l2_normalize:
+                xb = F.normalize(xb, dim=-1)
+            if c0.feature_noise:
+                xb, yb = augment_with_noise(xb, yb, rng)
+            scale = _lr_scale(step, total, warmup)
+            loss = loss_fn(head(xb, generator=rng), yb)
+            loss.sum().backward()  # models are independent: the sum gives each its own gradient
+            if sam is not None:
+                sam.first_step(zero_grad=True)
+                loss_fn(head(xb, update_stats=False, generator=rng), yb).sum().backward()
+                sam.second_step(zero_grad=True, lr_scale=scale)
+            else:
+                opt.step(lr_scale=scale)
+                opt.zero_grad(set_to_none=True)
+            train_loss += loss.detach()
+            step += 1
+            if progress is not None:
+                progress()
+        # Validation: all K models on the same rows, one batched pass.
+        logits = predict_logits(head, data.val.x, l2_normalize=c0.l2_normalize)
+        val_loss = F.binary_cross_entropy_with_logits(logits, data.val.y.float().expand_as(logits),
+                                                      reduction="none").mean(1)
+        scores = torch.sigmoid(logits)
+        val_auc = metrics.roc_auc(scores, data.val.y)
+        val_eer = metrics.eer(scores, data.val.y)[0]
+        score = val_loss if minimize else val_auc
+        if c0.select == "last":
+            improved = torch.ones(k, dtype=torch.bool, device=device)
+        else:
+            improved = score < best_score if minimize else score > best_score
+        best_score = torch.where(improved, score, best_score)
+        best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
+        stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
+        for n, t in head.state_dict().items():
+            mask = improved.view(k, *([1] * (t.dim() - 1)))
+            best[n] = torch.where(mask, t.detach(), best[n])
+        seconds = time.perf_counter() - te
+        tl, vl, va, ve = (v.tolist() for v in (train_loss / max(1, len(batches)), val_loss, val_auc, val_eer))
+        for i in range(k):
+            rows.append({"model": i, "epoch": epoch, "train_loss": tl[i],
+                         "val_loss": vl[i], "val_auc": va[i], "val_eer": ve[i], "seconds": seconds})
+        if k == 1:
+            log(f"epoch {epoch:3d}/{c0.epochs}  loss {tl[0]:.4f}  val_loss {vl[0]:.4f}  val_auc {va[0]:.4f}  "
+                f"val_eer {ve[0]:.4f}  {seconds:.1f}s")
+        else:
+            log(f"epoch {epoch:3d}/{c0.epochs}  {k} heads  val_auc best {max(va):.4f} mean {np.mean(va):.4f}  {seconds:.1f}s")
+        if c0.patience > 0 and bool((stale >= c0.patience).all()):
+            log(f"early stop: no model improved its val {c0.select} for {c0.patience} epochs")
+            break
+    head.load_state_dict(best)
+    return _finish(data, cfgs, head, pl.DataFrame(rows), best_epoch.tolist(), time.perf_counter() - t0)
+
+
+def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame, best_epoch: list[int],
+            seconds: float) -> list[RunResult]:
+    """Thresholds from val, full reports on val and the held-out sources, split into K results."""
+    c0, k = cfgs[0], len(cfgs)
+    val_scores = torch.sigmoid(predict_logits(head, data.val.x, l2_normalize=c0.l2_normalize))
+    thresholds = torch.cat([pick_threshold(c.threshold, val_scores[i:i + 1], data.val.y) for i, c in enumerate(cfgs)])
+    reports = {"val": metrics.evaluate(val_scores, data.val.y, sources=data.val.meta["source"].to_list(),
+                                       groups=data.val.groups, threshold=thresholds)}
+    if data.holdout is not None:
+        h = data.holdout
+        hs = torch.sigmoid(predict_logits(head, h.x, l2_normalize=c0.l2_normalize))
+        reports["holdout"] = metrics.evaluate(hs, h.y, sources=h.meta["source"].to_list(), groups=h.groups,
+                                              threshold=thresholds)
+    return [
+        RunResult(cfg, head.select([i]), history.filter(pl.col("model") == i).drop("model"), best_epoch[i],
+                  float(thresholds[i]), {name: rep[i] for name, rep in reports.items()}, seconds / k)
+        for i, cfg in enumerate(cfgs)
+    ]
+
+
+def train(train_store, cfgs: list[RunConfig], *, val_store=None, device: str = "auto",
+          log: Callable[[str], None] = print, progress: Callable | None = None) -> tuple[list[RunResult], Data]:
+    """Train every config (grouped into batched heads) on one resident copy of the data."""
+    if not cfgs:
+        raise UserError("nothing to train: give at least one configuration")
+    shared = ("val_frac", "split_seed", "holdout_sources")
+    for name in shared:
+        if len({getattr(c, name) for c in cfgs}) > 1:
+            raise UserError(f"--{name.replace('_', '-')} must be one value for a whole sweep (all heads share the data)")
+    dev = resolve_device(device)
+    data = load_data(train_store, cfgs[0], val_store=val_store, device=dev)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        groups.setdefault(group_key(c), []).append(i)
+    results: list[RunResult | None] = [None] * len(cfgs)
+    for idx in groups.values():
+        for i, r in zip(idx, train_group(data, [cfgs[i] for i in idx], log=log, progress=progress)):
+            results[i] = r
+    return results, data

@@ -1,0 +1,173 @@
+"""Import features someone already extracted (SP_CUP-style HDF5 + labels CSV) into a store.
+
+The SP_CUP reference code (Purdue-M2/SP_CUP) saves `model.encode_image` outputs of OpenAI's
+ViT-L/14 as one N x 768 dataset (`train_features` in cup_train.h5, `test_features` in
+cup_val.h5) whose rows follow a CSV with columns `Image Path` and `Target` (1 = fake, as in
+the lab's AI-Face CSVs; its training code treats Target 1 as the positive class). This turns
+such a pair into ordinary shards, so those features are not paid for twice.
+
+Nothing here can check which model made the features: model, pretrained and feature are
+recorded as the user declared them, with `declared: true` and the source file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+
+from store import format as fmt
+from store.errors import UserError
+from store.reader import list_shards
+from store.writer import ShardWriter, writer_lock
+
+# Our column -> the SP_CUP CSV's column; --column path=NAME etc. override.
+DEFAULT_COLUMNS = {"path": "Image Path", "label": "Target"}
+OPTIONAL_COLUMNS = ("source", "split", "group")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _datasets(f: h5py.File) -> list[str]:
+    found = []
+    f.visititems(lambda name, obj: found.append(f"{name} {obj.shape}") if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def _parse_target(raw: pl.Series, target_means: str) -> np.ndarray:
+    """CSV labels -> int8 {1 fake, 0 real, -1 unknown}; `target_means="real"` swaps 0 and 1."""
+    text = raw.cast(pl.Utf8).str.strip_chars().fill_null("")
+    value = text.cast(pl.Float64, strict=False)
+    bad = text.filter(value.is_null() | ~value.is_in([1.0, 0.0, -1.0]))
+    if len(bad):
+        examples = ", ".join(repr(v) for v in bad.unique(maintain_order=True).head(3).to_list())
+        raise UserError(f"{len(bad)} labels in column {raw.name!r} are not 0, 1 or -1 (e.g. {examples}); "
+                        f"fix the CSV or map another column with --column label=NAME")
+    labels = value.cast(pl.Int8).to_numpy()
+    if target_means == "real":
+        labels = np.where(labels >= 0, 1 - labels, labels).astype(np.int8)
+    return labels
+
+
+def _read_csv(csv: Path, columns: dict[str, str]) -> pl.DataFrame:
+    try:
+        table = pl.read_csv(csv, infer_schema=False)  # all strings: paths and labels are not guessed at
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise UserError(f"cannot read CSV {csv}: {str(e).strip().splitlines()[0]}; check the file") from None
+    wanted = {**DEFAULT_COLUMNS, **columns}
+    missing = [f"{theirs!r} (for {ours})" for ours, theirs in wanted.items() if theirs not in table.columns]
+    if missing:
+        raise UserError(f"CSV {csv.name} has no column {', '.join(missing)}; available: {', '.join(table.columns)}; "
+                        f"map them with --column OURS=NAME, e.g. --column 'path=Image Path'")
+    return table
+
+
+def import_h5(
+    h5_file: str | os.PathLike,
+    csv_file: str | os.PathLike,
+    *,
+    dataset: str = "train_features",
+    out: str | os.PathLike = "embeddings",
+    columns: dict[str, str] | None = None,
+    target_means: str = "fake",
+    split: str = "",
+    model: str = "ViT-L-14",
+    pretrained: str = "openai",
+    feature: str = "proj",
+    dtype: str = "float16",
+    shard_size: int = 16384,
+) -> dict:
+    """Write the rows of `dataset` in `h5_file`, labelled by `csv_file` (same order), as shards in `out`.
+
+    columns: our name -> CSV column, for path, label and optionally source, split, group
+        (default {"path": "Image Path", "label": "Target"}).
+    target_means: "fake" (Target 1 = fake, SP_CUP's convention) or "real" (1 = real).
+    split: split of every row when no split column is mapped (e.g. "train" for cup_train.h5).
+    Features are streamed in blocks of `shard_size` rows. Returns a summary dict.
+    """
+    h5_path, csv_path, columns = Path(h5_file), Path(csv_file), dict(columns or {})
+    unknown = sorted(set(columns) - {*DEFAULT_COLUMNS, *OPTIONAL_COLUMNS})
+    if unknown:
+        raise UserError(f"cannot map column {', '.join(unknown)}; map one of path, label, source, split, group")
+    for p, what in ((h5_path, "features file"), (csv_path, "labels CSV")):
+        if not p.is_file():
+            raise UserError(f"{what} {p} does not exist; check the path")
+    if target_means not in ("fake", "real"):
+        raise UserError(f"--target-means must be 'fake' or 'real', got {target_means!r}")
+    table = _read_csv(csv_path, columns)
+    names = {**DEFAULT_COLUMNS, **columns}
+    paths = table[names["path"]].fill_null("")
+    if (paths.str.strip_chars() == "").any():
+        raise UserError(f"{int((paths.str.strip_chars() == '').sum())} rows of {csv_path.name} have an empty path; "
+                        "fill them in (the rows must stay in the features' order)")
+    labels = _parse_target(table[names["label"]], target_means)
+    n = table.height
+    meta = {
+        "path": paths.to_list(), "label": labels,
+        **{c: table[names[c]].fill_null("").to_list() if c in names else [split if c == "split" else ""] * n
+           for c in OPTIONAL_COLUMNS},
+        # No image files were read: size and mtime are unknown (-1), so a later `dfembed extract`
+        # of the same images re-embeds them and its rows win.
+        "size": np.full(n, -1, np.int64), "mtime_ns": np.full(n, -1, np.int64),
+    }
+
+    try:
+        f = h5py.File(h5_path, "r")
+    except OSError as e:
+        raise UserError(f"{h5_path} is not a readable HDF5 file ({e}); pass the features .h5") from None
+    with f:
+        ds = f.get(dataset)
+        if not isinstance(ds, h5py.Dataset):
+            raise UserError(f"{h5_path.name} has no dataset {dataset!r}; available: {', '.join(_datasets(f)) or 'none'}; "
+                            "pass one with --dataset")
+        if ds.ndim != 2 or ds.dtype.kind != "f":
+            raise UserError(f"dataset {dataset!r} is {ds.dtype} {ds.shape}, not an N x D float matrix; pass the features")
+        if ds.shape[0] != n:
+            raise UserError(f"dataset {dataset!r} has {ds.shape[0]} rows but {csv_path.name} has {n}; "
+                            "pass the CSV the features were extracted from (same rows, same order)")
+        dim = int(ds.shape[1])
+        provenance = {
+            "model": model, "pretrained": pretrained, "feature": feature, "model_config": None, "preprocess": None,
+            "declared": True,
+            "imported_from": {"file": h5_path.name, "sha256": sha256_file(h5_path), "dataset": dataset,
+                              "source_dtype": str(ds.dtype), "csv": csv_path.name},
+        }
+        _refuse_other_model(Path(out), {**provenance, "dim": dim})
+        with writer_lock(out, 0):
+            w = ShardWriter(out, provenance, dim=dim, dtype=dtype, shard_size=shard_size)
+            try:
+                for a in range(0, n, shard_size):
+                    b = min(a + shard_size, n)
+                    block = ds[a:b]  # one block in memory at a time, not the whole matrix
+                    if not np.isfinite(block.astype(dtype, copy=False)).all():
+                        raise UserError(f"dataset {dataset!r} has non-finite values in rows {a}..{b - 1} as {dtype}; "
+                                        "fix the features or use --dtype float32")
+                    w.add(block, {c: v[a:b] for c, v in meta.items()})
+                w.close()
+            except BaseException:
+                for shard in w.written:  # all or nothing: a half import would look like a whole one
+                    shard.unlink(missing_ok=True)
+                raise
+    unique_paths = pl.Series(meta["path"]).n_unique()
+    return {"store": str(out), "rows": n, "dim": dim, "dtype": dtype, "shards": len(w.written),
+            "duplicate_paths": n - unique_paths, "labels": {str(k): int((labels == k).sum()) for k in (1, 0, -1)},
+            "sha256": provenance["imported_from"]["sha256"]}
+
+
+def _refuse_other_model(out: Path, provenance: dict) -> None:
+    """Fail before writing anything if `out` already holds another model's embeddings."""
+    shards = list_shards(out) if out.is_dir() else []
+    if shards and fmt.identity(shards[0].provenance) != fmt.identity(provenance):
+        raise UserError(f"store {out} holds {fmt.describe_identity(shards[0].provenance)} but the import declares "
+                        f"{fmt.describe_identity(provenance)}; import into a different --out")

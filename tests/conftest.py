@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny random-init CLIP checkpoint that builds in milliseconds."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_model_name() -> str:
+    """The tiny open_clip config shipped in embed/model_configs/ (registered by embed.backbone)."""
+    return "dfclip-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model_name) -> Path:
+    """A seeded random-init dfclip-tiny state dict saved as .safetensors; returns its path."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    import embed.backbone  # noqa: F401  registers embed/model_configs with open_clip
+
+    with torch.random.fork_rng():  # leave the global RNG as other tests expect it
+        torch.manual_seed(0)
+        model = open_clip.create_model(tiny_model_name, pretrained=None)
+    path = tmp_path_factory.mktemp("tiny_checkpoint") / f"{tiny_model_name}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path

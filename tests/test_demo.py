@@ -1,0 +1,134 @@
+"""The generated demo folder: layout, counts, labels via the walker, determinism, traces."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from embed.demo import FAKE_SOURCES, REAL_SOURCES, make_demo_images
+from embed.sources import read_manifest, scan_folder
+from store.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """The default demo (40 per fake source), built once for the module."""
+    return make_demo_images(tmp_path_factory.mktemp("demo") / "out")
+
+
+def image_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != "manifest.csv")
+
+
+def test_layout_counts_and_walker_labels(demo):
+    assert demo.is_absolute()
+    assert sorted(p.name for p in (demo / "real").iterdir()) == sorted(REAL_SOURCES)
+    assert sorted(p.name for p in (demo / "fake").iterdir()) == sorted(FAKE_SOURCES)
+    rows = scan_folder(demo)
+    counts = dict(rows.group_by("source").len().iter_rows())
+    assert counts == {"ffhq": 20, "celeba": 20, "stylegan2": 40, "sd15": 40, "dalle": 40}
+    assert (rows["label"] == 0).sum() * 3 == (rows["label"] == 1).sum() == 120
+    for row in rows.iter_rows(named=True):
+        top, source, name = row["path"].split("/")
+        assert row["label"] == {"real": 0, "fake": 1}[top] and row["source"] == source
+        assert re.fullmatch(r"vid\d{3}_f\d{2}\.(jpg|png|webp)", name), name
+    assert len(image_files(demo)) == rows.height
+
+
+def test_manifest_matches_folder_and_keeps_videos_together(demo):
+    manifest = read_manifest(demo / "manifest.csv")
+    walked = scan_folder(demo)
+    assert manifest.select("path", "label", "source").equals(walked.select("path", "label", "source"))
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    # Every video (group) sits in exactly one split and holds frames of one source.
+    per_group = manifest.group_by("group").agg(pl.col("split").n_unique(), pl.col("source").n_unique(), pl.len())
+    assert per_group["split"].max() == 1 and per_group["source"].max() == 1
+    assert per_group["len"].max() == 4
+    frames = manifest.with_columns(video=pl.col("path").str.extract(r"(vid\d{3})_f"))
+    assert frames.select((pl.col("source") + "/" + pl.col("video") == pl.col("group")).all()).item()
+    # Both classes appear in every split, so each split can be evaluated.
+    assert manifest.group_by("split").agg(pl.col("label").n_unique())["label"].min() == 2
+
+
+def test_images_decode_with_varied_formats_and_sizes(demo):
+    formats, sizes = set(), set()
+    for path in image_files(demo):
+        with Image.open(path) as image:
+            image.load()
+            assert image.mode == "RGB"
+            assert image.width == image.height and 64 <= image.width <= 256
+            formats.add(image.format)
+            sizes.add(image.width)
+    assert formats == {"JPEG", "PNG", "WEBP"}
+    assert len(sizes) > 10
+
+
+def test_frames_of_a_video_share_format_and_size_but_differ(demo):
+    frames = sorted((demo / "fake" / "sd15").glob("vid000_f*"))
+    assert len(frames) == 4 and len({p.suffix for p in frames}) == 1
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in frames]
+    assert len({a.shape for a in arrays}) == 1
+    assert not np.array_equal(arrays[0], arrays[1])  # pose jitter between frames
+
+
+def gray(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+
+
+def checkerboard_strength(x: np.ndarray) -> float:
+    """Magnitude of the (Nyquist, Nyquist) Fourier coefficient, per pixel."""
+    rows, cols = np.indices(x.shape)
+    return abs((x * np.where((rows + cols) % 2 == 0, 1.0, -1.0)).mean())
+
+
+def roughness(x: np.ndarray) -> float:
+    """Mean absolute discrete Laplacian: high for noisy images, low for smooth ones."""
+    lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
+    return np.abs(lap).mean()
+
+
+def test_generator_traces_are_present(demo):
+    def measure(folder: str, fn) -> np.ndarray:
+        return np.array([fn(gray(p)) for p in sorted((demo / folder).iterdir())])
+
+    real_checker = np.concatenate([measure(f"real/{s}", checkerboard_strength) for s in REAL_SOURCES])
+    real_rough = np.concatenate([measure(f"real/{s}", roughness) for s in REAL_SOURCES])
+    # stylegan2: an upsampling checkerboard far above anything in the real images.
+    assert measure("fake/stylegan2", checkerboard_strength).min() > 10 * real_checker.max()
+    # sd15: smoother than nearly all real images; dalle: weaker, smoother on average only.
+    sd15_rough = measure("fake/sd15", roughness)
+    assert sd15_rough.max() < np.quantile(real_rough, 0.1) and sd15_rough.mean() < 0.5 * real_rough.mean()
+    assert measure("fake/dalle", roughness).mean() < 0.7 * real_rough.mean()
+
+
+def test_deterministic_per_seed(tmp_path):
+    first = make_demo_images(tmp_path / "a", n_per_source=6, seed=3)
+    second = make_demo_images(tmp_path / "b", n_per_source=6, seed=3)
+    other = make_demo_images(tmp_path / "c", n_per_source=6, seed=4)
+    files = [p.relative_to(first) for p in image_files(first)] + [Path("manifest.csv")]
+    assert [p.relative_to(second) for p in image_files(second)] + [Path("manifest.csv")] == files
+    for rel in files:
+        assert (first / rel).read_bytes() == (second / rel).read_bytes(), rel
+    # Another seed draws other faces (file names may coincide, contents must not).
+    same = [rel for rel in files if (other / rel).exists() and (other / rel).read_bytes() == (first / rel).read_bytes()]
+    assert same == []
+    # Small runs: real sources get half as many, at least one; tiny sources are all train.
+    counts = dict(scan_folder(first).group_by("source").len().iter_rows())
+    assert counts == {"ffhq": 3, "celeba": 3, "stylegan2": 6, "sd15": 6, "dalle": 6}
+    assert set(read_manifest(first / "manifest.csv")["split"]) == {"train"}
+
+
+def test_refuses_non_empty_folder_and_bad_count(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        make_demo_images(tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="at least 1"):
+        make_demo_images(tmp_path / "new", n_per_source=0)
+    (tmp_path / "empty").mkdir()
+    out = make_demo_images(tmp_path / "empty", n_per_source=1)
+    assert dict(scan_folder(out).group_by("label").len().iter_rows()) == {0: 2, 1: 3}
