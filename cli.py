@@ -107,6 +107,210 @@ def import_h5(
 
 # ---------------------------------------------------------------- dfhead
 
+# Options shared by `fit` and `sweep`. fit takes one value each; sweep takes comma lists and
+# trains the whole grid at once. None means "not given": the preset's value, else RunConfig's default.
+REFERENCE_NOTE = ("The reference code (SP_CUP) trains with lr 1e-5, wd 6e-5, batch 256, 100 epochs: "
+                  "use --preset sp_cup for those. --preset paper is CVaR 0.3 + AUC 0.5 + SAM 0.05 + feature noise.")
+
+
+def _config_values(**given) -> dict:
+    """CLI option values keyed by RunConfig field; holdout_source (repeatable) -> holdout_sources."""
+    hs = given.pop("holdout_source", None)
+    if hs:
+        given["holdout_sources"] = tuple(hs)
+    return given
+
+
+@head_app.command(epilog=REFERENCE_NOTE)
+def fit(
+    store_dir: Annotated[Path, typer.Argument(help="Store to train on (from `dfembed extract`).")] = DEFAULT_STORE,
+    preset: Annotated[Optional[str], typer.Option(help="Start from heads/configs/NAME.json (paper, sp_cup) or a JSON file; flags override it.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name: writes RUNS_DIR/NAME/. Default: from the settings.")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
+    val_store: Annotated[Optional[Path], typer.Option(help="Validate on this store instead of a split of the train store.")] = None,
+    device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda, cuda:1 ...")] = "auto",
+    head: Annotated[Optional[str], typer.Option(help="mlp (paper: 3 x [Linear, BN, ReLU, Dropout]) or linear (probe). [default: mlp]")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="MLP hidden layers. [default: 3]")] = None,
+    hidden: Annotated[Optional[int], typer.Option(help="MLP width. [default: the embedding dim]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="MLP dropout. [default: 0.335, as the reference]")] = None,
+    l2_normalize: Annotated[Optional[bool], typer.Option("--l2-normalize/--no-l2-normalize", help="Unit-normalise embeddings first.")] = None,
+    cvar_alpha: Annotated[Optional[float], typer.Option(help="CVaR: train on the worst alpha-fraction of each batch, in (0, 1]; 1 = plain mean. [default: 1]")] = None,
+    auc_gamma: Annotated[Optional[float], typer.Option(help="Weight of the pairwise AUC loss (imbalance-insensitive); 0 = off. [default: 0]")] = None,
+    auc_kind: Annotated[Optional[str], typer.Option(help="logistic or squared_hinge. [default: logistic]")] = None,
+    auc_margin: Annotated[Optional[float], typer.Option(help="Margin of the squared-hinge AUC loss. [default: 1]")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Per-sample loss: bce or vs (vector-scaling, as the reference). [default: bce]")] = None,
+    vs_delta_fake: Annotated[Optional[float], typer.Option(help="VS multiplicative adjustment for fakes. [default: 0.9]")] = None,
+    vs_delta_real: Annotated[Optional[float], typer.Option(help="VS multiplicative adjustment for reals. [default: 1.1]")] = None,
+    vs_iota_fake: Annotated[Optional[float], typer.Option(help="VS additive adjustment for fakes. [default: -0.05]")] = None,
+    vs_iota_real: Annotated[Optional[float], typer.Option(help="VS additive adjustment for reals. [default: 0.05]")] = None,
+    sam_rho: Annotated[Optional[float], typer.Option(help="SAM radius (sharpness-aware minimisation over AdamW); 0 = off. [default: 0]")] = None,
+    sam_adaptive: Annotated[Optional[bool], typer.Option("--sam-adaptive/--no-sam-adaptive", help="ASAM (scale-invariant SAM).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate (cosine decay after warmup). [default: 1e-3]")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW decoupled weight decay. [default: 1e-4]")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. [default: 256]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: 20]")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warmup length in epochs. [default: 1]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of init, batch order, dropout and noise. [default: 0]")] = None,
+    feature_noise: Annotated[Optional[bool], typer.Option("--feature-noise/--no-feature-noise", help="Reference augmentation: add x + lam*sigma*eps copies.")] = None,
+    balanced: Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", help="Batches with a fixed fake rate (--fake-rate), so the AUC term always sees both classes.")] = None,
+    fake_rate: Annotated[Optional[float], typer.Option(help="Fake fraction of each batch with --balanced. [default: 0.5]")] = None,
+    val_frac: Annotated[Optional[float], typer.Option(help="Validation fraction when the store has no split column and no --val-store (grouped by video). [default: 0.2]")] = None,
+    split_seed: Annotated[Optional[int], typer.Option(help="Seed of that validation split. [default: 0]")] = None,
+    holdout_source: Annotated[Optional[list[str]], typer.Option(help="Hold a source out of train and val and report it as an unseen generator (repeatable).")] = None,
+    select: Annotated[Optional[str], typer.Option(help="Keep the epoch with the best val auc, lowest val loss, or the last. [default: auc]")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without improvement; 0 = never. [default: 0]")] = None,
+    threshold: Annotated[Optional[str], typer.Option(help="Decision threshold saved with the run: eer, a probability like 0.5, or fpr@0.01. [default: eer]")] = None,
+) -> None:
+    """Train one detector head on a store and write runs/NAME/ (config, weights, metrics, report, plots)."""
+    opts = {k: v for k, v in locals().items() if k not in ("store_dir", "preset", "name", "runs_dir", "val_store", "device")}
+    from heads.config import make_config
+    from heads.run import fit as fit_run
+
+    opts["per_sample"] = opts.pop("loss")
+    cfg = make_config(preset, **_config_values(**opts))
+    run_dir = fit_run(store_dir, cfg, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
+                      log=out.print, progress=True)
+    _print_report(run_dir)
+
+
+def _print_report(run_dir: Path) -> None:
+    rep = json.loads((run_dir / "report.json").read_text())
+    from rich.table import Table
+
+    t = Table(title=f"{run_dir}  (best epoch {rep['best_epoch']}, threshold {rep['threshold']:.4g})")
+    t.add_column("set")
+    cols = ("n", "auc", "ap", "eer", "acc", "balanced_acc", "f1_macro", "tpr@fpr=0.01")
+    for c in cols:
+        t.add_column(c, justify="right")
+    fmt = lambda v: "-" if v is None else (str(v) if isinstance(v, int) else f"{v:.4f}")
+    for name in ("val", "holdout"):
+        if rep.get(name):
+            t.add_row(name, *(fmt(rep[name].get(c)) for c in cols))
+            if rep[name].get("video"):
+                t.add_row(f"{name} (video)", *(fmt(rep[name]["video"].get(c)) for c in cols))
+    out.print(t)
+    for name in ("val", "holdout"):
+        ps = (rep.get(name) or {}).get("per_source") or {}
+        if ps:
+            out.print(f"{name} per source: " + ", ".join(
+                f"{s or '(none)'} auc={fmt(v['auc'])} acc={fmt(v['acc'])} n={v['n']}" for s, v in ps.items()))
+
+
+@head_app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `dfhead fit` or a sweep's best/.")],
+    store_dir: Annotated[Optional[Path], typer.Option("--store", help="Store to evaluate on (same model as the run). Default: the run's own validation report.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+) -> None:
+    """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video)."""
+    from heads.run import evaluate_run
+
+    rep = evaluate_run(run, store_dir, device=device)
+    if as_json:
+        out.print_json(json.dumps(rep))
+        return
+    rep = rep.get("val", rep) if store_dir is None else rep
+    for k, v in rep.items():
+        if not isinstance(v, dict):
+            out.print(f"{k:>16}  {v}")
+    for s, v in (rep.get("per_source") or {}).items():
+        out.print(f"{'source ' + (s or '(none)'):>16}  auc={v['auc']}  acc={v['acc']}  n={v['n']}")
+
+
+@head_app.command()
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    images: Annotated[Optional[Path], typer.Argument(help="Folder of images (or one image) to score; embedded with the run's own model and preprocessing.")] = None,
+    store_dir: Annotated[Optional[Path], typer.Option("--store", help="Score every row of this store instead of images.")] = None,
+    out_csv: Annotated[Path, typer.Option("--out", help="CSV to write: path, score (probability of fake), pred (1 fake, 0 real), label.")] = Path("scores.csv"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    workers: Annotated[int, typer.Option(help="Decoding workers when embedding images.")] = 2,
+) -> None:
+    """Score a store or images with a trained run, using the threshold chosen at fit time."""
+    from heads.run import predict_store
+
+    if (images is None) == (store_dir is None):
+        raise UserError("give either IMAGES (a folder or file) or --store STORE, not both")
+    if images is not None:
+        from embed.extract import embed_for_run
+
+        store_dir = embed_for_run(run, images, device=device, workers=workers)
+    df = predict_store(run, store_dir, device=device)
+    df.write_csv(out_csv)
+    n_fake = int(df["pred"].sum())
+    out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real")
+
+
+@head_app.command()
+def runs(
+    runs_dir: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs"),
+) -> None:
+    """List and compare run directories (newest first)."""
+    from heads.run import list_runs
+
+    import polars as pl
+
+    with pl.Config(tbl_rows=200, tbl_cols=20, float_precision=4, tbl_width_chars=160):
+        out.print(list_runs(runs_dir))
+
+
+Grid = Annotated[Optional[str], typer.Option(help="Comma list; each value is one grid axis point.")]
+
+
+@head_app.command(epilog="Memory: the embeddings once plus, per head, about 6x its weights and a batch of "
+                          "activations (an MLP-768 head at batch 256 is ~60 MB, so K=24 needs ~1.5 GB beyond the "
+                          "data). A grid that cannot fit is refused before training; split it into smaller sweeps. "
+                          "Under torchrun each rank trains a disjoint slice of the grid and rank 0 merges: "
+                          "torchrun --nproc-per-node N $(which dfhead) sweep ...")
+def sweep(
+    store_dir: Annotated[Path, typer.Argument(help="Store to train on.")] = DEFAULT_STORE,
+    name: Annotated[str, typer.Option(help="Sweep name: writes RUNS_DIR/NAME/ (leaderboard.parquet, heatmap, best/).")] = "sweep",
+    preset: Annotated[Optional[str], typer.Option(help="Base settings (paper, sp_cup or a JSON file); list options override.")] = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per configuration (seed, seed+1, ...): the leaderboard reports mean and std.")] = 1,
+    runs_dir: Annotated[Path, typer.Option(help="Where sweep directories go.")] = Path("runs"),
+    val_store: Annotated[Optional[Path], typer.Option(help="Validate on this store.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    head: Grid = None, depth: Grid = None, hidden: Grid = None, dropout: Grid = None, l2_normalize: Grid = None,
+    cvar_alpha: Grid = None, auc_gamma: Grid = None, auc_kind: Grid = None, auc_margin: Grid = None,
+    loss: Grid = None, vs_delta_fake: Grid = None, vs_delta_real: Grid = None, vs_iota_fake: Grid = None,
+    vs_iota_real: Grid = None, sam_rho: Grid = None, sam_adaptive: Grid = None, lr: Grid = None,
+    weight_decay: Grid = None, batch_size: Grid = None, epochs: Grid = None, warmup_epochs: Grid = None,
+    seed: Annotated[Optional[int], typer.Option(help="First seed.")] = None,
+    feature_noise: Grid = None, balanced: Grid = None, fake_rate: Grid = None,
+    val_frac: Annotated[Optional[float], typer.Option(help="Validation fraction (one value for the sweep).")] = None,
+    split_seed: Annotated[Optional[int], typer.Option(help="Validation split seed (one value for the sweep).")] = None,
+    holdout_source: Annotated[Optional[list[str]], typer.Option(help="Unseen-generator source (repeatable; one set for the sweep).")] = None,
+    select: Grid = None, patience: Grid = None, threshold: Grid = None,
+) -> None:
+    """Train a whole grid of heads at once (same options as fit, as comma lists) and print a leaderboard.
+
+    Example: dfhead sweep --cvar-alpha 0.1,0.3,0.5,1 --auc-gamma 0,0.3,0.6 --sam-rho 0,0.05 --seeds 3
+    """
+    opts = {k: v for k, v in locals().items() if k not in ("store_dir", "name", "preset", "seeds", "runs_dir",
+                                                          "val_store", "device") and v is not None}
+    from heads.config import make_config, parse_grid_values
+    from heads.run import grid, sweep as sweep_run
+
+    if "loss" in opts:
+        opts["per_sample"] = opts.pop("loss")
+    fixed = _config_values(**{k: opts.pop(k) for k in ("seed", "val_frac", "split_seed", "holdout_source") if k in opts})
+    base = make_config(preset, **fixed)
+    cfgs = grid(base, seeds=seeds, **parse_grid_values(opts))
+    out.print(f"sweep {name}: {len(cfgs)} heads")
+    out_dir, board = sweep_run(store_dir, cfgs, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
+                               log=out.print, progress=True)
+    if board.height:
+        from heads.report import varying_columns
+
+        import polars as pl
+
+        show = [c for c in varying_columns(board) if c != "seed"] + ["seeds"] + [
+            c for c in ("val_auc_mean", "val_auc_std", "val_eer_mean", "holdout_auc_mean") if c in board.columns]
+        with pl.Config(tbl_rows=50, float_precision=4, tbl_width_chars=160):
+            out.print(board.select(show))
+        out.print(f"leaderboard: {out_dir / 'leaderboard.parquet'}   best run: {out_dir / 'best'}")
+
 
 if __name__ == "__main__":  # python cli.py ... runs dfembed
     dfembed_main()

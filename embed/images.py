@@ -28,8 +28,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 )
 
 # Decoders we let PIL use. Restricting them keeps odd plugins (EPS via Ghostscript, ...)
-# off untrusted files; MPO is what multi-picture camera JPEGs open as.
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# off untrusted files. (Multi-picture camera JPEGs come through "JPEG" as MPO.)
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "PA"}

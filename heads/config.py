@@ -146,3 +146,31 @@ def parse_threshold(spec: str) -> tuple[str, float]:
     except ValueError:
         pass
     raise UserError(f"--threshold must be eer, a probability like 0.5, or fpr@RATE like fpr@0.01; got {spec!r}")
+
+
+def parse_grid_values(options: dict[str, str]) -> dict[str, list]:
+    """CLI comma lists -> typed lists per RunConfig field: {"cvar_alpha": "0.1,0.3"} -> {"cvar_alpha": [0.1, 0.3]}."""
+    out = {}
+    for name, text in options.items():
+        if name not in FIELDS:
+            raise UserError(f"unknown option --{name.replace('_', '-')}")
+        default = FIELDS[name].default
+        kind = bool if isinstance(default, bool) else int if isinstance(default, int) else float if isinstance(
+            default, float) else str
+        if name == "hidden":
+            kind = int
+        values = []
+        for item in str(text).split(","):
+            item = item.strip()
+            try:
+                if kind is bool:
+                    if item.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError
+                    values.append(item.lower() in ("true", "1", "yes"))
+                else:
+                    values.append(kind(item))
+            except ValueError:
+                raise UserError(f"--{name.replace('_', '-')} got {item!r}; expected a comma list of "
+                                f"{kind.__name__} values, e.g. --{name.replace('_', '-')} {default},{default}") from None
+        out[name] = values
+    return out

@@ -3,9 +3,9 @@
 Every function works on logits shaped [K, B] (K models of a sweep, each with its own
 batch of B samples) or plain [B] (K absent). Labels are 1 = fake, 0 = real; unknown
 (-1) samples must be dropped before calling a loss. Per-model hyperparameters (alpha,
-gamma) are floats or [K] tensors. Nothing here syncs with the host, so the losses can
-run every step on a GPU; range checks live in `check_loss_args`, called once at config
-time.
+gamma) are floats or [K] tensors, best already on the logits' device. Nothing here
+syncs with the host, so the losses can run every step on a GPU; range checks live in
+`check_loss_args`, called once at config time.
 
 The total head loss follows the paper (arXiv 2505.02182) and its reference code:
     L = CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss,
@@ -38,11 +38,11 @@ def bce_per_sample(logits: Tensor, labels: Tensor) -> Tensor:
 def vs_logits(
     logits: Tensor,
     labels: Tensor,
-    delta_fake: float = 0.9,
-    delta_real: float = 1.1,
-    iota_fake: float = -0.05,
-    iota_real: float = 0.05,
-    scale: float = 1.0,
+    delta_fake: float | Tensor = 0.9,
+    delta_real: float | Tensor = 1.1,
+    iota_fake: float | Tensor = -0.05,
+    iota_real: float | Tensor = 0.05,
+    scale: float | Tensor = 1.0,
 ) -> Tensor:
     """Vector-scaling (VS) adjusted logits z' = scale * (Delta_y * z - iota_y).
 
@@ -52,6 +52,7 @@ def vs_logits(
     logit is shrunk and pushed up, a real's logit stretched and pushed down, so the head
     must separate the classes by a larger margin in the original logit. `scale` is the
     sharpening factor; the reference code uses scale=10, the plain VS loss scale=1.
+    Per-model values are [K, 1] tensors (broadcast against [K, B] logits).
     """
     # Both branches in the logits' own dtype (no float32 constants sneaking into float64).
     adjusted = torch.where(labels == 1, delta_fake * logits - iota_fake, delta_real * logits - iota_real)
@@ -78,12 +79,13 @@ def cvar_loss(losses: Tensor, alpha: float | Tensor) -> Tensor:
 
 
 def pairwise_auc_loss(
-    logits: Tensor, labels: Tensor, kind: str = "logistic", margin: float = 1.0
+    logits: Tensor, labels: Tensor, kind: str = "logistic", margin: float | Tensor = 1.0
 ) -> Tensor:
     """Mean surrogate AUC loss over all (fake, real) pairs of each model's batch.
 
     For every pair the difference d = z_fake - z_real is penalised with
     log(1 + exp(-d)) (kind="logistic") or max(0, margin - d)^2 (kind="squared_hinge").
+    A per-model margin is a [K, 1, 1] tensor (broadcast against the [K, B, B] pairs).
     A model whose batch lacks one of the classes gets exactly 0 (and zero gradient).
     Memory is O(K B^2) for the pair matrix. Returns shape logits.shape[:-1].
     """
@@ -109,7 +111,7 @@ def head_loss(
     gamma: float | Tensor = 0.0,
     per_sample: str = "bce",
     auc_kind: str = "logistic",
-    margin: float = 1.0,
+    margin: float | Tensor = 1.0,
     vs: dict | None = None,
 ) -> Tensor:
     """The training loss of each head: CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss.

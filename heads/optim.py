@@ -93,7 +93,8 @@ class BatchedAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key in ("lr", "weight_decay"):
-                group[key] = torch.as_tensor(group[key]).to(group["params"][0].device).clone()
+                like = group["params"][0]
+                group[key] = torch.as_tensor(group[key]).to(device=like.device, dtype=like.dtype).clone()
 
 
 class SAM:
@@ -131,7 +132,7 @@ class SAM:
         if not with_grad:
             return
         # ||T_w g||^2 per model, summed over parameters; T_w = |w| for ASAM, identity for SAM.
-        sq_norm = sum(self._scaled(p, p.grad).square().flatten(1).sum(1) for p in with_grad)
+        sq_norm = sum(self._scaled(p, p.grad).square().reshape(len(p), -1).sum(1) for p in with_grad)
         scale = self.rho / (sq_norm.sqrt() + 1e-12)  # [K]; +1e-12 keeps a zero gradient finite
         for p in with_grad:
             if p not in self.saved:

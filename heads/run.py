@@ -40,7 +40,7 @@ def _eval_scores(result: RunResult, data: Data) -> dict:
 
 def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs_dir: str | os.PathLike = "runs",
         name: str | None = None, device: str = "auto", log: Callable[[str], None] = print,
-        progress: Callable | None = None) -> Path:
+        progress: bool = False) -> Path:
     """Train one head and write its run directory; returns the directory."""
     results, data = train(store_dir, [validate(config)], val_store=val_store, device=device, log=log,
                           progress=progress)
@@ -99,7 +99,7 @@ def _dist() -> tuple[int, int]:
 
 def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None,
           runs_dir: str | os.PathLike = "runs", name: str = "sweep", device: str = "auto",
-          log: Callable[[str], None] = print, progress: Callable | None = None) -> tuple[Path, pl.DataFrame]:
+          log: Callable[[str], None] = print, progress: bool = False) -> tuple[Path, pl.DataFrame]:
     """Train every config at once; write the leaderboard, a heatmap and the best run directory.
 
     Under torchrun each rank trains a disjoint slice of the grid (configs rank, rank+world, ...)

@@ -168,7 +168,7 @@ def pick_threshold(spec: str, scores: torch.Tensor, labels: torch.Tensor) -> tor
 
 
 def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None] = print,
-                progress: Callable | None = None) -> list[RunResult]:
+                progress: bool = False) -> list[RunResult]:
     """Train configs that share group_key(...) as one batched head; returns one RunResult each.
 
     This is the whole training loop: gather [K, B] batches, optional feature noise, forward,
@@ -195,7 +195,10 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
     # Model k's batch order comes from its own seed; dropout and noise share one generator.
     batch_gens = [torch.Generator(device).manual_seed(c.seed) for c in cfgs]
     rng = torch.Generator(device).manual_seed(c0.seed + 1_000_003)
-    steps = data.y.numel() // c0.batch_size  # drop_last, also for balanced batches
+    batch_size = min(c0.batch_size, data.y.numel())
+    if batch_size < c0.batch_size:
+        log(f"note: only {data.y.numel()} training rows, so batches are {batch_size} rows, not {c0.batch_size}")
+    steps = data.y.numel() // batch_size  # drop_last, also for balanced batches
     total, warmup = c0.epochs * steps, int(c0.warmup_epochs * steps)
     minimize = c0.select == "loss"
     best = {n: t.detach().clone() for n, t in head.state_dict().items()}
@@ -203,11 +206,12 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
     best_epoch = torch.zeros(k, dtype=torch.long, device=device)
     stale = torch.zeros(k, dtype=torch.long, device=device)
     rows, step, t0 = [], 0, time.perf_counter()
+    bar = StepProgress(total, f"{k} head{'s' if k > 1 else ''}") if progress else None
     for epoch in range(1, c0.epochs + 1):
         te = time.perf_counter()
         head.train()
         train_loss = torch.zeros(k, device=device)
-        batches = epoch_batches(data.y, k, c0.batch_size, batch_gens,
+        batches = epoch_batches(data.y, k, batch_size, batch_gens,
                                 balanced_fake_rate=c0.fake_rate if c0.balanced else None)
         for idx in batches:
             xb, yb = data.x[idx].float(), data.y[idx]  # [K, B, D], [K, B]
@@ -227,8 +231,8 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
                 opt.zero_grad(set_to_none=True)
             train_loss += loss.detach()
             step += 1
-            if progress is not None:
-                progress()
+            if bar is not None:
+                bar.advance()
         # Validation: all K models on the same rows, one batched pass.
         logits = predict_logits(head, data.val.x, l2_normalize=c0.l2_normalize)
         val_loss = F.binary_cross_entropy_with_logits(logits, data.val.y.float().expand_as(logits),
@@ -260,8 +264,28 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
         if c0.patience > 0 and bool((stale >= c0.patience).all()):
             log(f"early stop: no model improved its val {c0.select} for {c0.patience} epochs")
             break
+    if bar is not None:
+        bar.close()
     head.load_state_dict(best)
     return _finish(data, cfgs, head, pl.DataFrame(rows), best_epoch.tolist(), time.perf_counter() - t0)
+
+
+class StepProgress:
+    """A transient rich progress bar over optimisation steps (steps/s and ETA)."""
+
+    def __init__(self, total: int, what: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn(f"training {what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           transient=True)
+        self._task = self._p.add_task("train", total=total)
+        self._p.start()
+
+    def advance(self) -> None:
+        self._p.advance(self._task)
+
+    def close(self) -> None:
+        self._p.stop()
 
 
 def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame, best_epoch: list[int],
@@ -285,7 +309,7 @@ def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame
 
 
 def train(train_store, cfgs: list[RunConfig], *, val_store=None, device: str = "auto",
-          log: Callable[[str], None] = print, progress: Callable | None = None) -> tuple[list[RunResult], Data]:
+          log: Callable[[str], None] = print, progress: bool = False) -> tuple[list[RunResult], Data]:
     """Train every config (grouped into batched heads) on one resident copy of the data."""
     if not cfgs:
         raise UserError("nothing to train: give at least one configuration")

@@ -150,7 +150,9 @@ def import_h5(
                 for a in range(0, n, shard_size):
                     b = min(a + shard_size, n)
                     block = ds[a:b]  # one block in memory at a time, not the whole matrix
-                    if not np.isfinite(block.astype(dtype, copy=False)).all():
+                    with np.errstate(over="ignore"):  # overflow is exactly what is checked here
+                        finite = np.isfinite(block.astype(dtype, copy=False)).all()
+                    if not finite:
                         raise UserError(f"dataset {dataset!r} has non-finite values in rows {a}..{b - 1} as {dtype}; "
                                         "fix the features or use --dtype float32")
                     w.add(block, {c: v[a:b] for c, v in meta.items()})

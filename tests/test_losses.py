@@ -124,7 +124,10 @@ def test_vs_logits_by_hand():
     z = torch.tensor([[2.0, -1.0, 0.5], [0.0, 3.0, -2.0]])
     y = torch.tensor([[1, 0, 1], [0, 0, 1]])
     got = vs_logits(z, y, delta_fake=0.8, delta_real=1.2, iota_fake=-0.1, iota_real=0.3)
-    want = [[0.8 * 2.0 + 0.1, 1.2 * -1.0 - 0.3, 0.8 * 0.5 + 0.1], [1.2 * 0.0 - 0.3, 1.2 * 3.0 - 0.3, 0.8 * -2.0 + 0.1]]
+    want = [
+        [0.8 * 2.0 + 0.1, 1.2 * -1.0 - 0.3, 0.8 * 0.5 + 0.1],
+        [1.2 * 0.0 - 0.3, 1.2 * 3.0 - 0.3, 0.8 * -2.0 + 0.1],
+    ]
     torch.testing.assert_close(got, torch.tensor(want))
     defaults = vs_logits(z, y, scale=10.0)
     torch.testing.assert_close(defaults[0, 0], torch.tensor(10.0 * (0.9 * 2.0 + 0.05)))
@@ -150,7 +153,9 @@ def test_head_loss_by_hand(per_sample):
     alpha = torch.tensor([1.0, 0.3, 0.55], dtype=torch.float64)
     gamma = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
     vs = dict(delta_fake=0.7, delta_real=1.3, iota_fake=-0.2, iota_real=0.1)
-    got = head_loss(logits, labels, alpha=alpha, gamma=gamma, per_sample=per_sample, auc_kind="squared_hinge", vs=vs)
+    got = head_loss(
+        logits, labels, alpha=alpha, gamma=gamma, per_sample=per_sample, auc_kind="squared_hinge", vs=vs
+    )
     assert got.shape == (3,)
     for k in range(3):
         z, y = logits[k].tolist(), labels[k].tolist()
@@ -167,6 +172,24 @@ def test_head_loss_by_hand(per_sample):
         assert flat.shape == () and flat.item() == pytest.approx(got[1].item(), rel=1e-12)
     erm = head_loss(logits[0], labels[0])
     torch.testing.assert_close(erm, bce_per_sample(logits[0], labels[0]).mean())
+
+
+def test_head_loss_per_model_vs_and_margin_tensors():
+    # The trainer passes per-model VS parameters as [K, 1] and the margin as [K, 1, 1].
+    torch.manual_seed(5)
+    logits, labels = torch.randn(3, 10, dtype=torch.float64), (torch.rand(3, 10) < 0.5).long()
+    labels[:, 0] = 1 - labels[:, 1]
+    vs_rows = [
+        dict(delta_fake=0.8 + 0.1 * k, delta_real=1.2, iota_fake=-0.1 * k, iota_real=0.05, scale=1.0 + 4 * k)
+        for k in range(3)
+    ]
+    vs = {name: torch.tensor([[row[name]] for row in vs_rows], dtype=torch.float64) for name in vs_rows[0]}
+    margin = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    common = dict(alpha=0.4, gamma=1.5, per_sample="vs", auc_kind="squared_hinge")
+    got = head_loss(logits, labels, margin=margin[:, None, None], vs=vs, **common)
+    for k in range(3):
+        want = head_loss(logits[k], labels[k], margin=margin[k].item(), vs=vs_rows[k], **common)
+        assert got[k].item() == pytest.approx(want.item(), rel=1e-12)
 
 
 def test_check_loss_args():

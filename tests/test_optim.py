@@ -15,7 +15,8 @@ K = 3
 
 def make_params(dtype=torch.float32):
     torch.manual_seed(0)
-    return [torch.randn(K, 4, 5, dtype=dtype, requires_grad=True), torch.randn(K, 4, dtype=dtype, requires_grad=True)]
+    weight = torch.randn(K, 4, 5, dtype=dtype, requires_grad=True)
+    return [weight, torch.randn(K, 4, dtype=dtype, requires_grad=True)]
 
 
 def test_batched_adamw_matches_k_torch_adamw():
@@ -92,14 +93,14 @@ def quadratic_problem():
     phi = torch.randn(K, 2, dtype=torch.float64, requires_grad=True)
 
     def loss() -> torch.Tensor:
-        per_model = 0.5 * torch.einsum("ki,kij,kj->k", theta, a, theta) + 0.5 * torch.einsum("ki,kij,kj->k", phi, b, phi)
-        return per_model.sum()
+        quad = "ki,kij,kj->k"
+        return (0.5 * torch.einsum(quad, theta, a, theta) + 0.5 * torch.einsum(quad, phi, b, phi)).sum()
 
     return a, b, theta, phi, loss
 
 
 def hand_sam_step(a, b, theta, phi, rho, adaptive):
-    """(theta, phi) after one SAM step, per model, from the definition; returns the gradients at theta + eps."""
+    """From the definition: the gradients at (theta, phi) + eps, per model, and eps on theta."""
     theta, phi = theta.detach().clone(), phi.detach().clone()
     g_theta = torch.einsum("kij,kj->ki", a, theta)
     g_phi = torch.einsum("kij,kj->ki", b, phi)
@@ -138,7 +139,8 @@ def test_sam_with_sgd_base_matches_hand_step(adaptive):
 def test_sam_with_batched_adamw_base_forwards_lr_scale():
     # betas=(0, 0), no decay: AdamW's step is lr * g / (|g| + eps), easy to write by hand.
     a, b, theta, phi, loss = quadratic_problem()
-    rho, lr, lr_scale, eps = torch.tensor([0.1, 0.0, 0.2], dtype=torch.float64), torch.tensor([0.1, 0.2, 0.05]), 0.5, 1e-8
+    rho = torch.tensor([0.1, 0.0, 0.2], dtype=torch.float64)
+    lr, lr_scale, eps = torch.tensor([0.1, 0.2, 0.05]), 0.5, 1e-8
     g_theta_adv, g_phi_adv, _ = hand_sam_step(a, b, theta, phi, rho, adaptive=False)
     step_lr = lr.double()[:, None] * lr_scale
     want_theta = theta.detach() - step_lr * g_theta_adv / (g_theta_adv.abs() + eps)
@@ -170,15 +172,16 @@ def no_host_reads():
 def test_training_step_reads_no_tensor_values_on_host():
     torch.manual_seed(4)
     x, labels = torch.randn(K, 16, 5), (torch.rand(K, 16) < 0.5).long()
-    weight = torch.randn(K, 5, requires_grad=True)
-    base = BatchedAdamW([weight], lr=torch.tensor([0.1, 0.2, 0.3]), weight_decay=torch.tensor([0.0, 0.1, 0.2]))
+    weight, bias = torch.randn(K, 5, requires_grad=True), torch.zeros(K, requires_grad=True)
+    lr, weight_decay = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.0, 0.1, 0.2])
+    base = BatchedAdamW([weight, bias], lr=lr, weight_decay=weight_decay)
     sam = SAM(base, rho=torch.tensor([0.0, 0.05, 0.1]), adaptive=True)
     hyper = dict(alpha=torch.tensor([0.1, 0.5, 1.0]), gamma=torch.tensor([0.0, 1.0, 2.0]), per_sample="vs")
     start = weight.detach().clone()
     with no_host_reads():
         for _ in range(2):
-            head_loss(torch.einsum("kbd,kd->kb", x, weight), labels, **hyper).sum().backward()
+            head_loss(torch.einsum("kbd,kd->kb", x, weight) + bias[:, None], labels, **hyper).sum().backward()
             sam.first_step()
-            head_loss(torch.einsum("kbd,kd->kb", x, weight), labels, **hyper).sum().backward()
+            head_loss(torch.einsum("kbd,kd->kb", x, weight) + bias[:, None], labels, **hyper).sum().backward()
             sam.second_step(lr_scale=0.5)
-    assert not torch.equal(weight.detach(), start)
+    assert not torch.equal(weight.detach(), start) and bias.abs().sum() > 0

@@ -1,0 +1,390 @@
+"""The extraction job behind `dfembed extract`: images in, HDF5 shards out.
+
+    summary = extract("images", "embeddings", model="ViT-L-14", pretrained="openai")
+
+One call is one rank. Under torchrun every process runs the same call: it reads RANK,
+WORLD_SIZE and LOCAL_RANK, takes every WORLD_SIZE-th image of the full path-sorted input
+list (so ranks never overlap, whatever is already stored), locks and writes its own shards
+(`shard-r{rank}-*.h5`) and needs no process group.
+
+Resume: rows whose (path, size, mtime_ns) is already live in the store, as an embedding or as
+a logged failure, are skipped; a changed file is embedded again and its newer row wins (the
+store's newest-shard rule). A killed run loses at most the rows of its unwritten shard.
+
+Pipeline: DataLoader worker processes decode (embed/images.py) and preprocess (open_clip's
+own eval transform); the main process only moves pinned batches to the device, runs the
+tower under autocast and buffers results in a ShardWriter. An image that cannot be decoded
+becomes a failure marker in its batch, never an exception, so one bad file neither stops the
+run nor shifts rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.text import Text
+from torch.utils.data import DataLoader, Dataset
+
+import store
+from embed.backbone import Backbone, load_backbone
+from embed.images import ImageError, load_rgb
+from embed.sources import read_manifest, scan_folder
+from store import format as fmt
+from store.errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Large batches keep a GPU busy; on CPU a smaller batch shows progress sooner at the same speed.
+DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 64}
+MAX_DEFAULT_WORKERS = 16
+RESUME_KEY = ["path", "size", "mtime_ns"]
+
+log = Console(stderr=True, highlight=False)
+
+
+# ---------------------------------------------------------------- run settings
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in a torchrun job (0 of 1 when run alone)."""
+
+    rank: int
+    world: int
+    local: int
+    local_world: int
+
+    @property
+    def tag(self) -> str:
+        return f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""
+
+
+def rank_from_env() -> Rank:
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them."""
+    env = os.environ
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", "0"))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+    except ValueError:
+        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them); "
+                        "unset them for a one-process run") from None
+    if world < 1 or not 0 <= rank < world:
+        raise UserError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world}); launch with torchrun "
+                        "or unset RANK and WORLD_SIZE")
+    return Rank(rank, world, local, max(1, local_world))
+
+
+def resolve_device(device: str, rank: Rank) -> torch.device:
+    """"auto" is this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} but torch sees no CUDA GPU; use --device cpu, or install a CUDA build of torch")
+        if dev.index is None:
+            dev = torch.device("cuda", rank.local)  # one GPU per torchrun rank on the node
+        if dev.index >= torch.cuda.device_count():
+            raise UserError(f"GPU {dev.index} does not exist ({torch.cuda.device_count()} visible); "
+                            "use --nproc-per-node <= the number of GPUs")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" is bf16 autocast on CUDA (fp16 where the GPU has no bf16) and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def default_workers(rank: Rank) -> int:
+    """Decode workers per rank: the node's cores shared among its ranks, one left for the main process."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus // rank.local_world - 1))
+
+
+# ---------------------------------------------------------------- decoding in workers
+
+class ImageFiles(Dataset):
+    """Image i of `paths` (relative to `root`), decoded and preprocessed, or why it failed.
+
+    Returns (i, pixels, "", "") or (i, None, error_kind, message). Paths are kept as one
+    bytes blob plus offsets: cheap to send to worker processes and free of the per-string
+    reference counts that make forked workers copy a big Python list page by page.
+    """
+
+    def __init__(self, root: str | os.PathLike, paths: Sequence[str], transform: Callable) -> None:
+        self.root = str(root)
+        encoded = [p.encode("utf-8") for p in paths]
+        self._blob = b"".join(encoded)
+        self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def path(self, i: int) -> str:
+        start = int(self._ends[i - 1]) if i else 0
+        return self._blob[start:int(self._ends[i])].decode("utf-8")
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
+        try:
+            return i, self.transform(load_rgb(os.path.join(self.root, self.path(i)))), "", ""
+        except ImageError as e:
+            return i, None, e.kind, e.message
+        except Exception as e:  # noqa: BLE001 - one odd file must not end a million-image run
+            return i, None, "preprocess_error", f"{self.path(i)}: {type(e).__name__}: {e}"
+
+
+@dataclass
+class Batch:
+    """A collated batch: the decoded rows (dataset positions + pixels) and the failed ones."""
+
+    index: torch.Tensor  # int64 [n_ok]
+    pixels: torch.Tensor | None  # [n_ok, 3, H, W]; None when every image failed
+    failures: list[tuple[int, str, str]]  # (dataset position, error kind, message)
+
+    def __len__(self) -> int:
+        return len(self.index) + len(self.failures)
+
+    def pin_memory(self) -> "Batch":  # called by DataLoader(pin_memory=True)
+        return Batch(self.index, None if self.pixels is None else self.pixels.pin_memory(), self.failures)
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str, str]]) -> Batch:
+    """Separate decoded images from failures, keeping each image's dataset position."""
+    ok = [(i, x) for i, x, _, _ in items if x is not None]
+    return Batch(
+        index=torch.tensor([i for i, _ in ok], dtype=torch.int64),
+        pixels=torch.stack([x for _, x in ok]) if ok else None,
+        failures=[(i, kind, msg) for i, x, kind, msg in items if x is None],
+    )
+
+
+def _worker_context():
+    # Workers come from a fork server rather than a fork of this process: a forked worker
+    # would inherit the store's lock file descriptor and keep the store locked for seconds
+    # after this process is SIGKILLed, and forking a process with CUDA/OpenMP threads is unsafe.
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # import torch and PIL once in the server, not per worker
+        return ctx
+    return mp.get_context("spawn")
+
+
+def make_loader(dataset: ImageFiles, *, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
+    """The DataLoader of the job (also used by bench/extract.py for the decode-only rate)."""
+    extra = {}
+    if workers > 0:
+        extra = dict(multiprocessing_context=_worker_context(), persistent_workers=True, prefetch_factor=4)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      collate_fn=collate, pin_memory=pin_memory, **extra)
+
+
+# ---------------------------------------------------------------- the job
+
+def _load_rows(inputs, manifest, root, columns, target_means) -> tuple[pl.DataFrame, Path]:
+    if (inputs is None) == (manifest is None):
+        raise UserError("give either an IMAGES_DIR or --manifest FILE (exactly one); "
+                        "e.g. `dfembed extract ./images` or `dfembed extract --manifest labels.csv`")
+    if manifest is None:
+        if root is not None or columns or target_means != "fake":
+            raise UserError("--root, --column and --target-means only apply with --manifest; drop them for a folder")
+        rows = scan_folder(inputs)
+        return rows, Path(os.path.abspath(os.path.expanduser(inputs)))
+    rows = read_manifest(manifest, root=root, columns=columns, target_means=target_means)
+    base = root if root is not None else Path(os.path.abspath(os.path.expanduser(manifest))).parent
+    return rows, Path(os.path.abspath(os.path.expanduser(base)))
+
+
+def partition(rows: pl.DataFrame, rank: int, world: int) -> pl.DataFrame:
+    """Rows i with i % world == rank of the path-sorted table: disjoint, covering, deterministic."""
+    return rows.sort("path").gather_every(world, offset=rank)
+
+
+def _check_same_model(out: Path, provenance: dict) -> None:
+    shards = store.list_shards(out) if out.is_dir() else []
+    if shards and fmt.identity(shards[0].provenance) != fmt.identity(provenance):
+        raise UserError(
+            f"{out} holds embeddings of {fmt.describe_identity(shards[0].provenance)}, not "
+            f"{fmt.describe_identity(provenance)}; use another --out for this model"
+        )
+
+
+def _split_done(mine: pl.DataFrame, out: Path, retry_failed: bool) -> tuple[pl.DataFrame, int, int]:
+    """(rows still to embed, rows skipped as done, of which logged failures)."""
+    if not (out.is_dir() and store.list_shards(out)):
+        return mine, 0, 0
+    s = store.open(out)
+    failed = s.failures.select(RESUME_KEY)
+    done = s.meta.select(RESUME_KEY)
+    if not retry_failed:
+        done = pl.concat([done, failed])
+    todo = mine.join(done, on=RESUME_KEY, how="anti").sort("path")
+    skipped_failures = 0 if retry_failed else mine.join(failed, on=RESUME_KEY, how="semi").height
+    return todo, mine.height - todo.height, skipped_failures
+
+
+class _ImagesPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.1f} img/s" if task.speed else "- img/s", style="progress.data.speed")
+
+
+def _progress_bar(enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _ImagesPerSecond(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=log, disable=not enabled)
+
+
+def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: store.ShardWriter,
+               todo: pl.DataFrame, on_batch: Callable[[int], None]) -> None:
+    """Run every batch through the tower and hand rows and failures to the writer."""
+    cols = {c: (np.asarray(todo[c].to_list(), dtype=object) if todo[c].dtype == pl.Utf8 else todo[c].to_numpy())
+            for c in ("path", "label", "source", "split", "group", "size", "mtime_ns")}
+    device = backbone.device
+    amp = (torch.autocast(device.type, dtype=AMP_DTYPES[precision]) if precision in AMP_DTYPES
+           else contextlib.nullcontext())
+
+    def write(features: torch.Tensor, done: torch.cuda.Event | None, index: np.ndarray) -> None:
+        if done is not None:
+            done.synchronize()
+        writer.add(features.numpy(), {c: v[index] for c, v in cols.items()})
+
+    # The previous batch's features travel to the host while the GPU runs the next batch:
+    # waiting for them right away would idle the GPU during every HDF5 buffer copy.
+    pending = None
+    with torch.inference_mode(), amp:
+        for batch in loader:
+            for i, kind, message in batch.failures:
+                writer.add_failure(cols["path"][i], int(cols["size"][i]), int(cols["mtime_ns"][i]), kind, message)
+            if batch.pixels is not None:
+                features = backbone.encode(batch.pixels.to(device, non_blocking=True))
+                done = None
+                if device.type == "cuda":
+                    features = features.to("cpu", non_blocking=True)
+                    done = torch.cuda.Event()
+                    done.record()
+                if pending is not None:
+                    write(*pending)
+                pending = (features, done, batch.index.numpy())
+            on_batch(len(batch))
+        if pending is not None:
+            write(*pending)
+
+
+def extract(
+    inputs: str | os.PathLike | None = None,
+    out: str | os.PathLike = "embeddings",
+    *,
+    manifest: str | os.PathLike | None = None,
+    root: str | os.PathLike | None = None,
+    columns: dict[str, str] | None = None,
+    target_means: str = "fake",
+    model: str = "ViT-L-14",
+    pretrained: str | None = "openai",
+    feature: str = "proj",
+    quick_gelu: bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    precision: str = "auto",
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    shard_size: int = 16384,
+    dtype: str = "float16",
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Embed the images of a folder (`inputs`) or of a `manifest` into the store `out`.
+
+    Resumable and torchrun-aware (module docstring). batch_size defaults to 256 on CUDA and
+    64 on CPU; workers (decode processes, 0 = decode in this process) to the cores per rank
+    minus one, at most 16. precision "auto" is bf16 autocast on CUDA and fp32 on CPU.
+    Returns this rank's summary: counts (inputs, embedded, failed, skipped), wall time,
+    images/s, device, precision and the store path. Raises UserError on bad input.
+    """
+    t_start = time.perf_counter()
+    if dtype not in fmt.EMBEDDING_DTYPES:
+        raise UserError(f"unsupported --dtype {dtype!r}; use one of {', '.join(fmt.EMBEDDING_DTYPES)}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise UserError(f"--workers must be >= 0, got {workers}")
+    rank = rank_from_env()
+    dev = resolve_device(device, rank)
+    precision = resolve_precision(precision, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    batch_size = batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
+    workers = default_workers(rank) if workers is None else workers
+    out = Path(os.path.abspath(os.path.expanduser(out)))
+
+    rows, input_root = _load_rows(inputs, manifest, root, columns, target_means)
+    mine = partition(rows, rank.rank, rank.world)
+    # Seeded so that random init (--pretrained none) is one model on every rank and every resume.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        backbone = load_backbone(model, pretrained, feature=feature, device=dev, quick_gelu=quick_gelu,
+                                 cache_dir=cache_dir)
+    provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root)}
+
+    where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
+    if dev.type == "cpu":
+        log.print(f"{rank.tag}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
+                  "(fine for the tiny model; use a CUDA machine for real runs)")
+
+    with store.writer_lock(out, rank.rank):
+        _check_same_model(out, provenance)
+        todo, skipped, skipped_failures = _split_done(mine, out, retry_failed)
+        log.print(f"{rank.tag}extracting {todo.height} of {mine.height} images ({skipped} already in the store) "
+                  f"-> {out} | device {where}, {precision}, model {backbone.provenance['model']} "
+                  f"feature {feature} dim {backbone.dim} | batch {batch_size}, {workers} workers")
+        t_loop = time.perf_counter()
+        with store.ShardWriter(out, provenance, dim=backbone.dim, dtype=dtype, shard_size=shard_size,
+                               rank=rank.rank) as writer:
+            if todo.height:
+                dataset = ImageFiles(input_root, todo["path"].to_list(), backbone.preprocess)
+                loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
+                with _progress_bar(progress and rank.rank == 0) as bar:
+                    task = bar.add_task(f"{rank.tag}embedding", total=todo.height)
+                    _embed_all(loader, backbone, precision, writer, todo, lambda n: bar.advance(task, n))
+                del loader  # stop the workers now, not at garbage collection
+        embedded, failed = writer.rows_written, writer.failures_written
+        loop_s = time.perf_counter() - t_loop
+        failures_file = None
+        if store.list_shards(out):
+            failures_file = str(store.open(out).write_failures_view())
+
+    return {
+        "store": str(out), "rank": rank.rank, "world_size": rank.world,
+        "device": where, "precision": precision, "model": backbone.provenance["model"],
+        "feature": feature, "dim": backbone.dim, "inputs": mine.height, "embedded": embedded,
+        "failed": failed, "skipped": skipped, "skipped_failures": skipped_failures,
+        "wall_s": round(time.perf_counter() - t_start, 3),
+        "images_per_s": round((embedded + failed) / loop_s, 2) if embedded + failed else 0.0,
+        "batch_size": batch_size, "workers": workers, "shards_written": len(writer.written),
+        "failures_file": failures_file,
+    }

@@ -1,0 +1,171 @@
+"""`dfembed import-h5`: SP_CUP-style features + labels CSV -> a store, and every user error."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+import cli
+import store
+from store.errors import UserError
+from store.importer import import_h5
+
+REPO = Path(__file__).resolve().parents[1]
+N, D = 45, 24
+
+
+@pytest.fixture
+def cup(tmp_path):
+    """cup_train.h5 (train_features float32 + an unrelated dataset) and cup_train.csv in the same row order."""
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((N, D)).astype(np.float32)
+    target = rng.integers(0, 2, N)
+    h5 = tmp_path / "cup_train.h5"
+    with h5py.File(h5, "w") as f:
+        f.create_dataset("train_features", data=feats)
+        f.create_dataset("meta/ids", data=np.arange(N))
+    csv = tmp_path / "cup_train.csv"
+    pl.DataFrame({"Image Path": [f"/data/cup/train/{i:04d}.jpg" for i in range(N)], "Target": target,
+                  "Gen": rng.choice(["sd", "gan"], N)}).write_csv(csv)
+    return h5, csv, feats, target
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli.embed_app, [str(a) for a in args])
+
+
+def test_cli_import_round_trip_and_provenance(tmp_path, cup):
+    h5, csv, feats, target = cup
+    r = invoke("import-h5", h5, "--csv", csv, "--out", tmp_path / "emb", "--split", "train")
+    assert r.exit_code == 0, r.output
+    assert f"imported {N} rows (fake={target.sum()}, real={N - target.sum()}" in r.output
+    s = store.open(tmp_path / "emb")
+    X, m = s.load()
+    assert X.dtype == np.float16
+    np.testing.assert_array_equal(X, feats.astype(np.float16))  # CSV order kept, row for row
+    assert m["path"].to_list() == pl.read_csv(csv)["Image Path"].to_list()
+    assert m["label"].to_list() == target.tolist()  # Target 1 = fake = our 1
+    assert set(m["split"]) == {"train"} and set(m["size"]) == {-1}
+    p = s.provenance
+    assert (p["model"], p["pretrained"], p["feature"], p["dim"], p["declared"]) == ("ViT-L-14", "openai", "proj", D, True)
+    assert p["imported_from"]["file"] == "cup_train.h5" and p["imported_from"]["dataset"] == "train_features"
+    assert p["imported_from"]["sha256"] == hashlib.sha256(h5.read_bytes()).hexdigest()
+
+
+def test_column_mapping_and_target_means_real(tmp_path, cup):
+    h5, csv, feats, target = cup
+    other = tmp_path / "renamed.csv"
+    pl.read_csv(csv).rename({"Image Path": "file", "Target": "is_real"}).write_csv(other)
+    r = invoke("import-h5", h5, "--csv", other, "--out", tmp_path / "emb", "--column", "path=file",
+               "--column", "label=is_real", "--column", "source=Gen", "--target-means", "real",
+               "--model", "ViT-B-16", "--pretrained", "laion2b_s34b_b88k", "--feature", "pre", "--dtype", "float32")
+    assert r.exit_code == 0, r.output
+    s = store.open(tmp_path / "emb")
+    X, m = s.load()
+    np.testing.assert_array_equal(X, feats)  # float32 kept exactly
+    assert m["label"].to_list() == (1 - target).tolist()
+    assert m["source"].to_list() == pl.read_csv(csv)["Gen"].to_list()
+    assert (s.provenance["model"], s.provenance["feature"]) == ("ViT-B-16", "pre")
+
+
+def test_streams_in_blocks_into_several_shards(tmp_path, cup, monkeypatch):
+    h5, csv, feats, _ = cup
+    reads, real_getitem = [], h5py.Dataset.__getitem__
+
+    def spy(ds, sel):
+        out = real_getitem(ds, sel)
+        if ds.name == "/train_features":
+            reads.append(len(out))
+        return out
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", spy)
+    rep = import_h5(h5, csv, out=tmp_path / "emb", shard_size=10)
+    assert reads == [10, 10, 10, 10, 5] and rep["shards"] == 5
+    assert len(store.list_shards(tmp_path / "emb")) == 5
+    np.testing.assert_array_equal(store.open(tmp_path / "emb").load()[0], feats.astype(np.float16))
+
+
+def test_train_and_val_files_share_one_store(tmp_path, cup):
+    h5, csv, feats, _ = cup
+    val_h5 = tmp_path / "cup_val.h5"
+    with h5py.File(val_h5, "w") as f:
+        f.create_dataset("test_features", data=feats[:5] + 1)
+    val_csv = tmp_path / "cup_val.csv"
+    pl.DataFrame({"Image Path": [f"/data/cup/val/{i}.jpg" for i in range(5)], "Target": [0, 1, 0, 1, 1]}).write_csv(val_csv)
+    out = tmp_path / "emb"
+    import_h5(h5, csv, out=out, split="train")
+    import_h5(val_h5, val_csv, dataset="test_features", out=out, split="val")
+    X, m = store.open(out).load(split="val")
+    assert m["label"].to_list() == [0, 1, 0, 1, 1]
+    np.testing.assert_array_equal(X, (feats[:5] + 1).astype(np.float16))
+    assert store.open(out).select(split="train").height == N
+
+
+def test_non_finite_block_rolls_back_the_whole_import(tmp_path, cup):
+    h5, csv, feats, _ = cup
+    bad = tmp_path / "bad.h5"
+    big = feats.copy()
+    big[40, 3] = 1e6  # overflows float16 to inf, in the last block
+    with h5py.File(bad, "w") as f:
+        f.create_dataset("train_features", data=big)
+    with pytest.raises(UserError, match="non-finite.*rows 40..44.*float32"):
+        import_h5(bad, csv, out=tmp_path / "emb", shard_size=10)
+    assert not list((tmp_path / "emb").glob("shard-*"))  # the 4 earlier shards were removed
+    import_h5(bad, csv, out=tmp_path / "emb", shard_size=10, dtype="float32")  # the suggested fix works
+    assert len(store.open(tmp_path / "emb")) == N
+
+
+def _fails(tmp_path, args, *must_contain):
+    r = invoke("import-h5", *args)
+    assert r.exit_code != 0 and isinstance(r.exception, UserError), r.output
+    msg = str(r.exception)
+    assert "\n" not in msg and all(s in msg for s in must_contain), msg
+    assert not list(tmp_path.glob("emb/shard-*"))  # nothing written
+    return msg
+
+
+def test_user_errors(tmp_path, cup):
+    h5, csv, _, _ = cup
+    emb = tmp_path / "emb"
+    _fails(tmp_path, [h5, "--csv", csv, "--out", emb, "--dataset", "features"],
+           "no dataset 'features'", "train_features (45, 24)", "meta/ids (45,)", "--dataset")
+    short = tmp_path / "short.csv"
+    pl.read_csv(csv).head(40).write_csv(short)
+    _fails(tmp_path, [h5, "--csv", short, "--out", emb], "45 rows", "has 40")
+    _fails(tmp_path, [h5, "--csv", csv, "--out", emb, "--column", "label=Label"],
+           "no column 'Label' (for label)", "available: Image Path, Target, Gen", "--column")
+    nolabel = tmp_path / "nolabel.csv"
+    pl.read_csv(csv).drop("Target").write_csv(nolabel)
+    _fails(tmp_path, [h5, "--csv", nolabel, "--out", emb], "'Target' (for label)")
+    odd = tmp_path / "odd.csv"
+    pl.read_csv(csv).with_columns(pl.col("Target").cast(pl.Utf8).replace("1", "yes")).write_csv(odd)
+    _fails(tmp_path, [h5, "--csv", odd, "--out", emb], "not 0, 1 or -1", "'yes'")
+    _fails(tmp_path, [h5, "--csv", tmp_path / "nope.csv", "--out", emb], "nope.csv does not exist")
+    _fails(tmp_path, [h5, "--csv", csv, "--out", emb, "--target-means", "maybe"], "fake", "real")
+    (tmp_path / "notes.h5").write_text("not hdf5")
+    _fails(tmp_path, [tmp_path / "notes.h5", "--csv", csv, "--out", emb], "not a readable HDF5 file")
+    _fails(tmp_path, [h5, "--csv", csv, "--out", emb, "--dataset", "meta/ids"], "not an N x D float matrix")
+
+
+def test_import_into_a_store_of_another_model_is_refused_before_writing(tmp_path, cup):
+    h5, csv, _, _ = cup
+    import_h5(h5, csv, out=tmp_path / "emb")
+    before = sorted((tmp_path / "emb").glob("shard-*"))
+    with pytest.raises(UserError, match="model=ViT-L-14.*model=ViT-B-32"):
+        import_h5(h5, csv, out=tmp_path / "emb", model="ViT-B-32")
+    assert sorted((tmp_path / "emb").glob("shard-*")) == before
+
+
+def test_entry_point_prints_one_line_without_traceback(tmp_path, cup):
+    h5, csv, _, _ = cup
+    r = subprocess.run([sys.executable, "-c", "import cli; cli.dfembed_main()", "import-h5", str(h5), "--csv", str(csv),
+                        "--out", str(tmp_path / "emb"), "--dataset", "nope"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no dataset 'nope'" in lines[0], r.stderr
