@@ -105,6 +105,89 @@ def import_h5(
         console.print(f"[yellow]note[/]: {rep['duplicate_paths']} paths appear more than once; the last row of each is kept")
 
 
+EXTRACT_EPILOG = (
+    "Examples: `dfembed extract ./images` (labels from real/ and fake/ folders); "
+    "`dfembed extract --manifest cup.csv --column 'path=Image Path' --column label=Target`; "
+    "multi-GPU: `torchrun --nproc-per-node N $(which dfembed) extract ./images` (each rank writes its own shards). "
+    "Re-running the same command resumes: images already in the store (same path, size and mtime) are skipped."
+)
+
+
+@embed_app.command("extract", epilog=EXTRACT_EPILOG)
+def extract_cmd(
+    images_dir: Annotated[Optional[Path], typer.Argument(
+        help="Folder of images (jpg, jpeg, png, webp, bmp, gif, tif); labels from real/fake folder names, "
+             "source from the folder under them. Omit when using --manifest.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created or resumed).")] = DEFAULT_STORE,
+    manifest: Annotated[Optional[Path], typer.Option(
+        help="CSV/TSV/Parquet with columns path, label and optional source, split, group (instead of IMAGES_DIR).")] = None,
+    root: Annotated[Optional[Path], typer.Option(
+        help="Folder the manifest's paths are relative to (default: the manifest's folder).")] = None,
+    column: Annotated[Optional[list[str]], typer.Option(
+        help="Map a manifest column, OURS=THEIRS, repeatable: --column 'path=Image Path' --column label=Target.")] = None,
+    target_means: Annotated[str, typer.Option(
+        help="What label 1 means in the manifest: fake (default) or real (flips 0/1).")] = "fake",
+    model: Annotated[str, typer.Option(
+        help="open_clip model name (ViT-L-14 is the paper's), dfclip-tiny for tests, or a model-config .json.")] = "ViT-L-14",
+    pretrained: Annotated[str, typer.Option(
+        help="open_clip tag (openai), a checkpoint file (.safetensors/.pt/.bin/OpenAI .pt archive), or none.")] = "openai",
+    feature: Annotated[str, typer.Option(help="proj: after CLIP's projection (SP_CUP); pre: before it.")] = "proj",
+    quick_gelu: Annotated[Optional[bool], typer.Option(
+        "--quick-gelu/--no-quick-gelu", help="Force the activation; default picks QuickGELU for OpenAI weights.")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where tagged weights are cached / downloaded.")] = None,
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun ranks use LOCAL_RANK).")] = "auto",
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Images per batch.", show_default="256 on GPU, 64 on CPU")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Decode processes per rank, 0 = decode in the main process.", show_default="cores per rank - 1, max 16")] = None,
+    shard_size: Annotated[int, typer.Option(help="Rows per HDF5 shard (a killed run redoes at most one shard).")] = 16384,
+    dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try images logged as failures again.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+) -> None:
+    """Embed every image of IMAGES_DIR (or --manifest) with a frozen CLIP image tower into a resumable store."""
+    from embed.extract import extract
+    from embed.sources import parse_column_map
+
+    rep = extract(images_dir, out_dir, manifest=manifest, root=root, columns=parse_column_map(column or []),
+                  target_means=target_means, model=model, pretrained=pretrained, feature=feature,
+                  quick_gelu=quick_gelu, cache_dir=cache_dir, precision=precision, device=device,
+                  batch_size=batch_size, workers=workers, shard_size=shard_size, dtype=dtype,
+                  retry_failed=retry_failed, progress=progress)
+    from rich.markup import escape
+
+    tag = f"[rank {rep['rank']}/{rep['world_size']}] " if rep["world_size"] > 1 else ""
+    skipped = f"{rep['skipped']} skipped as already done"
+    if rep["skipped_failures"]:
+        skipped += f" ({rep['skipped_failures']} logged failures; --retry-failed tries them again)"
+    out.print(f"{tag}done: {rep['embedded']} embedded, {rep['failed']} failed, {skipped} "
+              f"| {rep['wall_s']:.1f} s, {rep['images_per_s']:.1f} images/s on {rep['device']} ({rep['precision']}) "
+              f"| store {rep['store']}", markup=False, highlight=False)
+    if rep["failed"]:
+        console.print(f"{escape(tag)}[yellow]{rep['failed']} images could not be read[/]; "
+                      f"reasons in {escape(str(rep['failures_file']))}", highlight=False)
+
+
+@embed_app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Argument(help="New or empty folder to write the demo images into.")] = Path("images"),
+    n_per_source: Annotated[int, typer.Option(help="Images per fake source (real sources get half).")] = 40,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical images.")] = 0,
+) -> None:
+    """Write a small labelled demo image folder (cartoon faces: 2 real and 3 fake sources) to try dfclip on."""
+    from embed.demo import make_demo_images
+
+    folder = make_demo_images(out_dir, n_per_source=n_per_source, seed=seed)
+    n = sum(1 for p in folder.rglob("*") if p.is_file() and p.name != "manifest.csv")
+    out.print(f"wrote {n} demo images and manifest.csv to {folder}", highlight=False)
+    out.print("next, with OpenAI CLIP ViT-L-14 weights reachable (online or cached):\n"
+              f"  dfembed extract {out_dir}\n  dfhead fit --cvar-alpha 0.3\n"
+              "offline, the tiny random-init model checks the whole pipeline (its scores mean nothing):\n"
+              f"  dfembed extract {out_dir} --model dfclip-tiny --pretrained none\n  dfhead fit --cvar-alpha 0.3",
+              highlight=False)
+
+
 # ---------------------------------------------------------------- dfhead
 
 # Options shared by `fit` and `sweep`. fit takes one value each; sweep takes comma lists and

@@ -31,6 +31,7 @@ import logging
 import os
 import pickle
 import socket
+import threading
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -363,11 +364,23 @@ def _offline(tag_cfg: dict) -> bool:
 
 
 def _host_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Can we open a TCP connection to host within `timeout` seconds, DNS included?
+
+    The socket timeout does not cover name resolution, hence the daemon thread.
+    """
+    answer: list[bool] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(answer and answer[0])
 
 
 def is_torchscript_archive(path: str | os.PathLike) -> bool:
@@ -432,7 +445,10 @@ def _load_state_dict(clip: nn.Module, state: dict[str, torch.Tensor], name: str,
         state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    wrong = sorted(
+        (k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape),
+        key=lambda k: (not k.startswith("visual."), k),  # show an image-tower key first
+    )
     if missing or unexpected or wrong:
         first = ""
         if wrong:

@@ -21,7 +21,6 @@ run nor shifts rows.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ import numpy as np
 import polars as pl
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.text import Text
@@ -67,7 +67,8 @@ class Rank:
 
     @property
     def tag(self) -> str:
-        return f"[rank {self.rank}/{self.world}] " if self.world > 1 else ""
+        """Message prefix under torchrun, escaped for rich markup ("" when alone)."""
+        return escape(f"[rank {self.rank}/{self.world}] ") if self.world > 1 else ""
 
 
 def rank_from_env() -> Rank:
@@ -184,22 +185,11 @@ def collate(items: list[tuple[int, torch.Tensor | None, str, str]]) -> Batch:
     )
 
 
-def _worker_context():
-    # Workers come from a fork server rather than a fork of this process: a forked worker
-    # would inherit the store's lock file descriptor and keep the store locked for seconds
-    # after this process is SIGKILLed, and forking a process with CUDA/OpenMP threads is unsafe.
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])  # import torch and PIL once in the server, not per worker
-        return ctx
-    return mp.get_context("spawn")
-
-
 def make_loader(dataset: ImageFiles, *, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
     """The DataLoader of the job (also used by bench/extract.py for the decode-only rate)."""
-    extra = {}
-    if workers > 0:
-        extra = dict(multiprocessing_context=_worker_context(), persistent_workers=True, prefetch_factor=4)
+    # Workers start the platform's default way (fork on Linux: instant, and they touch no CUDA).
+    # store.writer_lock makes forked children drop their copy of the lock descriptor.
+    extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory, **extra)
 
@@ -352,16 +342,17 @@ def extract(
     provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root)}
 
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
-    if dev.type == "cpu":
-        log.print(f"{rank.tag}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
-                  "(fine for the tiny model; use a CUDA machine for real runs)")
 
     with store.writer_lock(out, rank.rank):
         _check_same_model(out, provenance)
         todo, skipped, skipped_failures = _split_done(mine, out, retry_failed)
-        log.print(f"{rank.tag}extracting {todo.height} of {mine.height} images ({skipped} already in the store) "
-                  f"-> {out} | device {where}, {precision}, model {backbone.provenance['model']} "
-                  f"feature {feature} dim {backbone.dim} | batch {batch_size}, {workers} workers")
+        if dev.type == "cpu":
+            log.print(f"{rank.tag}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
+                      "(fine for the tiny model; use a CUDA machine for real runs)")
+        log.print(rank.tag + escape(
+            f"extracting {todo.height} of {mine.height} images ({skipped} already in the store) -> {out} | "
+            f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim} | "
+            f"batch {batch_size}, {workers} workers"))
         t_loop = time.perf_counter()
         with store.ShardWriter(out, provenance, dim=backbone.dim, dtype=dtype, shard_size=shard_size,
                                rank=rank.rank) as writer:

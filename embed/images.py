@@ -45,9 +45,12 @@ class ImageError(Exception):
     """
 
     def __init__(self, kind: str, message: str):
-        super().__init__(f"{kind}: {message}")
+        super().__init__(kind, message)  # both in args, so it pickles across worker processes
         self.kind = kind
         self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
 
 
 def has_image_extension(path: str | os.PathLike) -> bool:

@@ -116,6 +116,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("batch_size", "epochs", "depth"):
         if getattr(cfg, name) < 1:
             raise bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup_epochs", "patience"):
+        if getattr(cfg, name) < 0:
+            raise bad(name, f"must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
         raise bad("dropout", f"must be in [0, 1), got {cfg.dropout}")
     if not 0 < cfg.val_frac < 1:

@@ -82,12 +82,23 @@ def sweep_memory_bytes(n_rows: int, dim: int, cfgs: list[RunConfig], itemsize: i
     return total
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a sweep may still use on `device`: free GPU memory, or the OS's MemAvailable on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # MemAvailable counts reclaimable page cache; MemFree alone would refuse sweeps that fit
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def _check_memory(data_rows: int, dim: int, cfgs: list[RunConfig], device: torch.device) -> None:
     need = sweep_memory_bytes(data_rows, dim, cfgs, itemsize=2 if device.type == "cuda" else 4)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = free_memory_bytes(device)
     if need > 0.9 * free:
         raise UserError(f"this sweep needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
                         f"{device}; split the grid into smaller sweeps (fewer values per option or --seeds)")
@@ -109,6 +120,10 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     out = Path(runs_dir) / safe_name(name)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
+    # Rows of an earlier sweep of this name (maybe with more ranks) must not leak into this leaderboard.
+    (parts / f"rows-r{rank:03d}.parquet").unlink(missing_ok=True)
+    if world > 1 and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     mine = cfgs[rank::world]
     if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
@@ -130,7 +145,8 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
         torch.distributed.barrier()
     if rank != 0:
         return out, pl.DataFrame()
-    rows = pl.concat([pl.read_parquet(p) for p in sorted(parts.glob("rows-r*.parquet"))], how="diagonal_relaxed")
+    files = [p for r in range(world) if (p := parts / f"rows-r{r:03d}.parquet").is_file()]
+    rows = pl.concat([pl.read_parquet(p) for p in files], how="diagonal_relaxed")
     runs, summary = leaderboard(rows)
     runs.write_parquet(out / "runs.parquet")
     summary.write_parquet(out / "leaderboard.parquet")
@@ -150,6 +166,9 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     """Metrics of a trained run on a store (default: its validation numbers from report.json)."""
     run_dir = Path(run_dir)
     if store_dir is None:
+        if not (run_dir / "report.json").is_file():
+            raise UserError(f"{run_dir} is not a dfclip run directory (no report.json); pass a directory written "
+                            "by `dfhead fit` or `dfhead sweep`")
         return json.loads((run_dir / "report.json").read_text())
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)

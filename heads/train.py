@@ -106,7 +106,8 @@ def load_data(train_store, cfg: RunConfig, *, val_store=None, device: torch.devi
 
     x, y, _ = subset(parts["train"])
     if va is not None:
-        vmeta = va.select(label=[0, 1])
+        # Held-out sources are unseen: they leave the validation store too, not only the train store.
+        vmeta = va.select(label=[0, 1], where=~pl.col("source").is_in(list(cfg.holdout_sources)))
         vx, vmeta = va.load(vmeta)
         val = EvalSet("val", _to_device(vx, device),
                       torch.from_numpy(vmeta["label"].to_numpy().astype(np.int64)).to(device), vmeta)
@@ -123,7 +124,8 @@ def load_data(train_store, cfg: RunConfig, *, val_store=None, device: torch.devi
             hmeta = pl.concat([hmeta, val.meta.filter(pl.Series(reals.cpu().numpy()))])
         holdout = EvalSet("holdout", hx, hy, hmeta)
     counts = {"train": int(y.numel()), "train_fake": int(y.sum()), "val": int(val.y.numel()),
-              "holdout": int(holdout.y.numel()) if holdout else 0}
+              "holdout": int(holdout.y.numel()) if holdout else 0,
+              "store": str(tr.root), "val_store": str(va.root) if va is not None else None}
     return Data(x, y, val, holdout, tr.provenance, tr.dim, counts)
 
 
@@ -205,6 +207,9 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
     best_score = torch.full((k,), math.inf if minimize else -math.inf, device=device)
     best_epoch = torch.zeros(k, dtype=torch.long, device=device)
     stale = torch.zeros(k, dtype=torch.long, device=device)
+    # A model that would have stopped early alone keeps training with the group, but its best
+    # state and history freeze at its stop, so a sweep reports what its fit would.
+    stopped = torch.zeros(k, dtype=torch.bool, device=device)
     rows, step, t0 = [], 0, time.perf_counter()
     bar = StepProgress(total, f"{k} head{'s' if k > 1 else ''}") if progress else None
     for epoch in range(1, c0.epochs + 1):
@@ -245,6 +250,7 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
             improved = torch.ones(k, dtype=torch.bool, device=device)
         else:
             improved = score < best_score if minimize else score > best_score
+        improved &= ~stopped
         best_score = torch.where(improved, score, best_score)
         best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
         stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
@@ -253,17 +259,21 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
             best[n] = torch.where(mask, t.detach(), best[n])
         seconds = time.perf_counter() - te
         tl, vl, va, ve = (v.tolist() for v in (train_loss / max(1, len(batches)), val_loss, val_auc, val_eer))
+        active = (~stopped).tolist()
         for i in range(k):
-            rows.append({"model": i, "epoch": epoch, "train_loss": tl[i],
-                         "val_loss": vl[i], "val_auc": va[i], "val_eer": ve[i], "seconds": seconds})
+            if active[i]:
+                rows.append({"model": i, "epoch": epoch, "train_loss": tl[i],
+                             "val_loss": vl[i], "val_auc": va[i], "val_eer": ve[i], "seconds": seconds})
         if k == 1:
             log(f"epoch {epoch:3d}/{c0.epochs}  loss {tl[0]:.4f}  val_loss {vl[0]:.4f}  val_auc {va[0]:.4f}  "
                 f"val_eer {ve[0]:.4f}  {seconds:.1f}s")
         else:
             log(f"epoch {epoch:3d}/{c0.epochs}  {k} heads  val_auc best {max(va):.4f} mean {np.mean(va):.4f}  {seconds:.1f}s")
-        if c0.patience > 0 and bool((stale >= c0.patience).all()):
-            log(f"early stop: no model improved its val {c0.select} for {c0.patience} epochs")
-            break
+        if c0.patience > 0:
+            stopped |= stale >= c0.patience
+            if bool(stopped.all()):
+                log(f"early stop: no model improved its val {c0.select} for {c0.patience} epochs")
+                break
     if bar is not None:
         bar.close()
     head.load_state_dict(best)

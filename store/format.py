@@ -42,8 +42,14 @@ def shard_name(rank: int, seq: int) -> str:
 
 
 def identity(provenance: dict) -> str:
-    """A canonical string of what makes two stores' embeddings comparable."""
-    return json.dumps({k: provenance.get(k) for k in IDENTITY_KEYS}, sort_keys=True, default=str)
+    """A canonical string of what makes two stores' embeddings comparable.
+
+    Weights are identified by tag or content hash, never by where the file happened to lie.
+    """
+    ident = {k: provenance.get(k) for k in IDENTITY_KEYS}
+    if isinstance(ident["pretrained"], dict):
+        ident["pretrained"] = {k: v for k, v in ident["pretrained"].items() if k in ("kind", "tag", "sha256")}
+    return json.dumps(ident, sort_keys=True, default=str)
 
 
 def describe_identity(provenance: dict) -> str:

@@ -148,6 +148,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Lock descriptors held by this process. A forked child (a DataLoader worker) closes its copies
+# at once: an flock lives until every copy of its descriptor is closed, so a worker outliving a
+# SIGKILLed writer would otherwise keep the store locked until it noticed its parent was gone.
+_held_lock_fds: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held_lock_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # the child's copy only: the parent keeps the lock
+    _held_lock_fds.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextlib.contextmanager
 def writer_lock(root: str | os.PathLike, rank: int = 0):
     """Hold the advisory write lock of `rank` on a store, or raise UserError if another process has it.
@@ -167,10 +184,12 @@ def writer_lock(root: str | os.PathLike, rank: int = 0):
         raise UserError(
             f"another dfembed extract (pid {holder}) is writing to {root}; wait for it to finish or use a different --out"
         ) from None
+    _held_lock_fds.add(fd)
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        _held_lock_fds.discard(fd)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)

@@ -28,11 +28,11 @@ from store.errors import UserError
 TINY_TEXT = {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1}
 
 
-def write_config(directory: Path, name: str, *, width: int = 64, head_width: int = 64, layers=2) -> Path:
+def write_config(directory: Path, name: str, *, width: int = 64, head_width: int = 64, **extra) -> Path:
     """A tiny open_clip config JSON (head_width 64 = the layout OpenAI's loader infers)."""
-    vision = {"image_size": 64, "layers": layers, "width": width, "head_width": head_width, "patch_size": 8}
+    vision = {"image_size": 64, "layers": 2, "width": width, "head_width": head_width, "patch_size": 8}
     path = directory / f"{name}.json"
-    path.write_text(json.dumps({"embed_dim": 32, "vision_cfg": vision, "text_cfg": TINY_TEXT}))
+    path.write_text(json.dumps({"embed_dim": 32, "vision_cfg": vision, "text_cfg": TINY_TEXT, **extra}))
     return path
 
 
@@ -233,6 +233,15 @@ def test_quickgelu_auto_and_override_on_tiny(tiny_model_name):
     forced = load_backbone(tiny_model_name, "none", quick_gelu=True)
     assert activations(auto.visual) == {nn.GELU} and auto.provenance["quick_gelu"] is False
     assert activations(forced.visual) == {QuickGELU} and forced.provenance["quick_gelu"] is True
+
+
+def test_quickgelu_from_config_and_explicit_off(tmp_path):
+    config = str(write_config(tmp_path, "dfclip-test-quickgelu", quick_gelu=True))
+    auto = load_backbone(config, "none")
+    off = load_backbone(config, "none", quick_gelu=False)
+    assert activations(auto.visual) == {QuickGELU} and "config" in auto.provenance["quick_gelu_reason"]
+    assert activations(off.visual) == {nn.GELU}
+    assert off.provenance["model_config"]["quick_gelu"] is False
 
 
 # ---- parity with open_clip -----------------------------------------------------------

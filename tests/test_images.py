@@ -1,6 +1,7 @@
 """embed.images: every bad file fails with a reason, every odd mode becomes correct RGB."""
 
 import io
+import pickle
 import struct
 import zlib
 
@@ -14,6 +15,12 @@ from embed.images import IMAGE_EXTENSIONS, ImageError, has_image_extension, load
 def pixels(image: Image.Image) -> np.ndarray:
     assert image.mode == "RGB"
     return np.asarray(image).astype(int)
+
+
+def opened(path, attribute: str):
+    """An attribute of the file as PIL opens it (closing the file again)."""
+    with Image.open(path) as image:
+        return getattr(image, attribute)
 
 
 def noise_image(width=96, height=64, seed=0) -> Image.Image:
@@ -39,7 +46,11 @@ def expect_kind(path, kind, **kwargs) -> ImageError:
 
 def test_empty_file(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
-    expect_kind(tmp_path / "a.jpg", "empty")
+    error = expect_kind(tmp_path / "a.jpg", "empty")
+    # Raised in DataLoader workers: it must survive pickling with its kind.
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.kind, copy.message, str(copy)) == ("empty", error.message, str(error))
+    assert str(error).startswith("empty: ") and "zero-byte" in str(error)
 
 
 @pytest.mark.parametrize("fmt,suffix", [("JPEG", ".jpg"), ("PNG", ".png")])
@@ -95,7 +106,7 @@ def test_pixel_limit_is_overridable(tmp_path, monkeypatch):
 def test_unsupported_mode(tmp_path):
     path = tmp_path / "float.tif"
     Image.fromarray(np.ones((8, 8), np.float32)).save(path)
-    assert Image.open(path).mode == "F"
+    assert opened(path, "mode") == "F"
     expect_kind(path, "unsupported_mode")
 
 
@@ -113,7 +124,8 @@ def test_rgb_jpeg_matches_pil_decode(tmp_path):
     noise_image().save(path, quality=90)
     image = load_rgb(path)
     assert image.size == (96, 64)
-    np.testing.assert_array_equal(pixels(image), np.asarray(Image.open(path)).astype(int))
+    with Image.open(path) as reference:
+        np.testing.assert_array_equal(pixels(image), np.asarray(reference).astype(int))
 
 
 def test_grayscale_and_one_bit(tmp_path):
@@ -121,7 +133,7 @@ def test_grayscale_and_one_bit(tmp_path):
     assert (pixels(load_rgb(tmp_path / "g.png")) == 77).all()
     checker = (np.indices((6, 6)).sum(0) % 2).astype(bool)
     Image.fromarray(checker).save(tmp_path / "b.png")
-    assert Image.open(tmp_path / "b.png").mode == "1"
+    assert opened(tmp_path / "b.png", "mode") == "1"
     out = pixels(load_rgb(tmp_path / "b.png"))
     np.testing.assert_array_equal(out[..., 0], np.where(checker, 255, 0))
 
@@ -168,7 +180,7 @@ def test_sixteen_bit_is_scaled_not_clipped(tmp_path, dtype, suffix):
     values = np.array([[0, 1000, 25700, 40000, 65535]], dtype=dtype)
     path = tmp_path / f"deep{suffix}"
     Image.fromarray(values).save(path)
-    assert Image.open(path).mode in ("I;16", "I")
+    assert opened(path, "mode") in ("I;16", "I")
     out = pixels(load_rgb(path))[..., 0]
     np.testing.assert_array_equal(out, np.rint(values.astype(float) * 255 / 65535))  # [0, 4, 100, 156, 255]
 
@@ -194,7 +206,7 @@ def test_animated_first_frame(tmp_path, fmt):
     path = tmp_path / f"anim.{fmt.lower()}"
     extra = {"lossless": True} if fmt == "WEBP" else {}
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0, **extra)
-    assert Image.open(path).n_frames == 3
+    assert opened(path, "n_frames") == 3
     assert (pixels(load_rgb(path)) == [255, 0, 0]).all()
 
 

@@ -1,0 +1,172 @@
+"""Epoch time of the paper's configuration: heads.train on resident tensors vs the reference-style baseline.
+
+    python bench/fit.py                                  # 50k x 768 float16, CPU or the GPU
+    python bench/fit.py --rows 1000000 --device cuda --baseline-rows 100000 --json fit.json
+
+Both sides train the same rows (the store's seeded 80/20 split) with the paper's configuration:
+MLP head (3 x 768), CVaR alpha 0.3 + AUC gamma 0.5, feature noise, batch 256, AdamW. An epoch is
+one training pass plus one validation pass, as each tool runs it (ours: heads.train.train_group,
+timed at its per-epoch log line; the baseline: bench/reference.py). Data loading and startup are
+EXCLUDED for both and reported apart: ours loads the store into one tensor once; the baseline
+opens its HDF5 file and label table once (its per-row reads happen inside every epoch, by design).
+A short warm-up of each runs first. --baseline-rows measures the baseline on a subset and
+extrapolates per row; the table then says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import reference
+from common import clock, describe, machine_info, print_table, resolve_device, setup_threads, write_json
+
+import store  # noqa: E402  (common put the repo on sys.path)
+from heads.config import make_config
+from heads.data import split_rows
+from heads.train import load_data, train_group
+from store.synthetic import make_synthetic_store
+
+TARGETS = {"cpu": 5.0, "cuda": 50.0}
+SAM_TARGET = 2.2
+
+
+def time_ours(data, cfg, device) -> list[float]:
+    """Seconds of each epoch of train_group, cut at its per-epoch log line (which follows a host sync)."""
+    marks = [clock(device)]
+
+    def log(line: str) -> None:
+        if line.startswith("epoch"):
+            marks.append(clock(device))
+
+    train_group(data, [cfg], log=log)
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+def warm_up_ours(data, cfg, device) -> None:
+    """One short epoch on a slice: allocator, kernels and BLAS handles ready before timing."""
+    n = min(data.y.numel(), 8 * cfg.batch_size)
+    time_ours(dataclasses.replace(data, x=data.x[:n], y=data.y[:n]), dataclasses.replace(cfg, epochs=1), device)
+
+
+def export_for_baseline(store_dir: Path, cfg, folder: Path, max_train: int | None):
+    """The same train / val rows as load_data, written in the reference's layout (contiguous HDF5 + CSV)."""
+    s = store.open(store_dir)
+    parts = split_rows(s.meta, val_frac=cfg.val_frac, seed=cfg.split_seed, holdout_sources=cfg.holdout_sources)
+    x, meta = s.load(s.meta)
+    y = meta["label"].to_numpy().astype(np.int64)
+    tr, va = parts["train"], parts["val"]
+    full = (len(tr), len(va))
+    if max_train is not None and max_train < len(tr):
+        # A subset keeps the split's train:val proportion, so the extrapolation scales both passes alike.
+        va = va[: max(reference.VAL_BATCH, round(len(va) * max_train / len(tr)))]
+        tr = tr[:max_train]
+    train_files = reference.write_reference_files(x[tr], y[tr], folder, "train")
+    val_files = reference.write_reference_files(x[va], y[va], folder, "val")
+    return train_files, val_files, full
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=50_000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--epochs", type=int, default=1, help="epochs of ours (mean epoch reported)")
+    p.add_argument("--baseline-epochs", type=int, default=1)
+    p.add_argument("--baseline-rows", type=int, default=None,
+                   help="time the baseline on this many train rows and extrapolate per row (labelled)")
+    p.add_argument("--sam-rho", type=float, default=0.05)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args()
+
+    setup_threads(args.threads)
+    device = resolve_device(args.device)
+    info = machine_info(device)
+    cfg = make_config("paper", sam_rho=0.0, epochs=args.epochs)
+    cfg_sam = dataclasses.replace(cfg, sam_rho=args.sam_rho)
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        store_dir = Path(make_synthetic_store(tmp / "embeddings", n=args.rows, dim=args.dim, signal=3.0))
+        make_s = time.perf_counter() - t
+
+        t = clock(device)
+        data = load_data(store_dir, cfg, device=device)
+        load_s = clock(device) - t
+        n_train, n_val = data.counts["train"], data.counts["val"]
+        print(f"synthetic store {args.rows} x {args.dim} float16 written in {make_s:.1f}s; "
+              f"{n_train} train / {n_val} val rows loaded onto {device} in {load_s:.2f}s")
+
+        warm_up_ours(data, cfg, device)
+        ours = time_ours(data, cfg, device)
+        print(f"ours: epochs {', '.join(f'{s:.2f}s' for s in ours)}")
+        ours_sam = time_ours(data, cfg_sam, device)
+        print(f"ours + SAM: epochs {', '.join(f'{s:.2f}s' for s in ours_sam)}")
+        del data
+
+        t = time.perf_counter()
+        train_files, val_files, (full_train, full_val) = export_for_baseline(store_dir, cfg, tmp, args.baseline_rows)
+        export_s = time.perf_counter() - t
+        t = clock(device)
+        base = reference.ReferenceTrainer(train_files, val_files, device, dim=args.dim, alpha=cfg.cvar_alpha,
+                                          gamma=cfg.auc_gamma, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        base_setup_s = clock(device) - t
+        base.train_pass(max_steps=2)  # warm-up
+        epochs = []
+        for e in range(args.baseline_epochs):
+            epochs.append(base.epoch())
+            print(f"baseline: epoch {e + 1} train {epochs[-1].train_s:.2f}s val {epochs[-1].val_s:.2f}s "
+                  f"({epochs[-1].train_rows} train rows, {epochs[-1].steps} steps)")
+
+    measured_train, measured_val = epochs[0].train_rows, epochs[0].val_rows
+    # Extrapolation (only with --baseline-rows): each pass scaled by its own row ratio.
+    scale_train, scale_val = full_train / measured_train, full_val / measured_val
+    b_train = statistics.mean(e.train_s for e in epochs) * scale_train
+    b_val = statistics.mean(e.val_s for e in epochs) * scale_val
+    b_epoch = b_train + b_val
+    extrapolated = scale_train != 1 or scale_val != 1
+    o, o_sam = statistics.mean(ours), statistics.mean(ours_sam)
+    target = TARGETS.get(device.type)
+
+    how = f"extrapolated from {measured_train} train + {measured_val} val rows" if extrapolated else "measured"
+    rows = [
+        {"what": "reference-style baseline", "epoch": b_epoch, "train": b_train, "val": b_val, "how": how,
+         "speedup": 1.0},
+        {"what": "ours (heads.train)", "epoch": o, "how": f"measured, mean of {len(ours)}", "speedup": b_epoch / o},
+        {"what": f"ours + SAM rho={args.sam_rho}", "epoch": o_sam, "how": f"measured, mean of {len(ours_sam)}",
+         "speedup": b_epoch / o_sam},
+    ]
+    print(f"\nfit: one epoch = train pass over {n_train} rows + validation on {n_val} rows; paper config "
+          f"(MLP 3 x {args.dim}, CVaR a={cfg.cvar_alpha} + AUC g={cfg.auc_gamma}, feature noise, batch "
+          f"{cfg.batch_size}); data loading excluded\n{describe(info)}")
+    print_table(rows, [("what", "", ""), ("epoch", "epoch s", ".2f"), ("train", "train s", ".2f"),
+                       ("val", "val s", ".2f"), ("speedup", "vs baseline", ".1f"), ("how", "", "")])
+    print(f"speed-up {b_epoch / o:.1f}x" + (f" (target >= {target:.0f}x on {device.type})" if target else ""))
+    print(f"SAM costs {o_sam / o:.2f}x the epoch without it (target <= {SAM_TARGET}x)")
+    print(f"loading (not in the epochs): ours store -> {device} {load_s:.2f}s; baseline open file + label table "
+          f"{base_setup_s:.2f}s (after writing its files, {export_s:.1f}s)")
+
+    write_json(args.json, {
+        "bench": "fit", "machine": info | {"loadavg_end": None},
+        "rows": args.rows, "dim": args.dim, "train_rows": n_train, "val_rows": n_val, "config": cfg.to_dict(),
+        "epoch_includes": "training pass + validation pass; data loading excluded",
+        "baseline": {"epoch_s": b_epoch, "train_s": b_train, "val_s": b_val, "extrapolated": extrapolated,
+                     "measured_train_rows": measured_train, "measured_val_rows": measured_val,
+                     "measured_epochs": [dataclasses.asdict(e) for e in epochs], "setup_s": base_setup_s},
+        "ours": {"epoch_s": o, "epochs_s": ours, "load_s": load_s},
+        "ours_sam": {"epoch_s": o_sam, "epochs_s": ours_sam, "rho": args.sam_rho},
+        "speedup": b_epoch / o, "speedup_target": target, "sam_ratio": o_sam / o, "sam_target": SAM_TARGET,
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""A K-config sweep in one heads.train.train call vs K sequential single-config calls, same epochs.
+
+    python bench/sweep.py                                    # CPU-sized defaults, linear and MLP heads
+    python bench/sweep.py --device cuda --rows 1000000 --epochs 2 --sequential-fits 3 --json sweep.json
+
+The K configs are the paper's configuration (CVaR + AUC, feature noise, batch 256, no SAM) over
+a grid alpha in {0.1, 0.3, 0.5, 0.7, 0.9, 1} x gamma in {0, 0.5} x seeds. The sweep is ONE call
+heads.train.train(store, configs): one load, one batched head of K models. The baseline is K calls
+heads.train.train(store, [config]), i.e. what `dfhead fit` does K times (minus process start-up and
+writing run folders). Every call loads the store itself, so the figures are given twice: as called
+(loading included on both sides) and resident (each call's load_data time, measured, taken out on
+both sides). The load_data of heads.train is wrapped to time it; nothing else is changed.
+--sequential-fits N times N of the K sequential calls (evenly spread over the grid) and
+extrapolates to K; the table says so. --sequential-fits 0 times the sweep alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import clock, describe, machine_info, print_table, resolve_device, setup_threads, write_json
+
+import heads.train  # noqa: E402  (common put the repo on sys.path)
+from heads.config import make_config
+from store.synthetic import make_synthetic_store
+
+TARGETS = {"cpu": 6.0, "cuda": 15.0}
+ALPHAS, GAMMAS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0), (0.0, 0.5)
+
+
+def grid_configs(head: str, k: int, epochs: int) -> list:
+    """K paper configs (SAM off) over alpha x gamma, then more seeds until there are K."""
+    base = make_config("paper", head=head, sam_rho=0.0, epochs=epochs)
+    seeds = range(-(-k // (len(ALPHAS) * len(GAMMAS))))
+    combos = itertools.product(seeds, ALPHAS, GAMMAS)
+    return [dataclasses.replace(base, seed=s, cvar_alpha=a, auc_gamma=g) for s, a, g in itertools.islice(combos, k)]
+
+
+class LoadTimer:
+    """Wraps heads.train.load_data so every train() call's loading time is recorded."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self._orig = device, [], heads.train.load_data
+
+    def __enter__(self):
+        def timed(*a, **kw):
+            t = clock(self.device)
+            out = self._orig(*a, **kw)
+            self.seconds.append(clock(self.device) - t)
+            return out
+        heads.train.load_data = timed
+        return self
+
+    def __exit__(self, *exc):
+        heads.train.load_data = self._orig
+
+
+def timed_train(store_dir, cfgs, device) -> tuple[float, float]:
+    """(total seconds, of which loading) of one heads.train.train call."""
+    with LoadTimer(device) as lt:
+        t = clock(device)
+        heads.train.train(store_dir, cfgs, device=str(device), log=lambda line: None)
+        total = clock(device) - t
+    return total, sum(lt.seconds)
+
+
+def bench_head(head: str, store_dir: Path, warm_dir: Path, args, device) -> dict:
+    cfgs = grid_configs(head, args.k, args.epochs)
+    timed_train(warm_dir, cfgs[:2], device)  # warm-up: kernels, BLAS handles, allocator
+    timed_train(warm_dir, cfgs[:1], device)
+    sweep_s, sweep_load = timed_train(store_dir, cfgs, device)
+    print(f"{head}: sweep of {args.k} in {sweep_s:.2f}s (loading {sweep_load:.2f}s)")
+    n_seq = args.k if args.sequential_fits is None else min(args.sequential_fits, args.k)
+    out = {"head": head, "k": args.k, "sweep_s": sweep_s, "sweep_load_s": sweep_load, "sequential_measured": n_seq}
+    if n_seq == 0:
+        return out
+    picks = np.unique(np.linspace(0, args.k - 1, n_seq).round().astype(int))
+    seq = []
+    for i in picks:
+        seq.append(timed_train(store_dir, [cfgs[i]], device))
+        print(f"{head}: fit {len(seq)}/{len(picks)} (config {i}) {seq[-1][0]:.2f}s (loading {seq[-1][1]:.2f}s)")
+    scale = args.k / len(picks)  # 1 unless --sequential-fits < K
+    seq_s, seq_load = scale * sum(s for s, _ in seq), scale * sum(l for _, l in seq)
+    out.update(sequential_measured=len(picks), sequential_extrapolated=scale != 1, sequential_s=seq_s,
+               sequential_load_s=seq_load, per_fit_s=[s for s, _ in seq],
+               ratio_as_called=seq_s / sweep_s, ratio_resident=(seq_s - seq_load) / (sweep_s - sweep_load))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=4000)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--k", type=int, default=24)
+    p.add_argument("--heads", default="linear,mlp", help="comma list of head kinds")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--sequential-fits", type=int, default=None,
+                   help="time this many of the K sequential fits and extrapolate to K (default: all K)")
+    p.add_argument("--store", type=Path, default=None,
+                   help="use this store (a synthetic one is written there if it does not exist)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = p.parse_args()
+
+    setup_threads(args.threads)
+    device = resolve_device(args.device)
+    info = machine_info(device)
+    kinds = [h.strip() for h in args.heads.split(",") if h.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        store_dir = args.store or Path(tmp) / "embeddings"
+        t = time.perf_counter()
+        if not store_dir.exists():
+            make_synthetic_store(store_dir, n=args.rows, dim=args.dim, signal=3.0)
+            print(f"synthetic store {args.rows} x {args.dim} float16 written in {time.perf_counter() - t:.1f}s")
+        warm_dir = make_synthetic_store(Path(tmp) / "warm", n=2048, dim=args.dim, signal=3.0)
+        results = [bench_head(h, store_dir, warm_dir, args, device) for h in kinds]
+
+    target = TARGETS.get(device.type)
+    print(f"\nsweep: K={args.k} configs (alpha x gamma x seed, paper config without SAM), {args.epochs} epoch(s) "
+          f"on {args.rows} x {args.dim} rows (80% train), one heads.train.train call vs K calls\n{describe(info)}")
+    rows = []
+    for r in results:
+        how = "measured" if not r.get("sequential_extrapolated") else \
+            f"extrapolated from {r['sequential_measured']} of {args.k} fits"
+        rows.append({"head": r["head"], "sweep": r["sweep_s"], "seq": r.get("sequential_s"),
+                     "called": r.get("ratio_as_called"), "resident": r.get("ratio_resident"),
+                     "sweep_load": r["sweep_load_s"], "seq_load": r.get("sequential_load_s"),
+                     "how": how if "sequential_s" in r else "sweep only"})
+    print_table(rows, [("head", "head", ""), ("sweep", "sweep s", ".2f"), ("seq", f"{args.k} fits s", ".2f"),
+                       ("resident", "ratio, loading excluded", ".2f"), ("called", "ratio, as called", ".2f"),
+                       ("sweep_load", "sweep load s", ".2f"), ("seq_load", "fits load s", ".2f"),
+                       ("how", "sequential", "")])
+    if target:
+        print(f"target >= {target:.0f}x on {device.type}")
+    write_json(args.json, {"bench": "sweep", "machine": info, "rows": args.rows, "dim": args.dim,
+                           "epochs": args.epochs, "k": args.k, "target": target, "results": results})
+
+
+if __name__ == "__main__":
+    main()
