@@ -45,6 +45,7 @@ import PIL
 import torch
 import torchvision
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.convert import convert_state_dict
 from open_clip.model import convert_to_custom_text_state_dict
 from open_clip.pretrained import has_hf_hub
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
@@ -422,7 +423,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         ) from None
     except Exception as e:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path} ({reason}); pass an open_clip/OpenAI CLIP checkpoint") from None
+        raise UserError(
+            f"cannot read checkpoint {path} ({reason}); pass an open_clip/OpenAI CLIP checkpoint"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # training checkpoints wrap it
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -438,6 +441,8 @@ def _load_state_dict(clip: nn.Module, state: dict[str, torch.Tensor], name: str,
     No position-embedding resizing (open_clip would interpolate silently): a feature
     store must come from exactly the weights it names.
     """
+    # The same key conversions open_clip's load_checkpoint applies.
+    state = convert_state_dict(clip, state)  # third-party layouts (e.g. Apple MobileCLIP)
     if "positional_embedding" in state and not hasattr(clip, "positional_embedding"):
         state = convert_to_custom_text_state_dict(state)  # old layout -> CustomTextCLIP
     expected = clip.state_dict()
@@ -455,7 +460,8 @@ def _load_state_dict(clip: nn.Module, state: dict[str, torch.Tensor], name: str,
             k = wrong[0]
             first = f" (e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})"
         guess = guess_architecture(state)
-        hint = f"; it looks like a {guess} checkpoint, try --model {guess}" if guess else "; pass the --model it was trained as"
+        hint = (f"; it looks like a {guess} checkpoint, try --model {guess}" if guess
+                else "; pass the --model it was trained as")
         raise UserError(
             f"checkpoint {path.name} does not fit model {name}: {len(missing)} missing keys, "
             f"{len(unexpected)} unexpected keys, {len(wrong)} shape mismatches{first}{hint}"

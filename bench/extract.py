@@ -1,0 +1,120 @@
+"""Extraction throughput against the input pipeline's own ceiling.
+
+    python bench/extract.py                                   # CPU, tiny model, 512 generated JPEGs
+    python bench/extract.py --model ViT-L-14 --pretrained none --device cuda --n-images 20000
+
+Two passes over the same image folder, with the same DataLoader, batch size and workers:
+  decode   decode + preprocess in the workers, pin, copy to the device; no model
+  extract  the whole `dfembed extract` job (model, autocast, HDF5 shards)
+The ratio extract/decode says who is the bottleneck: near 1.0 the model keeps up with JPEG
+decoding (the pipeline is input-bound, more --workers would help); well below 1.0 the model
+is the limit. Both rates include worker start-up, as a real run does. Weights do not change
+speed, so `--pretrained none` (random init) measures a model whose weights are not at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from embed.backbone import load_backbone  # noqa: E402
+from embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_workers, extract, make_loader,  # noqa: E402
+                           rank_from_env, resolve_device, resolve_precision)
+from embed.sources import scan_folder  # noqa: E402
+
+
+def make_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
+    """n photo-like JPEGs (smooth colour fields plus sensor-like noise), quality 90, under folder/fake/bench."""
+    rng = np.random.default_rng(seed)
+    out = folder / "fake" / "bench"
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-8, 9, (size, size, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out / f"img{i:06d}.jpg", quality=90)
+
+
+def decode_only(root: Path, paths: list[str], preprocess, *, batch_size: int, workers: int,
+                device: torch.device) -> tuple[int, float]:
+    """(images, seconds) for decode + preprocess + copy to `device`, through extract's own DataLoader."""
+    loader = make_loader(ImageFiles(root, paths, preprocess), batch_size=batch_size, workers=workers,
+                         pin_memory=device.type == "cuda")
+    n, start = 0, time.perf_counter()
+    for batch in loader:
+        if batch.pixels is not None:
+            batch.pixels.to(device, non_blocking=True)
+        n += len(batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    del loader
+    return n, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=Path, help="existing image folder (default: generate --n-images)")
+    ap.add_argument("--n-images", type=int, default=512)
+    ap.add_argument("--size", type=int, default=256, help="side of the generated JPEGs, px")
+    ap.add_argument("--model", default="dfclip-tiny")
+    ap.add_argument("--pretrained", default="none")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    rank = rank_from_env()
+    device = resolve_device(args.device, rank)
+    precision = resolve_precision(args.precision, device)
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE.get(device.type, DEFAULT_BATCH_SIZE["cpu"])
+    workers = default_workers(rank) if args.workers is None else args.workers
+
+    with tempfile.TemporaryDirectory(prefix="dfclip-bench-") as tmp:
+        root = args.images or Path(tmp) / "images"
+        if args.images is None:
+            t = time.perf_counter()
+            make_images(root, args.n_images, args.size)
+            print(f"generated {args.n_images} {args.size}px JPEGs in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        paths = scan_folder(root)["path"].to_list()
+        for p in paths:  # both passes start with the files in the page cache
+            (Path(root) / p).read_bytes()
+
+        preprocess = load_backbone(args.model, args.pretrained, device="cpu").preprocess
+        n_dec, s_dec = decode_only(Path(root), paths, preprocess, batch_size=batch_size, workers=workers, device=device)
+        rep = extract(root, Path(tmp) / "store", model=args.model, pretrained=args.pretrained, device=str(device),
+                      precision=precision, batch_size=batch_size, workers=workers, progress=False)
+        n_ext = rep["embedded"] + rep["failed"]
+        s_ext = n_ext / rep["images_per_s"] if rep["images_per_s"] else float("nan")
+
+    results = {
+        "device": rep["device"], "model": args.model, "precision": precision, "batch_size": batch_size,
+        "workers": workers, "cpus": os.cpu_count(), "images": len(paths), "size": args.size if args.images is None else None,
+        "decode_images_per_s": round(n_dec / s_dec, 1), "extract_images_per_s": rep["images_per_s"],
+        "ratio": round(rep["images_per_s"] / (n_dec / s_dec), 3),
+        "torch": torch.__version__,
+    }
+    print(f"\ndevice {results['device']}, model {args.model} ({precision}), batch {batch_size}, {workers} workers, "
+          f"{len(paths)} images")
+    print(f"{'stage':<9} {'images':>7} {'seconds':>8} {'images/s':>9}")
+    print(f"{'decode':<9} {n_dec:>7} {s_dec:>8.2f} {results['decode_images_per_s']:>9.1f}")
+    print(f"{'extract':<9} {n_ext:>7} {s_ext:>8.2f} {results['extract_images_per_s']:>9.1f}")
+    print(f"extract / decode = {results['ratio']:.2f}  (1.00: input-bound, the model keeps up with decoding)")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""heads.run end to end on small synthetic stores: run directories, thresholds, sweeps (one
+process and torchrun with two CPU ranks), the memory refusal, eval / predict / runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from sklearn.metrics import roc_auc_score
+
+import store
+from heads import run as R
+from heads.config import make_config
+from heads.report import load_run
+from store.errors import UserError
+from store.synthetic import make_synthetic_store
+from store.writer import ShardWriter
+
+QUIET = {"log": lambda line: None}
+FAST = dict(epochs=4, lr=1e-2, batch_size=64)
+ISSUE_METRICS = ("n", "n_fake", "n_real", "auc", "ap", "eer", "eer_threshold", "acc@0.5", "acc@eer", "threshold", "acc",
+                 "balanced_acc", "precision_macro", "recall_macro", "f1_macro", "precision_fake", "recall_fake",
+                 "f1_fake", "precision_real", "recall_real", "f1_real", "tpr@fpr=0.01", "tpr@fpr=0.05")
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def split_store(src, dst, keep: np.ndarray) -> str:
+    """The rows `keep` (bool mask in storage order) of store `src`, as a new store `dst`."""
+    s = store.open(src)
+    x, meta = s.load()
+    cols = {c: meta[c].to_numpy()[keep] for c in ("path", "label", "source", "split", "group", "size", "mtime_ns")}
+    with ShardWriter(dst, {k: v for k, v in s.provenance.items() if k not in ("dim", "dtype")}, dim=s.dim) as w:
+        w.add(x[keep], cols)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory) -> dict:
+    """A train store and a validation store cut from one synthetic store by video (3000 rows, dim 32)."""
+    root = tmp_path_factory.mktemp("run")
+    full = make_synthetic_store(root / "full", n=3000, dim=32, signal=4, fake_rate=0.7, seed=2)
+    meta = store.open(full).meta
+    is_val = np.array([int(g[3:]) % 5 == 0 for g in meta["group"]])
+    return {"train": split_store(full, root / "train", ~is_val), "val": split_store(full, root / "val", is_val),
+            "root": root}
+
+
+def val_rows(stores) -> tuple[pl.DataFrame, np.ndarray]:
+    """The validation store's rows (by path) and labels."""
+    x, meta = store.open(stores["val"]).load()
+    return meta.sort("path"), meta.sort("path")["label"].to_numpy()
+
+
+@pytest.fixture(scope="module")
+def fitted(stores) -> tuple[Path, object]:
+    cfg = make_config(**FAST, holdout_sources=("gan",))
+    run_dir = R.fit(stores["train"], cfg, val_store=stores["val"], runs_dir=stores["root"] / "runs", name="e2e",
+                    device="cpu", **QUIET)
+    return run_dir, cfg
+
+
+def approx_tree(a, b, tol=1e-4, path="") -> None:
+    """Assert two JSON-like trees are equal, numbers to `tol`."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            approx_tree(a[k], b[k], tol, f"{path}.{k}")
+    elif isinstance(a, float) and isinstance(b, (int, float)):
+        assert b == pytest.approx(a, abs=tol), path
+    else:
+        assert a == b, path
+
+
+# --- fit: the run directory ---------------------------------------------------------------------
+
+
+def test_fit_learns_the_signal_and_writes_every_artifact(stores, fitted):
+    run_dir, cfg = fitted
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "head.safetensors", "metrics.parquet",
+                                                         "report.json", "roc_pr.png"]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["val"]["auc"] >= 0.95
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run"] == cfg.to_dict()  # every setting
+    assert config["provenance"] == store.open(stores["train"]).provenance
+    assert config["data"]["store"] == stores["train"] and config["data"]["val_store"] == stores["val"]
+    assert config["threshold"] == report["threshold"] and config["best_epoch"] == report["best_epoch"]
+    assert config["head"] == {"kind": "mlp", "dim": 32, "hidden": 32, "depth": 3, "dropout": 0.335}
+
+    # weights: safetensors (a JSON header, then raw tensor bytes): no pickle anywhere
+    raw = (run_dir / "head.safetensors").read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + header_len])
+    head, _ = load_run(run_dir)
+    state = head.state_dict()
+    assert set(header) - {"__metadata__"} == set(state)
+    with safe_open(str(run_dir / "head.safetensors"), "pt") as f:
+        for name in f.keys():
+            assert torch.equal(f.get_tensor(name), state[name])
+    with pytest.raises(Exception):
+        torch.load(run_dir / "head.safetensors", weights_only=True)  # not a pickle archive at all
+
+    history = pl.read_parquet(run_dir / "metrics.parquet")
+    assert history["epoch"].to_list() == list(range(1, cfg.epochs + 1))
+    assert {"train_loss", "val_loss", "val_auc", "val_eer", "seconds"} <= set(history.columns)
+    assert report["best_epoch"] == int(np.argmax(history["val_auc"])) + 1
+    assert report["val"]["auc"] == pytest.approx(history["val_auc"].max(), abs=1e-9)
+
+    for name in ("val", "holdout"):
+        assert set(ISSUE_METRICS) <= set(report[name]), name
+    assert set(report["val"]["per_source"]) == {"diffusion", "faceswap", "ffhq"}  # gan is held out
+    assert set(report["holdout"]["per_source"]) == {"gan", "ffhq"}
+    assert report["val"]["video"]["auc"] is not None
+
+    png = (run_dir / "roc_pr.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(run_dir / "roc_pr.png") as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_report_numbers_are_sklearns_on_the_saved_head(stores, fitted):
+    """Per source, per video and headline val metrics of report.json, recomputed from predict's scores."""
+    run_dir, _ = fitted
+    report = json.loads((run_dir / "report.json").read_text())["val"]
+    scores = R.predict_store(run_dir, stores["val"], device="cpu")  # sorted by path
+    meta, y = val_rows(stores)
+    assert scores["path"].to_list() == meta["path"].to_list()
+    s = scores["score"].to_numpy().astype(np.float64)
+    src, reals = meta["source"].to_numpy(), y == 0
+    assert report["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+    for name, got in report["per_source"].items():
+        rows = src == name
+        if name != "ffhq":
+            pick = (rows & (y == 1)) | reals
+            assert got["auc"] == pytest.approx(roc_auc_score(y[pick], s[pick]), abs=1e-9), name
+        assert got["acc"] == pytest.approx(np.mean((s[rows] >= 0.5) == y[rows]), abs=1e-9), name
+        assert got["n"] == rows.sum()
+    video = pl.DataFrame({"g": meta["group"], "s": s, "y": y}).group_by("g").agg(pl.col("s").mean(), pl.col("y").max())
+    assert report["video"]["auc"] == pytest.approx(roc_auc_score(video["y"], video["s"]), abs=1e-9)
+    assert report["video"]["n"] == video.height
+
+
+def test_holdout_report_ranks_the_unseen_source_against_val_reals(stores, fitted):
+    run_dir, _ = fitted
+    holdout = json.loads((run_dir / "report.json").read_text())["holdout"]
+    head, _ = load_run(run_dir)
+    x_train, meta_train = store.open(stores["train"]).load(source="gan")
+    x_val, meta_val = store.open(stores["val"]).load()
+    gan_val = meta_val["source"].to_numpy() == "gan"
+    real_val = meta_val["label"].to_numpy() == 0
+    x = np.concatenate([x_train, x_val[gan_val], x_val[real_val]]).astype(np.float32)
+    y = np.r_[np.ones(len(x_train) + gan_val.sum()), np.zeros(real_val.sum())]
+    with torch.no_grad():
+        s = torch.sigmoid(head(torch.from_numpy(x)))[0].numpy()
+    assert holdout["n"] == len(y) and holdout["n_fake"] == len(x_train) + gan_val.sum()
+    assert holdout["per_source"]["gan"]["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["eer", "0.5", "fpr@0.01"])
+def test_threshold_is_saved_and_used_by_predict(stores, spec):
+    run_dir = R.fit(stores["train"], make_config(**FAST, threshold=spec), val_store=stores["val"],
+                    runs_dir=stores["root"] / "runs", name=f"thr-{spec}", device="cpu", **QUIET)
+    config = json.loads((run_dir / "config.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())["val"]
+    t = config["threshold"]
+    assert config["run"]["threshold"] == spec and report["threshold"] == t
+    pred = R.predict_store(run_dir, stores["val"], device="cpu")
+    s, y = pred["score"].to_numpy(), pred["label"].to_numpy()
+    assert np.array_equal(pred["pred"].to_numpy(), (s >= t).astype(np.int8))
+    fpr = np.mean(s[y == 0] >= t)
+    assert 1 - report["recall_real"] == pytest.approx(fpr, abs=1e-12)  # the report used the same decisions
+    if spec == "eer":
+        assert t == report["eer_threshold"]
+    elif spec == "0.5":
+        assert t == 0.5
+    else:
+        n_real = int((y == 0).sum())
+        assert fpr <= 0.01
+        assert int(np.sum(s[y == 0] >= t)) == int(0.01 * n_real)  # the most fakes caught within 1 % FPR
+
+
+# --- sweep ----------------------------------------------------------------------------------------
+
+
+def numeric_equal(a: pl.DataFrame, b: pl.DataFrame, tol=1e-4, skip=("seconds",)) -> None:
+    assert a.columns == b.columns
+    for c in a.columns:
+        if c in skip:
+            continue
+        if a[c].dtype.is_numeric():
+            assert np.allclose(a[c].to_numpy().astype(float), b[c].to_numpy().astype(float), atol=tol,
+                               equal_nan=True), c
+        else:
+            assert a[c].to_list() == b[c].to_list(), c
+
+
+def test_sweep_of_one_configuration_equals_fit(stores, fitted):
+    run_dir, cfg = fitted
+    out, board = R.sweep(stores["train"], [cfg], val_store=stores["val"], runs_dir=stores["root"] / "runs",
+                         name="sweep-of-one", device="cpu", **QUIET)
+    best = out / "best"
+    approx_tree(json.loads((run_dir / "report.json").read_text()) | {"seconds": 0},
+                json.loads((best / "report.json").read_text()) | {"seconds": 0})
+    numeric_equal(pl.read_parquet(run_dir / "metrics.parquet"), pl.read_parquet(best / "metrics.parquet"))
+    a, b = load_run(run_dir)[0].state_dict(), load_run(best)[0].state_dict()
+    assert all(torch.allclose(a[n], b[n], atol=1e-5) for n in a)
+    assert board.height == 1 and board["val_auc_mean"][0] == pytest.approx(
+        json.loads((run_dir / "report.json").read_text())["val"]["auc"], abs=1e-4)
+
+
+SWEEP_BASE = dict(FAST, epochs=3, holdout_sources=("gan",))
+
+
+@pytest.fixture(scope="module")
+def swept(stores):
+    cfgs = R.grid(make_config(**SWEEP_BASE), seeds=2, cvar_alpha=[0.5, 1.0], auc_gamma=[0.0, 0.5])
+    out, board = R.sweep(stores["train"], cfgs, val_store=stores["val"], runs_dir=stores["root"] / "runs",
+                         name="grid", device="cpu", **QUIET)
+    return cfgs, out, board
+
+
+def test_sweep_writes_leaderboard_heatmap_and_best_run(stores, swept):
+    cfgs, out, board = swept
+    assert len(cfgs) == 8 and sorted({c.seed for c in cfgs}) == [0, 1]
+    runs = pl.read_parquet(out / "runs.parquet")
+    assert runs.height == 8
+    assert pl.read_parquet(out / "leaderboard.parquet").equals(board)
+    # one row per configuration, mean and std over its 2 seeds, unseen-source metrics included
+    assert board.height == 4 and board["seeds"].to_list() == [2] * 4
+    assert board.select("cvar_alpha", "auc_gamma").unique().height == 4
+    for metric in ("val_auc", "val_eer", "holdout_auc", "holdout_auc[gan]", "val_video_auc", "val_tpr@fpr=0.01"):
+        for row in board.iter_rows(named=True):
+            mine = runs.filter((pl.col("cvar_alpha") == row["cvar_alpha"]) & (pl.col("auc_gamma") == row["auc_gamma"]))
+            assert sorted(mine["seed"]) == [0, 1]
+            assert row[f"{metric}_mean"] == pytest.approx(mine[metric].mean(), abs=1e-12), metric
+            assert row[f"{metric}_std"] == pytest.approx(mine[metric].std(), abs=1e-12), metric
+    assert board["val_auc_mean"].to_list() == sorted(board["val_auc_mean"], reverse=True)
+    assert (out / "heatmap_alpha_gamma.png").read_bytes().startswith(b"\x89PNG")
+
+    # best/ is an ordinary run directory of the top run
+    best = out / "best"
+    report = json.loads((best / "report.json").read_text())
+    assert report["val"]["auc"] == pytest.approx(runs["val_auc"].max(), abs=1e-12)
+    ev = R.evaluate_run(best, stores["val"], device="cpu")
+    assert ev["auc"] == pytest.approx(report["val"]["auc"], abs=1e-6)
+    pred = R.predict_store(best, stores["val"], device="cpu")
+    assert pred.height == len(store.open(stores["val"]))
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["configs"] == 8 and set(summary["varying"]) == {"cvar_alpha", "auc_gamma", "seed"}
+
+
+def test_each_sweep_member_matches_its_own_fit(stores, swept):
+    """A config's row in a sweep is its fit's result (here: dropout on, so the shared dropout stream of a
+    K>1 group only lets the numbers agree loosely; the K=1 parity is exact, see test_sweep_of_one...)."""
+    cfgs, out, _ = swept
+    runs = pl.read_parquet(out / "runs.parquet")
+    for cfg in cfgs[:2]:
+        run_dir = R.fit(stores["train"], cfg, val_store=stores["val"], runs_dir=stores["root"] / "runs",
+                        name="member", device="cpu", **QUIET)
+        auc = json.loads((run_dir / "report.json").read_text())["val"]["auc"]
+        row = runs.filter((pl.col("cvar_alpha") == cfg.cvar_alpha) & (pl.col("auc_gamma") == cfg.auc_gamma)
+                          & (pl.col("seed") == cfg.seed))
+        assert row["val_auc"][0] == pytest.approx(auc, abs=0.02)
+
+
+def test_rerunning_a_sweep_does_not_mix_in_old_rows(stores):
+    cfgs = R.grid(make_config(**FAST, epochs=1, head="linear"), cvar_alpha=[0.5, 1.0])
+    runs_dir = stores["root"] / "rerun"
+    out, _ = R.sweep(stores["train"], cfgs, runs_dir=runs_dir, name="s", device="cpu", **QUIET)
+    # rows left behind by a rank of an earlier, wider run must not join the next leaderboard
+    pl.read_parquet(out / "parts" / "rows-r000.parquet").write_parquet(out / "parts" / "rows-r001.parquet")
+    out, board = R.sweep(stores["train"], cfgs[:1], runs_dir=runs_dir, name="s", device="cpu", **QUIET)
+    assert board.height == 1 and pl.read_parquet(out / "runs.parquet").height == 1
+
+
+def test_sweep_under_torchrun_with_two_cpu_ranks(stores, tmp_path):
+    """Each rank trains a disjoint slice; rank 0 merges; the result equals the one-process sweep."""
+    opts = ["--head", "linear", "--lr", "0.03", "--batch-size", "64", "--epochs", "3", "--cvar-alpha", "0.5,1",
+            "--auc-gamma", "0,0.5", "--device", "cpu", "--runs-dir", str(tmp_path), "--name", "dist"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                           str(VENV_BIN / "dfhead"), "sweep", stores["train"], *opts],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    out = tmp_path / "dist"
+    parts = [pl.read_parquet(out / "parts" / f"rows-r{r:03d}.parquet") for r in (0, 1)]
+    keys = [set(p.select("cvar_alpha", "auc_gamma").iter_rows()) for p in parts]
+    assert keys[0] and keys[1] and not keys[0] & keys[1]
+    runs = pl.read_parquet(out / "runs.parquet")
+    assert runs.height == 4 and runs.select("cvar_alpha", "auc_gamma").unique().height == 4
+    assert sorted(runs["rank"].unique()) == [0, 1]
+
+    cfgs = R.grid(make_config(head="linear", lr=0.03, batch_size=64, epochs=3), cvar_alpha=[0.5, 1.0],
+                  auc_gamma=[0.0, 0.5])
+    _, single = R.sweep(stores["train"], cfgs, runs_dir=tmp_path, name="one", device="cpu", **QUIET)
+    dist = pl.read_parquet(out / "leaderboard.parquet")
+    key = ["cvar_alpha", "auc_gamma"]
+    numeric_equal(dist.sort(key).drop(pl.selectors.contains("seconds")),
+                  single.sort(key).drop(pl.selectors.contains("seconds")))
+    assert (out / "best" / "head.safetensors").is_file()
+
+
+def test_sweep_too_big_for_memory_is_refused(stores, monkeypatch):
+    cfgs = R.grid(make_config(**FAST), cvar_alpha=[0.5, 1.0])
+    need = R.sweep_memory_bytes(len(store.open(stores["train"])), 32, cfgs, itemsize=4)
+    assert need > 2400 * 32 * 4  # the data, plus the heads
+    assert R.sweep_memory_bytes(10_000, 768, cfgs * 12) > R.sweep_memory_bytes(10_000, 768, cfgs)
+    monkeypatch.setattr(R, "free_memory_bytes", lambda device: need)  # needs more than 90 % of it
+    with pytest.raises(UserError, match=r"needs about .* GiB but .* is free on cpu; split the grid"):
+        R.sweep(stores["train"], cfgs, runs_dir=stores["root"] / "mem", name="big", device="cpu", **QUIET)
+    monkeypatch.setattr(R, "free_memory_bytes", lambda device: 2 * need)
+    R.sweep(stores["train"], cfgs[:1], runs_dir=stores["root"] / "mem", name="ok", device="cpu", **QUIET)
+
+
+def test_free_memory_probe_reads_the_os(stores):
+    free = R.free_memory_bytes(torch.device("cpu"))
+    assert 2**20 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# --- eval, predict, runs ----------------------------------------------------------------------------
+
+
+def test_evaluate_predict_and_list_runs(stores, fitted, swept):
+    run_dir, _ = fitted
+    assert R.evaluate_run(run_dir) == json.loads((run_dir / "report.json").read_text())
+    ev = R.evaluate_run(run_dir, stores["val"], device="cpu")
+    approx_tree(json.loads((run_dir / "report.json").read_text())["val"], ev, tol=1e-6)
+    listed = R.list_runs(stores["root"] / "runs")
+    names = listed["run"].to_list()
+    assert "e2e" in names and "grid/best" in names and not any("parts" in n for n in names)
+    row = listed.filter(pl.col("run") == "e2e").row(0, named=True)
+    assert row["val_auc"] == json.loads((run_dir / "report.json").read_text())["val"]["auc"]
+    assert row["holdout_auc"] is not None
+
+
+@pytest.mark.parametrize("call", [lambda d, s: R.evaluate_run(d), lambda d, s: R.evaluate_run(d, s),
+                                  lambda d, s: R.predict_store(d, s)])
+def test_not_a_run_directory_is_refused(stores, tmp_path, call):
+    with pytest.raises(UserError, match="not a dfclip run directory"):
+        call(tmp_path, stores["val"])
