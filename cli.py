@@ -389,7 +389,8 @@ def sweep(
         import polars as pl
 
         show = [c for c in varying_columns(board) if c != "seed"] + ["seeds"] + [
-            c for c in ("val_auc_mean", "val_auc_std", "val_eer_mean", "holdout_auc_mean") if c in board.columns]
+            c for c in ("val_auc_mean", "val_auc_std", "val_loss_mean", "val_eer_mean", "holdout_auc_mean")
+            if c in board.columns]
         with pl.Config(tbl_rows=50, float_precision=4, tbl_width_chars=160):
             out.print(board.select(show))
         out.print(f"leaderboard: {out_dir / 'leaderboard.parquet'}   best run: {out_dir / 'best'}")

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without installing
+# The repo first: run from a checkout without installing, and `import store` must find the package,
+# not bench/store.py next to these scripts.
+if sys.path[0] != str(ROOT):
     sys.path.insert(0, str(ROOT))
 
 

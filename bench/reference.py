@@ -105,14 +105,18 @@ def augment_per_sample(features: torch.Tensor) -> torch.Tensor:
     return torch.stack(noisy)
 
 
-def cvar_by_search(losses: torch.Tensor, alpha: float) -> torch.Tensor:
-    """CVaR via a host-side scalar search over lambda, as the reference: every evaluation syncs."""
+def search_lambda(losses: torch.Tensor, alpha: float) -> float:
+    """CVaR's lambda by a host-side scalar search, as the reference: every evaluation is a .item() sync."""
     def objective(lam: float) -> float:
         return lam + (1.0 / alpha) * F.relu(losses - lam).mean().item()
 
     low = np.min(losses.detach().cpu().numpy()) - 1000.0
     high = np.max(losses.detach().cpu().numpy())
-    lam = optimize.fminbound(objective, low, high)
+    return optimize.fminbound(objective, low, high)
+
+
+def cvar_at(losses: torch.Tensor, lam: float, alpha: float) -> torch.Tensor:
+    """The differentiable CVaR objective at the searched lambda."""
     return lam + (1.0 / alpha) * F.relu(losses - lam).mean()
 
 
@@ -131,6 +135,7 @@ class EpochTimes:
     val_rows: int
     train_loss: float
     val_auc: float
+    parts: dict  # seconds of the training pass by part: rows (DataLoader), noise, lambda search, model
 
     @property
     def epoch_s(self) -> float:
@@ -152,36 +157,44 @@ class ReferenceTrainer:
         self.model = ReferenceMLP(dim).to(device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
 
-    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        per_sample = F.binary_cross_entropy_with_logits(output, labels, reduction="none")
-        loss = cvar_by_search(per_sample, self.alpha)
-        score_pos, score_neg = output[labels == 1], output[labels == 0]
-        if len(score_pos) and len(score_neg):  # a one-class batch: no AUC term
-            loss = loss + self.gamma * pairwise_auc(score_neg, score_pos)
-        return loss
+    def train_pass(self, max_steps: int | None = None) -> tuple[float, int, int, dict]:
+        """(mean loss, steps, rows, seconds by part) of one pass over the training loader (or max_steps batches).
 
-    def train_pass(self, max_steps: int | None = None) -> tuple[float, int, int]:
-        """(mean loss, steps, rows) of one pass over the training loader (or its first max_steps batches)."""
+        The parts are cut with device syncs; the reference syncs many times per step already.
+        """
         self.model.train()
+        parts = dict.fromkeys(("rows", "noise", "lambda search", "model"), 0.0)
         total, steps, rows = 0.0, 0, 0
+        t = clock(self.device)
         for inputs, labels in self.train_loader:
             inputs, labels = inputs.to(self.device), labels.to(self.device)
+            t = _lap(parts, "rows", t, self.device)
             rows += len(labels)
             if self.augment:
                 inputs = torch.cat([inputs, augment_per_sample(inputs)])
                 labels = torch.cat([labels, labels])
                 perm = torch.randperm(len(inputs))  # host permutation, as the reference
                 inputs, labels = inputs[perm], labels[perm]
+            t = _lap(parts, "noise", t, self.device)
             self.opt.zero_grad()
             output, _ = self.model(inputs)
-            loss = self.loss(output.squeeze(), labels)
+            output = output.squeeze()
+            per_sample = F.binary_cross_entropy_with_logits(output, labels, reduction="none")
+            t = _lap(parts, "model", t, self.device)
+            lam = search_lambda(per_sample, self.alpha)
+            t = _lap(parts, "lambda search", t, self.device)
+            loss = cvar_at(per_sample, lam, self.alpha)
+            score_pos, score_neg = output[labels == 1], output[labels == 0]
+            if len(score_pos) and len(score_neg):  # a one-class batch: no AUC term
+                loss = loss + self.gamma * pairwise_auc(score_neg, score_pos)
             loss.backward()
             self.opt.step()
             total += loss.item()
             steps += 1
+            t = _lap(parts, "model", t, self.device)
             if max_steps is not None and steps >= max_steps:
                 break
-        return total / max(1, steps), steps, rows
+        return total / max(1, steps), steps, rows, parts
 
     @torch.no_grad()
     def val_pass(self) -> tuple[float, int]:
@@ -209,11 +222,17 @@ class ReferenceTrainer:
 
     def epoch(self) -> EpochTimes:
         t0 = clock(self.device)
-        loss, steps, rows = self.train_pass()
+        loss, steps, rows, parts = self.train_pass()
         t1 = clock(self.device)
         auc, val_rows = self.val_pass()
         t2 = clock(self.device)
-        return EpochTimes(t1 - t0, t2 - t1, steps, rows, val_rows, loss, auc)
+        return EpochTimes(t1 - t0, t2 - t1, steps, rows, val_rows, loss, auc, parts)
+
+
+def _lap(parts: dict, name: str, since: float, device: torch.device) -> float:
+    now = clock(device)
+    parts[name] += now - since
+    return now
 
 
 def main() -> None:
@@ -236,11 +255,13 @@ def main() -> None:
                  write_reference_files(x[cut:], y[cut:], Path(tmp), "val"))
         trainer = ReferenceTrainer(*files, device, dim=args.dim)
         print(f"setup {time.perf_counter() - t:.2f}s on {device}")
-        rows = [vars(trainer.epoch()) | {"epoch": e + 1} for e in range(args.epochs)]
-        for r in rows:
-            r["epoch_s"] = r["train_s"] + r["val_s"]
-    print_table(rows, [("epoch", "epoch", ""), ("train_s", "train s", ".2f"), ("val_s", "val s", ".2f"),
-                       ("epoch_s", "epoch s", ".2f"), ("steps", "steps", ""), ("val_auc", "val AUC", ".3f")])
+        rows = []
+        for e in range(args.epochs):
+            r = trainer.epoch()
+            rows.append(vars(r) | r.parts | {"epoch": e + 1, "epoch_s": r.epoch_s})
+    print_table(rows, [("epoch", "epoch", ""), ("epoch_s", "epoch s", ".2f"), ("train_s", "train s", ".2f"),
+                       ("val_s", "val s", ".2f"), *[(k, f"{k} s", ".2f") for k in rows[0]["parts"]],
+                       ("steps", "steps", ""), ("val_auc", "val AUC", ".3f")])
 
 
 if __name__ == "__main__":

@@ -183,6 +183,9 @@ def load_backbone(
         weights_record.update(file=weights["path"].name, format=checkpoint_format)
         if weights["kind"] == "file":
             weights_record["sha256"] = sha256_file(weights["path"])
+            # Where it lay, so `dfhead predict` can re-embed images with the same weights; the
+            # store's identity uses the hash, not this path.
+            weights_record["file_path"] = str(Path(weights["path"]).resolve())
     provenance = {
         "model": name,
         "model_source": model_source,

@@ -16,6 +16,10 @@ own eval transform); the main process only moves pinned batches to the device, r
 tower under autocast and buffers results in a ShardWriter. An image that cannot be decoded
 becomes a failure marker in its batch, never an exception, so one bad file neither stops the
 run nor shifts rows.
+
+Workers start the platform's default way (fork on Linux). Where that is spawn (macOS), a
+script that calls extract() needs the usual `if __name__ == "__main__":` guard; the dfembed
+command has it.
 """
 
 from __future__ import annotations
@@ -189,7 +193,8 @@ def make_loader(dataset: ImageFiles, *, batch_size: int, workers: int, pin_memor
     """The DataLoader of the job (also used by bench/extract.py for the decode-only rate)."""
     # Workers start the platform's default way (fork on Linux: instant, and they touch no CUDA).
     # store.writer_lock makes forked children drop their copy of the lock descriptor.
-    extra = dict(persistent_workers=True, prefetch_factor=4) if workers > 0 else {}
+    # Two batches in flight per worker: a 256-image float batch at 224 px is 150 MB of shared memory.
+    extra = dict(persistent_workers=True, prefetch_factor=2) if workers > 0 else {}
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory, **extra)
 
@@ -331,6 +336,8 @@ def extract(
     batch_size = batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
     workers = default_workers(rank) if workers is None else workers
     out = Path(os.path.abspath(os.path.expanduser(out)))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a store directory (new or from an earlier run)")
 
     rows, input_root = _load_rows(inputs, manifest, root, columns, target_means)
     mine = partition(rows, rank.rank, rank.world)

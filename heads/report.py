@@ -119,9 +119,16 @@ def flat_metrics(report: dict, prefix: str) -> dict:
 def result_row(result) -> dict:
     row = {k: (",".join(v) if isinstance(v, (list, tuple)) else v) for k, v in result.config.to_dict().items()}
     row.update({"best_epoch": result.best_epoch, "decision_threshold": result.threshold, "seconds": result.seconds})
+    at_best = result.history.filter(pl.col("epoch") == result.best_epoch)  # for --select loss
+    row["val_loss"] = float(at_best["val_loss"][0]) if at_best.height else None
     for name, rep in result.reports.items():
         row.update(flat_metrics(rep, name))
     return row
+
+
+def selection_order(select: str) -> tuple[str, bool]:
+    """(column, descending) that ranks runs for --select: lowest val loss, else highest val AUC."""
+    return ("val_loss", False) if select == "loss" else ("val_auc", True)
 
 
 def leaderboard(rows: pl.DataFrame, select: str = "auc") -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -130,7 +137,7 @@ def leaderboard(rows: pl.DataFrame, select: str = "auc") -> tuple[pl.DataFrame, 
 
     metric_cols = [c for c in rows.columns if c.startswith(("val_", "holdout_")) and c not in FIELDS]
     cfg_cols = [c for c in rows.columns if c in FIELDS and c != "seed"]
-    sort_col, desc = "val_auc", True  # every selection mode is compared on val AUC in the table
+    sort_col, desc = selection_order(select)
     summary = (rows.group_by(cfg_cols, maintain_order=True)
                .agg(pl.len().alias("seeds"),
                     *[pl.col(c).mean().alias(f"{c}_mean") for c in metric_cols],

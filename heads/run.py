@@ -27,7 +27,7 @@ import store
 from heads import metrics
 from heads.config import RunConfig, validate
 from heads.report import (default_run_name, leaderboard, load_run, plot_heatmap, result_row, safe_name, save_run,
-                          varying_columns)
+                          selection_order, varying_columns)
 from heads.train import Data, RunResult, predict_logits, resolve_device, train
 from store.errors import UserError
 
@@ -125,6 +125,7 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     if world > 1 and device == "auto" and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     mine = cfgs[rank::world]
+    select = cfgs[0].select if len({c.select for c in cfgs}) == 1 else "auc"  # ranks runs and picks best/
     if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     if mine:
@@ -135,7 +136,8 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
         results, data = train(s, mine, val_store=val_store, device=device, log=log, progress=progress)
         log(f"rank {rank}: trained {len(mine)} heads in {time.perf_counter() - t0:.1f}s")
         rows = pl.DataFrame([result_row(r) | {"rank": rank, "index": i} for i, r in enumerate(results)])
-        best_i = int(np.nanargmax([r.reports["val"].get("auc") or -1.0 for r in results]))
+        col, desc = selection_order(select)
+        best_i = int(rows.with_row_index("i").sort(col, descending=desc, nulls_last=True)["i"][0])
         save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts,
                  scores=_eval_scores(results[best_i], data))
         tmp = parts / f".rows-r{rank:03d}.parquet.tmp"
@@ -147,7 +149,7 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
         return out, pl.DataFrame()
     files = [p for r in range(world) if (p := parts / f"rows-r{r:03d}.parquet").is_file()]
     rows = pl.concat([pl.read_parquet(p) for p in files], how="diagonal_relaxed")
-    runs, summary = leaderboard(rows)
+    runs, summary = leaderboard(rows, select)
     runs.write_parquet(out / "runs.parquet")
     summary.write_parquet(out / "leaderboard.parquet")
     plot_heatmap(summary, out / "heatmap_alpha_gamma.png")

@@ -162,11 +162,14 @@ def pick_threshold(spec: str, scores: torch.Tensor, labels: torch.Tensor) -> tor
     if kind == "eer":
         return metrics.eer(scores, labels)[1].double().nan_to_num(0.5)
     # fpr@v: the lowest threshold whose false-positive rate on val reals is <= v.
-    reals = scores[:, labels == 0].double().sort(dim=1, descending=True).values
+    reals = scores[:, labels == 0].sort(dim=1, descending=True).values
     allowed = math.floor(value * reals.shape[1])
     if allowed >= reals.shape[1]:
-        return reals[:, -1]
-    return torch.nextafter(reals[:, allowed], torch.tensor(math.inf, dtype=torch.float64, device=scores.device))
+        return reals[:, -1].double()
+    # Step to the next score above the first real that must stay below, in the scores' own dtype:
+    # metrics and predict compare in that dtype, where a float64 step would round back onto it.
+    above = torch.nextafter(reals[:, allowed], torch.tensor(math.inf, dtype=reals.dtype, device=scores.device))
+    return above.double()
 
 
 def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None] = print,

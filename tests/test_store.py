@@ -125,6 +125,31 @@ def test_shuffled_rows_keep_embeddings_aligned(tmp_path, sample):
     np.testing.assert_array_equal(X, emb[[index[p] for p in m["path"]]])
 
 
+@pytest.mark.parametrize("call_bytes, span_bytes", [
+    (1 << 19, 64 << 20),  # defaults: every shard's scattered rows in one read
+    (64, 64 << 20),       # gap_rows = 1: only adjacent rows share a read
+    (1 << 19, 640),       # max_span = 10 rows: long spans split
+])
+def test_scattered_rows_are_exact_and_read_with_few_calls(tmp_path, monkeypatch, call_bytes, span_bytes):
+    import store.reader as reader
+
+    monkeypatch.setattr(reader, "READ_CALL_BYTES", call_bytes)
+    monkeypatch.setattr(reader, "MAX_SPAN_BYTES", span_bytes)
+    rng = np.random.default_rng(4)
+    emb = rng.standard_normal((300, 16)).astype(np.float32)  # 64 bytes a row
+    write(tmp_path, emb, rows_of([f"p{i:03d}" for i in range(300)]), shard_size=100)
+    s = store.open(tmp_path)
+    pick = np.r_[rng.choice(300, 120, replace=False), np.arange(40, 60)]  # scattered rows and a run
+    rows = pl.concat([s.meta[np.unique(pick)], s.meta[[7, 7]]])  # a row asked for twice comes twice
+    calls, real = [], h5py.Dataset.read_direct
+    monkeypatch.setattr(h5py.Dataset, "read_direct", lambda ds, *a: (calls.append(1), real(ds, *a))[1])
+    X, m = s.load(rows)
+    assert m.height == rows.height and m["path"].to_list().count("p007") == 2 + (7 in pick)
+    np.testing.assert_array_equal(X, emb[[int(p[1:]) for p in m["path"]]])
+    if call_bytes == 1 << 19 and span_bytes == 64 << 20:
+        assert len(calls) == 3  # one per shard, not one per run of rows
+
+
 # ---------------------------------------------------------------- plain h5py contract
 
 
