@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -127,9 +128,9 @@ def extract_cmd(
         help="Map a manifest column, OURS=THEIRS, repeatable: --column 'path=Image Path' --column label=Target.")] = None,
     target_means: Annotated[str, typer.Option(
         help="What label 1 means in the manifest: fake (default) or real (flips 0/1).")] = "fake",
-    model: Annotated[str, typer.Option(
+    model: Annotated[str, typer.Option(envvar="DFCLIP_MODEL",
         help="open_clip model name (ViT-L-14 is the paper's), dfclip-tiny for tests, or a model-config .json.")] = "ViT-L-14",
-    pretrained: Annotated[str, typer.Option(
+    pretrained: Annotated[str, typer.Option(envvar="DFCLIP_PRETRAINED",
         help="open_clip tag (openai), a checkpoint file (.safetensors/.pt/.bin/OpenAI .pt archive), or none.")] = "openai",
     feature: Annotated[str, typer.Option(help="proj: after CLIP's projection (SP_CUP); pre: before it.")] = "proj",
     quick_gelu: Annotated[Optional[bool], typer.Option(
@@ -315,11 +316,14 @@ def predict(
 
     if (images is None) == (store_dir is None):
         raise UserError("give either IMAGES (a folder or file) or --store STORE, not both")
-    if images is not None:
-        from embed.extract import embed_for_run
+    with tempfile.TemporaryDirectory(prefix="dfclip-predict-") as tmp:
+        if images is not None:
+            from embed.extract import extract_like
+            from heads.report import load_run_config
 
-        store_dir = embed_for_run(run, images, device=device, workers=workers)
-    df = predict_store(run, store_dir, device=device)
+            summary = extract_like(load_run_config(run)["provenance"], images, tmp, device=device, workers=workers)
+            store_dir = summary["store"]
+        df = predict_store(run, store_dir, device=device)
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())
     out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real")

@@ -386,3 +386,62 @@ def extract(
         "batch_size": batch_size, "workers": workers, "shards_written": len(writer.written),
         "failures_file": failures_file,
     }
+
+
+def backbone_from_provenance(provenance: dict, workdir: str | os.PathLike) -> dict:
+    """The extract() arguments (model, pretrained, feature, quick_gelu) that rebuild the backbone
+    recorded in `provenance`, e.g. a trained run's, so new images embed exactly as its store did.
+
+    A model that came from a config file is re-registered from the recorded config (written
+    into `workdir`); a checkpoint file must still exist where it was and have the same sha256.
+    """
+    import json
+
+    import open_clip
+
+    from embed.backbone import sha256_file
+
+    name = provenance.get("model")
+    if not name:
+        raise UserError("this run's provenance names no model (imported or synthetic embeddings?); "
+                        "embed the images yourself with `dfembed extract` and use `dfhead predict RUN --store`")
+    model = name
+    if name not in open_clip.list_models():
+        cfg = {k: v for k, v in provenance["model_config"].items() if k != "quick_gelu"}
+        model = str(Path(workdir) / f"{name}.json")
+        Path(model).write_text(json.dumps(cfg))
+    weights = provenance.get("pretrained") or {}
+    kind = weights.get("kind") if isinstance(weights, dict) else None
+    if kind == "tag":
+        pretrained = weights["tag"]
+    elif kind == "none":
+        pretrained = "none"
+    elif kind == "file":
+        pretrained = weights.get("file_path") or ""
+        if not Path(pretrained).is_file():
+            raise UserError(f"the run's checkpoint {weights.get('file')} is no longer at {pretrained or '?'}; put it back "
+                            "or embed with `dfembed extract --pretrained PATH` and use `dfhead predict RUN --store`")
+        if sha256_file(pretrained) != weights.get("sha256"):
+            raise UserError(f"{pretrained} changed since the run was trained (sha256 differs); restore the original "
+                            "checkpoint or retrain")
+    else:
+        raise UserError("this run's provenance does not say which weights made its embeddings; "
+                        "embed the images yourself and use `dfhead predict RUN --store`")
+    return {"model": model, "pretrained": pretrained, "feature": provenance.get("feature", "proj"),
+            "quick_gelu": provenance.get("quick_gelu")}
+
+
+def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.PathLike, **kwargs) -> dict:
+    """Embed `images` (a folder or one image file) into store `out` with the backbone of `provenance`."""
+    images = Path(images)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if images.is_file():  # one image: a folder holding a link to it
+        folder = out / "_input"
+        folder.mkdir(exist_ok=True)
+        link = folder / images.name
+        if not link.exists():
+            link.symlink_to(images.resolve())
+        images = folder
+    args = backbone_from_provenance(provenance, out)
+    return extract(images, out / "store", **args, **kwargs)

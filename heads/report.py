@@ -61,14 +61,20 @@ def save_run(result, run_dir: str | os.PathLike, *, provenance: dict, counts: di
     return run_dir
 
 
-def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Head, dict]:
-    """The trained head (eval mode) and config.json of a run directory."""
+def load_run_config(run_dir: str | os.PathLike) -> dict:
+    """config.json of a run directory (settings, head, threshold, store provenance)."""
     run_dir = Path(run_dir)
     cfg_path, weights = run_dir / "config.json", run_dir / "head.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise UserError(f"{run_dir} is not a dfclip run directory (needs config.json and head.safetensors); "
                         "pass a directory written by `dfhead fit` or `dfhead sweep`")
-    config = json.loads(cfg_path.read_text())
+    return json.loads(cfg_path.read_text())
+
+
+def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Head, dict]:
+    """The trained head (eval mode) and config.json of a run directory."""
+    config = load_run_config(run_dir)
+    weights = Path(run_dir) / "head.safetensors"
     head = head_from_config(config["head"], 1, seeds=[config["run"].get("seed", 0)])
     head.load_state_dict(load_file(str(weights)))
     return head.to(device).eval(), config

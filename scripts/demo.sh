@@ -9,7 +9,7 @@ export PATH="$VENV/bin:$PATH"
 rm -rf demo && mkdir -p demo && cd demo
 
 echo "== 1. a labelled demo folder: real/{ffhq,celeba}, fake/{stylegan2,sd15,dalle} (procedural faces)"
-dfembed demo ./images --n-per-source 120
+dfembed demo ./images --n-per-source 200
 
 # No CLIP weights can be downloaded here, so the demo extracts with the tiny random-init
 # model that ships with dfclip. Every figure below therefore comes from RANDOM weights: it

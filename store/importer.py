@@ -105,6 +105,8 @@ def import_h5(
             raise UserError(f"{what} {p} does not exist; check the path")
     if target_means not in ("fake", "real"):
         raise UserError(f"--target-means must be 'fake' or 'real', got {target_means!r}")
+    if feature not in ("proj", "pre"):
+        raise UserError(f"--feature must be 'proj' (CLIP embedding) or 'pre' (before the projection), got {feature!r}")
     table = _read_csv(csv_path, columns)
     names = {**DEFAULT_COLUMNS, **columns}
     paths = table[names["path"]].fill_null("")
@@ -143,8 +145,8 @@ def import_h5(
             "imported_from": {"file": h5_path.name, "sha256": sha256_file(h5_path), "dataset": dataset,
                               "source_dtype": str(ds.dtype), "csv": csv_path.name},
         }
-        _refuse_other_model(Path(out), {**provenance, "dim": dim})
         with writer_lock(out, 0):
+            _refuse_other_model(Path(out), {**provenance, "dim": dim})
             w = ShardWriter(out, provenance, dim=dim, dtype=dtype, shard_size=shard_size)
             try:
                 for a in range(0, n, shard_size):

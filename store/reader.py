@@ -18,12 +18,12 @@ META_SCHEMA = {
     "path": pl.Utf8, "label": pl.Int8, "source": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8,
     "size": pl.Int64, "mtime_ns": pl.Int64, "shard": pl.Int32, "row": pl.Int64,
 }
+FAILURE_SCHEMA = {"path": pl.Utf8, "error": pl.Utf8, "message": pl.Utf8, "size": pl.Int64, "mtime_ns": pl.Int64}
 # load() cost model: one read call costs about as much as reading READ_CALL_BYTES, so selected rows
 # closer than that are fetched by one call (the gap is read and dropped) instead of one call per run
 # (~0.1 ms each: a scattered half of 200k rows took 10 s that way). Spans are capped for memory.
 READ_CALL_BYTES = 1 << 19
 MAX_SPAN_BYTES = 64 << 20
-FAILURE_SCHEMA = {"path": pl.Utf8, "error": pl.Utf8, "message": pl.Utf8, "size": pl.Int64, "mtime_ns": pl.Int64}
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ def list_shards(root: str | os.PathLike) -> list[Shard]:
             continue
         try:
             with h5py.File(p, "r") as f:
+                if f.attrs["format"] != fmt.FORMAT_VERSION:  # never guess at a layout we don't know
+                    raise UserError(f"{p} is in format {f.attrs['format']!r} but this dfclip reads "
+                                    f"{fmt.FORMAT_VERSION!r}; upgrade dfclip or move the shard out of the store")
                 prov = json.loads(f.attrs["provenance"])
                 shards.append(Shard(p, int(m.group(1)), int(m.group(2)), int(f.attrs["created_ns"]),
                                     int(f[fmt.EMBEDDINGS].shape[0]), prov))

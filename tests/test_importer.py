@@ -148,6 +148,7 @@ def test_user_errors(tmp_path, cup):
     _fails(tmp_path, [h5, "--csv", odd, "--out", emb], "not 0, 1 or -1", "'yes'")
     _fails(tmp_path, [h5, "--csv", tmp_path / "nope.csv", "--out", emb], "nope.csv does not exist")
     _fails(tmp_path, [h5, "--csv", csv, "--out", emb, "--target-means", "maybe"], "fake", "real")
+    _fails(tmp_path, [h5, "--csv", csv, "--out", emb, "--feature", "image"], "'image'", "proj", "pre")
     (tmp_path / "notes.h5").write_text("not hdf5")
     _fails(tmp_path, [tmp_path / "notes.h5", "--csv", csv, "--out", emb], "not a readable HDF5 file")
     _fails(tmp_path, [h5, "--csv", csv, "--out", emb, "--dataset", "meta/ids"], "not an N x D float matrix")

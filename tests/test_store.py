@@ -267,6 +267,13 @@ def test_garbage_and_half_written_shards_give_user_error(tmp_path, sample):
     _one_line_user_error(incomplete, "shard-r000-00000.h5", "not a readable dfclip shard")
 
 
+def test_unknown_format_version_is_refused(tmp_path):
+    write(tmp_path, np.zeros((2, 4), np.float32), rows_of(["a", "b"]))
+    with h5py.File(tmp_path / "shard-r000-00000.h5", "a") as f:
+        f.attrs["format"] = "dfclip-store/2"
+    _one_line_user_error(tmp_path, "shard-r000-00000.h5", "dfclip-store/2", "dfclip-store/1", "upgrade")
+
+
 def test_bad_rows_are_refused_before_buffering(tmp_path):
     w = store.ShardWriter(tmp_path, PROV, dim=4, dtype="float32", shard_size=10)
     w.add(np.ones((2, 4), np.float32), rows_of(["a", "b"]))
