@@ -83,7 +83,8 @@ class Store:
         for s in self.shards[1:]:
             if fmt.identity(s.provenance) != ident:
                 # Name the differing keys: model_config / preprocess differences don't show in the short form.
-                differ = [k for k in fmt.IDENTITY_KEYS if s.provenance.get(k) != self.provenance.get(k)]
+                differ = [k for k in fmt.IDENTITY_KEYS
+                          if fmt.identity({k: s.provenance.get(k)}) != fmt.identity({k: self.provenance.get(k)})]
                 raise UserError(
                     f"store {self.root} mixes embeddings: {s.path.name} has {fmt.describe_identity(s.provenance)} but "
                     f"{self.shards[0].path.name} has {fmt.describe_identity(self.provenance)} "
