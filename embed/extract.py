@@ -407,11 +407,16 @@ def backbone_from_provenance(provenance: dict, workdir: str | os.PathLike) -> di
                         "embed the images yourself with `dfembed extract` and use `dfhead predict RUN --store`")
     model = name
     if name not in open_clip.list_models():
+        if not provenance.get("model_config"):
+            raise UserError(f"model {name!r} of this run is not an open_clip name and its config was not recorded; "
+                            "embed the images yourself and use `dfhead predict RUN --store`")
         cfg = {k: v for k, v in provenance["model_config"].items() if k != "quick_gelu"}
         model = str(Path(workdir) / f"{name}.json")
         Path(model).write_text(json.dumps(cfg))
     weights = provenance.get("pretrained") or {}
-    kind = weights.get("kind") if isinstance(weights, dict) else None
+    if isinstance(weights, str):  # an imported store declares a tag (or "none") as a plain string
+        weights = {"kind": "none"} if weights.lower() == "none" else {"kind": "tag", "tag": weights}
+    kind = weights.get("kind")
     if kind == "tag":
         pretrained = weights["tag"]
     elif kind == "none":

@@ -187,7 +187,7 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
 
 
 def _check_same_model(config: dict, s: store.Store) -> None:
-    if store.format.identity(config["provenance"]) != store.format.identity(s.provenance):
+    if not store.format.compatible(config["provenance"], s.provenance):
         raise UserError(f"store {s.root} has {store.format.describe_identity(s.provenance)} but the run was trained on "
                         f"{store.format.describe_identity(config['provenance'])}; embed with the run's model")
 

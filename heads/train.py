@@ -90,7 +90,7 @@ def load_data(train_store, cfg: RunConfig, *, val_store=None, device: torch.devi
     va = None
     if val_store is not None:
         va = store.open(val_store) if not isinstance(val_store, store.Store) else val_store
-        if store.format.identity(va.provenance) != store.format.identity(tr.provenance):
+        if not store.format.compatible(va.provenance, tr.provenance):
             raise UserError(
                 f"--val-store {va.root} was embedded with {store.format.describe_identity(va.provenance)} but the "
                 f"train store with {store.format.describe_identity(tr.provenance)}; extract both with the same model"

@@ -58,3 +58,22 @@ def describe_identity(provenance: dict) -> str:
     if isinstance(p, dict):
         p = p.get("tag") or p.get("file") or p.get("sha256", "?")[:12]
     return f"model={provenance.get('model')} pretrained={p} feature={provenance.get('feature')} dim={provenance.get('dim')}"
+
+
+def _weights_name(provenance: dict) -> str | None:
+    p = provenance.get("pretrained")
+    if isinstance(p, dict):
+        return p.get("tag") or p.get("sha256") or p.get("kind")
+    return p
+
+
+def compatible(a: dict, b: dict) -> bool:
+    """Whether embeddings described by provenances `a` and `b` may be compared (train vs val, run vs store).
+
+    Extracted stores must match exactly (identity). An imported store (`declared: true`) only
+    knows what the user declared, so it matches on model name, weights tag, feature and dim.
+    """
+    if a.get("declared") or b.get("declared"):
+        keys = ("model", "feature", "dim")
+        return all(a.get(k) == b.get(k) for k in keys) and _weights_name(a) == _weights_name(b)
+    return identity(a) == identity(b)

@@ -427,3 +427,20 @@ def test_missing_or_empty_store_is_a_user_error(tmp_path):
     (tmp_path / ".shard-r000-00000.h5.tmp123").write_bytes(b"half")  # only a temp: still empty
     with pytest.raises(UserError, match="has no shards"):
         store.open(tmp_path)
+
+
+def test_compatible_is_exact_for_extracted_and_declared_fields_for_imported():
+    from store.format import compatible
+
+    extracted = {"model": "ViT-L-14", "model_config": {"embed_dim": 768, "quick_gelu": True},
+                 "pretrained": {"kind": "tag", "tag": "openai"}, "feature": "proj", "dim": 768,
+                 "preprocess": {"size": 224}}
+    assert compatible(extracted, dict(extracted))
+    gelu = {**extracted, "model_config": {"embed_dim": 768, "quick_gelu": False}}
+    assert not compatible(extracted, gelu)  # same name, different activation: not comparable
+    imported = {"model": "ViT-L-14", "model_config": None, "pretrained": "openai", "feature": "proj", "dim": 768,
+                "preprocess": None, "declared": True}
+    assert compatible(imported, extracted) and compatible(extracted, imported)
+    assert not compatible({**imported, "feature": "pre"}, extracted)
+    assert not compatible({**imported, "pretrained": "laion2b_s32b_b82k"}, extracted)
+    assert not compatible({**imported, "dim": 1024}, extracted)
