@@ -83,7 +83,10 @@ def main() -> None:
     p.add_argument("--baseline-rows", type=int, default=None,
                    help="time the baseline on this many train rows and extrapolate per row (labelled)")
     p.add_argument("--sam-rho", type=float, default=0.05)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); on a busy shared machine 1 is steadier")
+    p.add_argument("--store", type=Path, default=None,
+                   help="use this store (a synthetic one of --rows x --dim is written there if it does not exist)")
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
@@ -96,22 +99,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         tmp = Path(tmp)
-        t = time.perf_counter()
-        store_dir = Path(make_synthetic_store(tmp / "embeddings", n=args.rows, dim=args.dim, signal=3.0))
-        make_s = time.perf_counter() - t
+        store_dir = args.store or tmp / "embeddings"
+        if not store_dir.exists():
+            t = time.perf_counter()
+            make_synthetic_store(store_dir, n=args.rows, dim=args.dim, signal=3.0)
+            print(f"synthetic store {args.rows} x {args.dim} float16 written in {time.perf_counter() - t:.1f}s")
 
         t = clock(device)
         data = load_data(store_dir, cfg, device=device)
         load_s = clock(device) - t
-        n_train, n_val = data.counts["train"], data.counts["val"]
-        print(f"synthetic store {args.rows} x {args.dim} float16 written in {make_s:.1f}s; "
-              f"{n_train} train / {n_val} val rows loaded onto {device} in {load_s:.2f}s")
+        n_train, n_val, dim = data.counts["train"], data.counts["val"], data.dim
+        print(f"{n_train} train / {n_val} val rows of {store_dir} loaded onto {device} in {load_s:.2f}s")
 
         t = time.perf_counter()
         train_files, val_files, (full_train, full_val) = export_for_baseline(store_dir, cfg, tmp, args.baseline_rows)
         export_s = time.perf_counter() - t
         t = clock(device)
-        base = reference.ReferenceTrainer(train_files, val_files, device, dim=args.dim, alpha=cfg.cvar_alpha,
+        base = reference.ReferenceTrainer(train_files, val_files, device, dim=dim, alpha=cfg.cvar_alpha,
                                           gamma=cfg.auc_gamma, lr=cfg.lr, weight_decay=cfg.weight_decay)
         base_setup_s = clock(device) - t
 
@@ -148,7 +152,7 @@ def main() -> None:
          "speedup": b_epoch / o_sam},
     ]
     print(f"\nfit: one epoch = train pass over {n_train} rows + validation on {n_val} rows; paper config "
-          f"(MLP 3 x {args.dim}, CVaR a={cfg.cvar_alpha} + AUC g={cfg.auc_gamma}, feature noise, batch "
+          f"(MLP 3 x {dim}, CVaR a={cfg.cvar_alpha} + AUC g={cfg.auc_gamma}, feature noise, batch "
           f"{cfg.batch_size}); data loading excluded\n{describe(info)}")
     print_table(rows, [("what", "", ""), ("epoch", "epoch s", ".2f"), ("train", "train s", ".2f"),
                        ("val", "val s", ".2f"), ("speedup", "vs baseline", ".2f"), ("how", "", "")])
@@ -160,7 +164,7 @@ def main() -> None:
 
     write_json(args.json, {
         "bench": "fit", "machine": info | {"loadavg_end": None},
-        "rows": args.rows, "dim": args.dim, "train_rows": n_train, "val_rows": n_val, "config": cfg.to_dict(),
+        "store": str(args.store) if args.store else "synthetic (temporary)", "dim": dim, "train_rows": n_train, "val_rows": n_val, "config": cfg.to_dict(),
         "epoch_includes": "training pass + validation pass; data loading excluded",
         "timing": "best of the measured epochs per side; rounds interleave ours, ours + SAM and the baseline",
         "baseline": {"epoch_s": b_epoch, "train_s": b_train, "val_s": b_val, "train_parts_s": parts,

@@ -106,7 +106,8 @@ def main() -> None:
                    help="time this many of the K sequential fits and extrapolate to K (default: all K)")
     p.add_argument("--store", type=Path, default=None,
                    help="use this store (a synthetic one is written there if it does not exist)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); on a busy shared machine 1 is steadier")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
 

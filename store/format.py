@@ -56,7 +56,7 @@ def describe_identity(provenance: dict) -> str:
     """Short human form for error messages."""
     p = provenance.get("pretrained")
     if isinstance(p, dict):
-        p = p.get("tag") or p.get("file") or p.get("sha256", "?")[:12]
+        p = p.get("tag") or p.get("file") or (p.get("sha256") or "")[:12] or p.get("kind", "?")
     return f"model={provenance.get('model')} pretrained={p} feature={provenance.get('feature')} dim={provenance.get('dim')}"
 
 

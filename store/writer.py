@@ -182,7 +182,7 @@ def writer_lock(root: str | os.PathLike, rank: int = 0):
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
         raise UserError(
-            f"another dfembed extract (pid {holder}) is writing to {root}; wait for it to finish or use a different --out"
+            f"another dfembed process (pid {holder}) is writing to {root}; wait for it to finish or use a different --out"
         ) from None
     _held_lock_fds.add(fd)
     try:

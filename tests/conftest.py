@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny random-init CLIP checkpoint that builds in milliseconds."""
+"""Shared fixtures: a tiny random-init CLIP checkpoint that builds in milliseconds, and in-process CLI runners."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,33 @@ def tiny_checkpoint(tmp_path_factory, tiny_model_name) -> Path:
     path = tmp_path_factory.mktemp("tiny_checkpoint") / f"{tiny_model_name}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def _cli_runner(main_name: str, prog: str, capsys, monkeypatch):
+    """Run a real entry point (with its UserError handling) in-process: (exit code, stdout, stderr)."""
+    import cli
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", [prog, *map(str, args)])
+        capsys.readouterr()
+        try:
+            getattr(cli, main_name)()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.fixture
+def dfembed(capsys, monkeypatch):
+    """`dfembed ARGS` through the real entry point, in this process."""
+    return _cli_runner("dfembed_main", "dfembed", capsys, monkeypatch)
+
+
+@pytest.fixture
+def dfhead(capsys, monkeypatch):
+    """`dfhead ARGS` through the real entry point, in this process."""
+    return _cli_runner("dfhead_main", "dfhead", capsys, monkeypatch)

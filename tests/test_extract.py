@@ -73,24 +73,6 @@ def png_claiming_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-@pytest.fixture
-def dfembed(capsys, monkeypatch):
-    """Run the real `dfembed` entry point (with its UserError handling) in-process: (exit code, stdout, stderr)."""
-
-    def run(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["dfembed", *map(str, args)])
-        capsys.readouterr()
-        try:
-            cli.dfembed_main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        captured = capsys.readouterr()
-        return code, captured.out, captured.err
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small")
@@ -264,7 +246,7 @@ def test_second_writer_is_refused_while_the_lock_is_held(tmp_path, small_folder,
     with store.writer_lock(out, 0):
         code, _, stderr = dfembed(*args)
         assert code == 2
-        assert "another dfembed extract" in stderr and "different --out" in stderr
+        assert "another dfembed process" in stderr and "different --out" in stderr
         assert not list(out.glob("shard-*.h5"))
     code, stdout, _ = dfembed(*args)
     assert code == 0 and "3 embedded" in stdout

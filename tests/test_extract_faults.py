@@ -77,7 +77,7 @@ def test_resume_after_sigkill_then_noop_then_changed_file(tmp_path, tiny_checkpo
     while len(list(out.glob("shard-r000-*.h5"))) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     # A second writer (this test process) is refused while the run holds the store.
-    with pytest.raises(UserError, match=f"another dfembed extract \\(pid {proc.pid}\\)"):
+    with pytest.raises(UserError, match=f"another dfembed process \\(pid {proc.pid}\\)"):
         with store.writer_lock(out, 0):
             pass
     os.kill(proc.pid, signal.SIGKILL)
