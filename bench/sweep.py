@@ -28,6 +28,7 @@ import numpy as np
 from common import clock, describe, machine_info, print_table, resolve_device, setup_threads, write_json
 
 import heads.train  # noqa: E402  (common put the repo on sys.path)
+import store
 from heads.config import make_config
 from store.synthetic import make_synthetic_store
 
@@ -121,12 +122,14 @@ def main() -> None:
         if not store_dir.exists():
             make_synthetic_store(store_dir, n=args.rows, dim=args.dim, signal=3.0)
             print(f"synthetic store {args.rows} x {args.dim} float16 written in {time.perf_counter() - t:.1f}s")
-        warm_dir = make_synthetic_store(Path(tmp) / "warm", n=2048, dim=args.dim, signal=3.0)
+        opened = store.open(store_dir)
+        rows, dim = len(opened), opened.dim
+        warm_dir = make_synthetic_store(Path(tmp) / "warm", n=2048, dim=dim, signal=3.0)
         results = [bench_head(h, store_dir, warm_dir, args, device) for h in kinds]
 
     target = TARGETS.get(device.type)
     print(f"\nsweep: K={args.k} configs (alpha x gamma x seed, paper config without SAM), {args.epochs} epoch(s) "
-          f"on {args.rows} x {args.dim} rows (80% train), one heads.train.train call vs K calls\n{describe(info)}")
+          f"on {rows} x {dim} rows (80% train), one heads.train.train call vs K calls\n{describe(info)}")
     rows = []
     for r in results:
         how = "measured" if not r.get("sequential_extrapolated") else \
@@ -141,7 +144,7 @@ def main() -> None:
                        ("how", "sequential", "")])
     if target:
         print(f"target >= {target:.0f}x on {device.type}")
-    write_json(args.json, {"bench": "sweep", "machine": info, "rows": args.rows, "dim": args.dim,
+    write_json(args.json, {"bench": "sweep", "machine": info, "rows": rows, "dim": dim,
                            "epochs": args.epochs, "k": args.k, "target": target, "results": results})
 
 

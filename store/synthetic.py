@@ -46,3 +46,21 @@ def make_synthetic_store(root: str | os.PathLike, *, n: int = 4000, dim: int = 6
                            "split": [""] * m, "group": group[a:b],
                            "size": np.zeros(m, np.int64), "mtime_ns": np.zeros(m, np.int64)})
     return str(root)
+
+
+def rewrite_store(src: str | os.PathLike, dst: str | os.PathLike, *, keep: np.ndarray | None = None,
+                  provenance: dict | None = None, **columns) -> str:
+    """A copy of store `src` as a new store `dst`: only the rows `keep` (bool mask in storage
+    order), optionally with other provenance or replaced metadata columns (e.g. label=...).
+    Used to cut validation stores by video and to build bad inputs for tests."""
+    from store.reader import Store
+
+    s = Store(src)
+    x, meta = s.load()
+    keep = np.ones(meta.height, bool) if keep is None else keep
+    cols = {c: (np.asarray(columns[c]) if c in columns else meta[c].to_numpy())[keep]
+            for c in ("path", "label", "source", "split", "group", "size", "mtime_ns")}
+    prov = {k: v for k, v in (provenance or s.provenance).items() if k not in ("dim", "dtype")}
+    with ShardWriter(dst, prov, dim=s.dim, dtype=str(x.dtype)) as w:
+        w.add(x[keep], cols)
+    return str(dst)

@@ -18,18 +18,10 @@ import cli
 import store
 from heads.config import parse_grid_values
 from store.errors import UserError
-from store.synthetic import SYNTHETIC_PROVENANCE, make_synthetic_store
+from store.synthetic import SYNTHETIC_PROVENANCE, make_synthetic_store, rewrite_store
 from store.writer import ShardWriter
 
 FAST = ["--epochs", "3", "--lr", "0.01", "--batch-size", "64", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def dfhead(monkeypatch, capsys, *args) -> tuple[int, str, str]:
@@ -40,20 +32,6 @@ def dfhead(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     captured = capsys.readouterr()
     code = exit_.value.code
     return (0 if code is None else code), captured.out, captured.err
-
-
-def rewrite_store(src, dst, *, keep: np.ndarray | None = None, provenance: dict | None = None, **columns) -> str:
-    """A copy of store `src` with rows `keep` (bool mask, storage order), some columns replaced
-    (label=...) or another provenance."""
-    s = store.open(src)
-    x, meta = s.load()
-    keep = np.ones(meta.height, bool) if keep is None else keep
-    cols = {c: (np.asarray(columns[c]) if c in columns else meta[c].to_numpy())[keep]
-            for c in ("path", "label", "source", "split", "group", "size", "mtime_ns")}
-    prov = {k: v for k, v in (provenance or s.provenance).items() if k not in ("dim", "dtype")}
-    with ShardWriter(dst, prov, dim=s.dim) as w:
-        w.add(x[keep], cols)
-    return str(dst)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from heads import run as R
 from heads.config import make_config
 from heads.report import load_run
 from store.errors import UserError
-from store.synthetic import make_synthetic_store
+from store.synthetic import make_synthetic_store, rewrite_store
 from store.writer import ShardWriter
 
 QUIET = {"log": lambda line: None}
@@ -36,24 +36,6 @@ ISSUE_METRICS = ("n", "n_fake", "n_real", "auc", "ap", "eer", "eer_threshold", "
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def split_store(src, dst, keep: np.ndarray) -> str:
-    """The rows `keep` (bool mask in storage order) of store `src`, as a new store `dst`."""
-    s = store.open(src)
-    x, meta = s.load()
-    cols = {c: meta[c].to_numpy()[keep] for c in ("path", "label", "source", "split", "group", "size", "mtime_ns")}
-    with ShardWriter(dst, {k: v for k, v in s.provenance.items() if k not in ("dim", "dtype")}, dim=s.dim) as w:
-        w.add(x[keep], cols)
-    return str(dst)
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory) -> dict:
     """A train store and a validation store cut from one synthetic store by video (3000 rows, dim 32)."""
@@ -61,7 +43,7 @@ def stores(tmp_path_factory) -> dict:
     full = make_synthetic_store(root / "full", n=3000, dim=32, signal=4, fake_rate=0.7, seed=2)
     meta = store.open(full).meta
     is_val = np.array([int(g[3:]) % 5 == 0 for g in meta["group"]])
-    return {"train": split_store(full, root / "train", ~is_val), "val": split_store(full, root / "val", is_val),
+    return {"train": rewrite_store(full, root / "train", keep=~is_val), "val": rewrite_store(full, root / "val", keep=is_val),
             "root": root}
 
 

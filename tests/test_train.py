@@ -18,34 +18,11 @@ from heads.config import make_config
 from heads.models import BatchedBatchNorm
 from heads.optim import BatchedAdamW
 from store.errors import UserError
-from store.synthetic import SYNTHETIC_PROVENANCE, make_synthetic_store
+from store.synthetic import SYNTHETIC_PROVENANCE, make_synthetic_store, rewrite_store
 from store.writer import ShardWriter
 
 QUIET = {"log": lambda line: None}
 FAST = dict(epochs=3, lr=1e-2, batch_size=64)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: one thread is several times faster than oversubscribed ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rewrite_store(src, dst, *, keep: np.ndarray | None = None, provenance: dict | None = None, **columns) -> str:
-    """A copy of store `src` at `dst` with rows `keep` (bool mask, storage order), columns replaced
-    (label=..., split=..., ...) and optionally another provenance."""
-    s = store.open(src)
-    x, meta = s.load()
-    keep = np.ones(meta.height, bool) if keep is None else keep
-    cols = {c: (np.asarray(columns[c]) if c in columns else meta[c].to_numpy())[keep]
-            for c in ("path", "label", "source", "split", "group", "size", "mtime_ns")}
-    prov = {k: v for k, v in (provenance or s.provenance).items() if k not in ("dim", "dtype")}
-    with ShardWriter(dst, prov, dim=s.dim, dtype="float16") as w:
-        w.add(x[keep], cols)
-    return str(dst)
 
 
 def row_keys(x: torch.Tensor | np.ndarray) -> list[bytes]:
