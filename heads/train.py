@@ -343,6 +343,17 @@ def train(train_store, cfgs: list[RunConfig], *, val_store=None, device: str = "
             raise UserError(f"--{name.replace('_', '-')} must be one value for a whole sweep (all heads share the data)")
     dev = resolve_device(device)
     data = load_data(train_store, cfgs[0], val_store=val_store, device=dev)
+    # TF32 tensor cores for the heads' matmuls on GPUs (inputs rounded to 10 mantissa bits, fp32
+    # accumulation), as is usual for training; the flag is restored afterwards. CPUs are unaffected.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return _train_groups(data, cfgs, log=log, progress=progress), data
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _train_groups(data: Data, cfgs: list[RunConfig], *, log, progress) -> list[RunResult]:
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
         groups.setdefault(group_key(c), []).append(i)
@@ -350,4 +361,4 @@ def train(train_store, cfgs: list[RunConfig], *, val_store=None, device: str = "
     for idx in groups.values():
         for i, r in zip(idx, train_group(data, [cfgs[i] for i in idx], log=log, progress=progress)):
             results[i] = r
-    return results, data
+    return results
