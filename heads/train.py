@@ -1,8 +1,8 @@
 """Training K heads at once on resident embeddings. `dfhead fit` is the K = 1 case of `train`.
 
-The data is loaded once from the store into one tensor on the device. Each step gathers a
-[K, B] index batch (model k's own permutation), so a sweep holds the embeddings once and
-every model sees exactly the batches it would see alone. Configs that share an
+The data is loaded once from the store into one tensor on the device. Each step gathers one
+batch that all heads of a group share, so a sweep holds the embeddings once and pays for
+one gather, one noise draw and one first-layer matmul per step. Configs that share an
 architecture train as one batched module; their alpha, gamma, rho, lr, wd are [K] tensors.
 """
 
@@ -176,7 +176,7 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
                 progress: bool = False) -> list[RunResult]:
     """Train configs that share group_key(...) as one batched head; returns one RunResult each.
 
-    This is the whole training loop: gather [K, B] batches, optional feature noise, forward,
+    This is the whole training loop: gather a shared batch, optional feature noise, forward,
     CVaR + AUC loss, (SAM) AdamW step, then per-epoch validation and best-state tracking.
     """
     c0, k, device = cfgs[0], len(cfgs), data.x.device
@@ -208,8 +208,11 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
         auc = losses.pairwise_auc_loss(logits[auc_idx], y[auc_idx], c0.auc_kind, margin[auc_idx])
         return loss.index_add(0, auc_idx, gamma[auc_idx] * auc)
 
-    # Model k's batch order comes from its own seed; dropout and noise share one generator.
-    batch_gens = [torch.Generator(device).manual_seed(c.seed) for c in cfgs]
+    # One pass over the data per step: every head of the group sees the same batch (and the same
+    # noisy copies), so a sweep gathers each batch once and the first layer is one matmul for all
+    # K heads. The batch order follows the group's first seed (a fit: its own seed); per-head
+    # seeds set each head's initial weights, and dropout draws independent masks per head.
+    batch_gen = torch.Generator(device).manual_seed(c0.seed)
     rng = torch.Generator(device).manual_seed(c0.seed + 1_000_003)
     batch_size = min(c0.batch_size, data.y.numel())
     if batch_size < c0.batch_size:
@@ -230,14 +233,15 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
         te = time.perf_counter()
         head.train()
         train_loss = torch.zeros(k, device=device)
-        batches = epoch_batches(data.y, k, batch_size, batch_gens,
+        batches = epoch_batches(data.y, 1, batch_size, [batch_gen],
                                 balanced_fake_rate=c0.fake_rate if c0.balanced else None)
         for idx in batches:
-            xb, yb = data.x[idx].float(), data.y[idx]  # [K, B, D], [K, B]
+            xb, yb = data.x[idx[0]].float(), data.y[idx[0]]  # [B, D], [B]: shared by the K heads
             if c0.l2_normalize:
                 xb = F.normalize(xb, dim=-1)
             if c0.feature_noise:
                 xb, yb = augment_with_noise(xb, yb, rng)
+            yb = yb.expand(k, -1)  # [K, B] view for the per-head losses
             scale = _lr_scale(step, total, warmup)
             loss = loss_fn(head(xb, generator=rng), yb)
             loss.sum().backward()  # models are independent: the sum gives each its own gradient
