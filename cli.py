@@ -229,7 +229,7 @@ def fit(
     vs_iota_real: Annotated[Optional[float], typer.Option(help="VS additive adjustment for reals. [default: 0.05]")] = None,
     sam_rho: Annotated[Optional[float], typer.Option(help="SAM radius (sharpness-aware minimisation over AdamW); 0 = off. [default: 0]")] = None,
     sam_adaptive: Annotated[Optional[bool], typer.Option("--sam-adaptive/--no-sam-adaptive", help="ASAM (scale-invariant SAM).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate (cosine decay after warmup). [default: 1e-3]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate (cosine decay after warmup). [default: 3e-3]")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW decoupled weight decay. [default: 1e-4]")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size. [default: 256]")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: 20]")] = None,
