@@ -8,6 +8,7 @@ as one line with a non-zero exit. Heavy imports (torch, open_clip) stay inside t
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -384,7 +385,8 @@ def sweep(
     fixed = _config_values(**{k: opts.pop(k) for k in ("seed", "val_frac", "split_seed", "holdout_source") if k in opts})
     base = make_config(preset, **fixed)
     cfgs = grid(base, seeds=seeds, **parse_grid_values(opts))
-    out.print(f"sweep {name}: {len(cfgs)} heads")
+    if os.environ.get("RANK", "0") == "0":
+        out.print(f"sweep {name}: {len(cfgs)} heads")
     out_dir, board = sweep_run(store_dir, cfgs, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
                                log=out.print, progress=True)
     if board.height:

@@ -1,0 +1,10 @@
+"""Detector heads on cached embeddings. Knows tensors, never images.
+
+Public API (the CLI `dfhead` is a thin layer over it):
+    heads.run.fit(store_dir, config) -> run dir          heads.run.sweep(store_dir, configs) -> (dir, leaderboard)
+    heads.run.grid(base, seeds=N, **lists) -> configs    heads.run.evaluate_run / predict_store / list_runs
+    heads.config.make_config(preset, **overrides)        heads.config.RunConfig (every setting)
+    heads.losses: cvar_loss, pairwise_auc_loss, vs_logits, head_loss (tensors in, tensors out)
+    heads.metrics: roc_auc, average_precision, eer, tpr_at_fpr, threshold_metrics, evaluate
+    heads.optim: BatchedAdamW, SAM            heads.models: BatchedMLP, BatchedLinear
+"""

@@ -161,8 +161,8 @@ def varying_columns(rows: pl.DataFrame) -> list[str]:
 
 def plot_heatmap(summary: pl.DataFrame, path: Path, value: str = "val_auc_mean") -> bool:
     """Val AUC over alpha x gamma (mean over seeds and any other varied option); False if not a grid."""
-    if summary["cvar_alpha"].n_unique() < 1 or value not in summary.columns:
-        return False
+    if value not in summary.columns or (summary["cvar_alpha"].n_unique() < 2 and summary["auc_gamma"].n_unique() < 2):
+        return False  # not a grid over alpha or gamma
     import matplotlib
 
     matplotlib.use("Agg")

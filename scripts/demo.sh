@@ -30,6 +30,10 @@ dfhead fit --preset paper --holdout-source dalle --name paper-unseen-dalle
 echo "== 4. a small grid, all heads trained at once"
 dfhead sweep --cvar-alpha 0.3,0.6,1 --auc-gamma 0,0.5 --seeds 2 --epochs 10 --name demo-sweep
 
+echo "== 4b. the same grid split over two processes with torchrun (each rank trains half; rank 0 merges)"
+torchrun --nproc-per-node 2 "$VENV/bin/dfhead" sweep --cvar-alpha 0.3,0.6,1 --auc-gamma 0,0.5 --epochs 10 \
+  --device cpu --name demo-sweep-2ranks
+
 echo "== 5. score new images with the best head (embedded with the run's recorded model)"
 dfhead predict runs/demo-sweep/best ./images/fake/dalle --out scores.csv
 dfhead runs

@@ -60,7 +60,8 @@ def describe_identity(provenance: dict) -> str:
     return f"model={provenance.get('model')} pretrained={p} feature={provenance.get('feature')} dim={provenance.get('dim')}"
 
 
-def _weights_name(provenance: dict) -> str | None:
+def weights_name(provenance: dict) -> str | None:
+    """The weights as a short name: tag, checkpoint hash, or 'none'."""
     p = provenance.get("pretrained")
     if isinstance(p, dict):
         return p.get("tag") or p.get("sha256") or p.get("kind")
@@ -75,5 +76,5 @@ def compatible(a: dict, b: dict) -> bool:
     """
     if a.get("declared") or b.get("declared"):
         keys = ("model", "feature", "dim")
-        return all(a.get(k) == b.get(k) for k in keys) and _weights_name(a) == _weights_name(b)
+        return all(a.get(k) == b.get(k) for k in keys) and weights_name(a) == weights_name(b)
     return identity(a) == identity(b)

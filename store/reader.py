@@ -204,7 +204,7 @@ class Store:
         p = self.provenance
         return {
             "store": str(self.root), "rows": m.height, "dim": self.dim, "dtype": p.get("dtype"),
-            "model": p.get("model"), "pretrained": p.get("pretrained"), "feature": p.get("feature"),
+            "model": p.get("model"), "pretrained": fmt.weights_name(p), "feature": p.get("feature"),
             "shards": len(self.shards), "labels": by("label"), "sources": by("source"), "splits": by("split"),
             "failures": self.failures.height,
             "bytes_on_disk": sum(f.stat().st_size for f in self.root.iterdir() if f.is_file()),
