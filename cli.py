@@ -34,23 +34,24 @@ head_app = typer.Typer(
 DEFAULT_STORE = Path("embeddings")
 
 
-def _main(app: typer.Typer) -> None:
+def _main(app: typer.Typer, interrupted: str) -> None:
     try:
         app()
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]: completed shards are kept; re-run the same command to resume")
-        sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C into a silent exit 130: say what survived
+            console.print(f"[yellow]interrupted[/]: {interrupted}")
+        raise
 
 
 def dfembed_main() -> None:
-    _main(embed_app)
+    _main(embed_app, "completed shards are kept; re-run the same command to resume")
 
 
 def dfhead_main() -> None:
-    _main(head_app)
+    _main(head_app, "training stopped; a run directory is complete only once its command finishes")
 
 
 # ---------------------------------------------------------------- dfembed
@@ -183,10 +184,13 @@ def demo(
     folder = make_demo_images(out_dir, n_per_source=n_per_source, seed=seed)
     n = sum(1 for p in folder.rglob("*") if p.is_file() and p.name != "manifest.csv")
     out.print(f"wrote {n} demo images and manifest.csv to {folder}", highlight=False)
+    import shlex
+
+    images = shlex.quote(str(out_dir))  # the hints must paste as they are, even with spaces in the path
     out.print("next, with OpenAI CLIP ViT-L-14 weights reachable (online or cached):\n"
-              f"  dfembed extract {out_dir}\n  dfhead fit --cvar-alpha 0.3\n"
+              f"  dfembed extract {images}\n  dfhead fit --cvar-alpha 0.3\n"
               "offline, the tiny random-init model checks the whole pipeline (its scores mean nothing):\n"
-              f"  dfembed extract {out_dir} --model dfclip-tiny --pretrained none\n  dfhead fit --cvar-alpha 0.3",
+              f"  dfembed extract {images} --model dfclip-tiny --pretrained none\n  dfhead fit --cvar-alpha 0.3",
               highlight=False)
 
 
@@ -210,7 +214,7 @@ def _config_values(**given) -> dict:
 def fit(
     store_dir: Annotated[Path, typer.Argument(help="Store to train on (from `dfembed extract`).")] = DEFAULT_STORE,
     preset: Annotated[Optional[str], typer.Option(help="Start from heads/configs/NAME.json (paper, sp_cup) or a JSON file; flags override it.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Run name: writes RUNS_DIR/NAME/. Default: from the settings.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Run name: writes RUNS_DIR/NAME/ (an existing NAME is replaced). Default: from the settings, with -2, -3 ... added rather than replace an earlier run.")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
     val_store: Annotated[Optional[Path], typer.Option(help="Validate on this store instead of a split of the train store.")] = None,
     device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda, cuda:1 ...")] = "auto",
@@ -366,8 +370,9 @@ def sweep(
     weight_decay: Grid = None, batch_size: Grid = None, epochs: Grid = None, warmup_epochs: Grid = None,
     seed: Annotated[Optional[int], typer.Option(help="First seed.")] = None,
     feature_noise: Grid = None, balanced: Grid = None, fake_rate: Grid = None,
-    val_frac: Annotated[Optional[float], typer.Option(help="Validation fraction (one value for the sweep).")] = None,
-    split_seed: Annotated[Optional[int], typer.Option(help="Validation split seed (one value for the sweep).")] = None,
+    # Taken as text so that a list gets the sweep's one-line "one value" error, not a parse error.
+    val_frac: Annotated[Optional[str], typer.Option(help="Validation fraction (one value for the sweep).")] = None,
+    split_seed: Annotated[Optional[str], typer.Option(help="Validation split seed (one value for the sweep).")] = None,
     holdout_source: Annotated[Optional[list[str]], typer.Option(help="Unseen-generator source (repeatable; one set for the sweep).")] = None,
     select: Grid = None, patience: Grid = None, threshold: Grid = None,
 ) -> None:
@@ -382,7 +387,7 @@ def sweep(
 
     if "loss" in opts:
         opts["per_sample"] = opts.pop("loss")
-    fixed = _config_values(**{k: opts.pop(k) for k in ("seed", "val_frac", "split_seed", "holdout_source") if k in opts})
+    fixed = _config_values(**{k: opts.pop(k) for k in ("seed", "holdout_source") if k in opts})
     base = make_config(preset, **fixed)
     cfgs = grid(base, seeds=seeds, **parse_grid_values(opts))
     if os.environ.get("RANK", "0") == "0":

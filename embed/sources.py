@@ -316,7 +316,9 @@ def read_manifest(
     if outside:
         raise UserError(
             f"{len(outside)} manifest paths are outside the root {root_path} "
-            f"(first: {', '.join(outside[:3])}); pass --root with a folder that contains them"
+            f"(first: {', '.join(outside[:3])}); relative paths are read from the root and may not climb "
+            "out of it with '..': pass --root with a folder that contains every image and write the paths "
+            "relative to it (or absolute)"
         )
 
     counts: dict[str, int] = {}

@@ -116,6 +116,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name in ("batch_size", "epochs", "depth"):
         if getattr(cfg, name) < 1:
             raise bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.head == "mlp" and cfg.batch_size < 2:  # BatchNorm needs two rows per batch to normalise
+        raise bad("batch_size", f"must be >= 2 for the mlp head (BatchNorm), got {cfg.batch_size}; or use --head linear")
     for name in ("warmup_epochs", "patience"):
         if getattr(cfg, name) < 0:
             raise bad(name, f"must be >= 0, got {getattr(cfg, name)}")

@@ -265,8 +265,9 @@ def _group_codes(names: pl.Series, device: torch.device) -> tuple[list[str], Ten
     return names.unique().sort().to_list(), torch.from_numpy(codes).to(device)
 
 
-def _per_source(scores: Tensor, labels: Tensor, sources: list[str]) -> list[dict]:
-    """{source: {n, auc, acc}} per head; auc = that source's fakes against all reals of the set."""
+def _per_source(scores: Tensor, labels: Tensor, sources: list[str], threshold: float | Tensor = 0.5) -> list[dict]:
+    """{source: {n, auc, acc}} per head; auc = that source's fakes against all reals of the set,
+    acc = accuracy at `threshold` (the report's own, so the sources' correct rows add up to its acc)."""
     k, n = scores.shape
     names, codes = _group_codes(pl.Series(sources, dtype=pl.String).fill_null(""), scores.device)
     sorted_reals = scores[:, labels == 0].sort(dim=1).values.contiguous()
@@ -278,7 +279,8 @@ def _per_source(scores: Tensor, labels: Tensor, sources: list[str]) -> list[dict
     is_fake = labels == 1
     zeros = torch.zeros(k, len(names), dtype=torch.float64, device=scores.device)
     fake_wins = zeros.index_add(1, codes[is_fake], twice_wins[:, is_fake].double())
-    correct = zeros.index_add(1, codes, ((scores >= 0.5) == is_fake).double())
+    predicted_fake = scores >= _per_head_threshold(threshold, k, scores)
+    correct = zeros.index_add(1, codes, (predicted_fake == is_fake).double())
     rows = torch.bincount(codes, minlength=len(names))
     fakes = torch.bincount(codes[is_fake], minlength=len(names))
     n_real = n - int(is_fake.sum())
@@ -327,7 +329,7 @@ def evaluate(
     ap is None without fakes; eer_threshold is None when the EER point is 'predict nothing fake'.
     - sources ([N] names): adds per_source = {source: {n, auc, acc}} where auc compares the
       source's fake rows with ALL real rows of the set (None for a source without fakes, or when
-      the set has no reals) and acc is accuracy at 0.5 over the source's rows.
+      the set has no reals) and acc is accuracy at `threshold` over the source's rows.
     - groups ([N] ids, e.g. video ids): adds video = the same headline metrics on the mean frame
       score per group; rows with an empty or None id are left out; a group is fake if ANY of its
       frames is fake (max label), so mixed groups count as fake. None if no row has a group.
@@ -339,7 +341,7 @@ def evaluate(
             raise UserError(f"{name} has {len(values)} entries but there are {n} rows; pass one entry per row")
     reports = _headline(scores, labels, threshold)
     if sources is not None:
-        for report, per_source in zip(reports, _per_source(scores, labels, sources)):
+        for report, per_source in zip(reports, _per_source(scores, labels, sources, threshold)):
             report["per_source"] = per_source
     if groups is not None:
         video = _video_level(scores, labels, groups)

@@ -45,6 +45,10 @@ def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs
     results, data = train(store_dir, [validate(config)], val_store=val_store, device=device, log=log,
                           progress=progress)
     run_dir = Path(runs_dir) / safe_name(name or default_run_name(config))
+    if name is None:  # the default name omits most settings: never let it replace an earlier run
+        base, n = run_dir, 2
+        while run_dir.exists():
+            run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
     save_run(results[0], run_dir, provenance=data.provenance, counts=data.counts, scores=_eval_scores(results[0], data))
     return run_dir
 

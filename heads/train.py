@@ -114,7 +114,13 @@ def load_data(train_store, cfg: RunConfig, *, val_store=None, device: torch.devi
     else:
         val = EvalSet("val", *subset(parts["val"]))
     if val.y.numel() == 0 or val.y.min() == val.y.max():
-        raise UserError("the validation set needs both real and fake rows; raise --val-frac or give --val-store")
+        if va is not None:
+            fix = f"give a --val-store with both classes ({va.root} has one, after any --holdout-source)"
+        elif (meta["split"] == "val").any():  # the split column decided, so --val-frac cannot help
+            fix = "label both classes among the store's split='val' rows, or give --val-store"
+        else:
+            fix = "raise --val-frac or give --val-store"
+        raise UserError(f"the validation set needs both real and fake rows; {fix}")
     holdout = None
     if len(parts["holdout"]):
         hx, hy, hmeta = subset(parts["holdout"])
@@ -258,17 +264,21 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
                 bar.advance()
         # Validation: all K models on the same rows, one batched pass.
         logits = predict_logits(head, data.val.x, l2_normalize=c0.l2_normalize)
+        # A diverged head (non-finite logits, e.g. too high an lr) must not stop the others: it
+        # scores NaN, never counts as improved, and so keeps its last finite best state.
+        finite = torch.isfinite(logits).all(1)
+        logits = torch.where(finite[:, None], logits, 0.0)
         val_loss = F.binary_cross_entropy_with_logits(logits, data.val.y.float().expand_as(logits),
                                                       reduction="none").mean(1)
         scores = torch.sigmoid(logits)
-        val_auc = metrics.roc_auc(scores, data.val.y)
-        val_eer = metrics.eer(scores, data.val.y)[0]
+        val_loss, val_auc, val_eer = (torch.where(finite, v, math.nan) for v in (
+            val_loss, metrics.roc_auc(scores, data.val.y), metrics.eer(scores, data.val.y)[0]))
         score = val_loss if minimize else val_auc
         if c0.select == "last":
             improved = torch.ones(k, dtype=torch.bool, device=device)
         else:
             improved = score < best_score if minimize else score > best_score
-        improved &= ~stopped
+        improved &= ~stopped & finite
         best_score = torch.where(improved, score, best_score)
         best_epoch = torch.where(improved, torch.full_like(best_epoch, epoch), best_epoch)
         stale = torch.where(improved, torch.zeros_like(stale), stale + 1)
@@ -286,7 +296,7 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
             log(f"epoch {epoch:3d}/{c0.epochs}  loss {tl[0]:.4f}  val_loss {vl[0]:.4f}  val_auc {va[0]:.4f}  "
                 f"val_eer {ve[0]:.4f}  {seconds:.1f}s")
         else:
-            log(f"epoch {epoch:3d}/{c0.epochs}  {k} heads  val_auc best {max(va):.4f} mean {np.mean(va):.4f}  {seconds:.1f}s")
+            log(f"epoch {epoch:3d}/{c0.epochs}  {k} heads  val_auc best {np.nanmax(va):.4f} mean {np.nanmean(va):.4f}  {seconds:.1f}s")
         if c0.patience > 0:
             stopped |= stale >= c0.patience
             if bool(stopped.all()):

@@ -74,10 +74,12 @@ ERRORS = [
     (["fit", "{good}", "--auc-gamma", "-0.1"], "--auc-gamma must be >= 0"),
     (["fit", "{good}", "--sam-rho", "-0.05"], "--sam-rho must be >= 0"),
     (["fit", "{good}", "--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
+    (["fit", "{good}", "--batch-size", "1"], "--batch-size must be >= 2 for the mlp head"),
     (["fit", "{good}", "--holdout-source", "midjourney"], "unknown holdout source(s) midjourney"),
     (["fit", "{good}", "--val-store", "{other_model}"], "embedded with model=ViT-B-16"),
     (["fit", "{no_labels}"], "no labelled rows"),
     (["fit", "{one_class}"], "the training set has no real (label 0) rows"),
+    (["fit", "{good}", "--val-store", "{one_class}"], "give a --val-store with both classes"),
     (["fit", "{root}/missing"], "does not exist"),
     (["fit", "{good}", "--threshold", "fpr@2"], "--threshold must be eer"),
     (["fit", "{good}", "--threshold", "youden"], "--threshold must be eer"),
@@ -94,6 +96,8 @@ ERRORS = [
     (["sweep", "{good}", "--epochs", "2,2.5"], "--epochs got '2.5'; expected a comma list of int"),
     (["sweep", "{good}", "--cvar-alpha", "0.5,2"], "--cvar-alpha must be in (0, 1]"),
     (["sweep", "{good}", "--threshold", "eer,fpr@0"], "--threshold must be eer"),
+    (["sweep", "{good}", "--val-frac", "0.1,0.2"], "--val-frac must be one value for a whole sweep"),
+    (["sweep", "{good}", "--split-seed", "0,1"], "--split-seed must be one value for a whole sweep"),
 ]
 
 
@@ -109,6 +113,19 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(env, fitted, monkeypatch, caps
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert message in lines[0]
+
+
+def test_ctrl_c_exits_130_and_says_so(env, monkeypatch, capsys):
+    """typer turns KeyboardInterrupt into a silent exit 130; the CLI must still tell the user."""
+    import heads.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(heads.run, "fit", interrupted)
+    code, out, err = dfhead(monkeypatch, capsys, "fit", env["good"], *FAST)
+    assert code == 130 and "Traceback" not in out + err
+    assert err.strip().startswith("interrupted:")
 
 
 def test_sweep_too_big_is_refused_in_one_line(env, monkeypatch, capsys, tmp_path):

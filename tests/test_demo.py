@@ -132,3 +132,20 @@ def test_refuses_non_empty_folder_and_bad_count(tmp_path):
     (tmp_path / "empty").mkdir()
     out = make_demo_images(tmp_path / "empty", n_per_source=1)
     assert dict(scan_folder(out).group_by("label").len().iter_rows()) == {0: 2, 1: 3}
+
+
+def test_cli_hints_paste_as_they_are_with_spaces(tmp_path, monkeypatch, capsys):
+    """`dfembed demo` prints the next commands; a folder with a space must come out quoted."""
+    import shlex
+    import sys
+
+    import cli
+
+    folder = tmp_path / "my images"
+    monkeypatch.setattr(cli.out, "width", 1000)  # no wrapping of the long tmp path
+    monkeypatch.setattr(sys, "argv", ["dfembed", "demo", str(folder), "--n-per-source", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.dfembed_main()
+    assert exit_.value.code in (0, None)
+    hints = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("dfembed extract")]
+    assert hints and all(shlex.split(h)[2] == str(folder) for h in hints)

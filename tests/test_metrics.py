@@ -242,6 +242,17 @@ def test_per_source_auc_against_all_reals():
             else:
                 assert entry["auc"] is None
     assert reports[0]["per_source"]["ffhq"]["auc"] is None and reports[0]["per_source"]["sd"]["auc"] is not None
+    # per-source accuracy is at the report's own threshold (one per head), so it adds up to acc
+    threshold = torch.linspace(0.3, 0.7, len(scores))
+    reports = metrics.evaluate(torch.from_numpy(scores), torch.from_numpy(labels), sources=sources.tolist(),
+                               threshold=threshold)
+    for k, report in enumerate(reports):
+        predicted = scores[k] >= np.float32(threshold[k])
+        for source, entry in report["per_source"].items():
+            rows = sources == source
+            assert entry["acc"] == pytest.approx(skm.accuracy_score(labels[rows], predicted[rows]), abs=1e-12)
+        correct = sum(e["acc"] * e["n"] for e in report["per_source"].values())
+        assert correct / len(labels) == pytest.approx(report["acc"], abs=1e-9)
 
 
 def test_video_level_matches_polars_groupby():

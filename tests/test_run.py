@@ -132,6 +132,7 @@ def test_report_numbers_are_sklearns_on_the_saved_head(stores, fitted):
     assert scores["path"].to_list() == meta["path"].to_list()
     seen = meta["source"].to_numpy() != "gan"
     meta, y, s = meta.filter(pl.Series(seen)), y[seen], scores["score"].to_numpy().astype(np.float64)[seen]
+    pred = scores["pred"].to_numpy()[seen]
     assert report["n"] == len(y)
     src, reals = meta["source"].to_numpy(), y == 0
     assert report["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
@@ -140,7 +141,8 @@ def test_report_numbers_are_sklearns_on_the_saved_head(stores, fitted):
         if name != "ffhq":
             pick = (rows & (y == 1)) | reals
             assert got["auc"] == pytest.approx(roc_auc_score(y[pick], s[pick]), abs=1e-9), name
-        assert got["acc"] == pytest.approx(np.mean((s[rows] >= 0.5) == y[rows]), abs=1e-9), name
+        # per-source accuracy is at the run's threshold: the one `dfhead predict` decides with
+        assert got["acc"] == pytest.approx(np.mean(pred[rows] == y[rows]), abs=1e-9), name
         assert got["n"] == rows.sum()
     video = pl.DataFrame({"g": meta["group"], "s": s, "y": y}).group_by("g").agg(pl.col("s").mean(), pl.col("y").max())
     assert report["video"]["auc"] == pytest.approx(roc_auc_score(video["y"], video["s"]), abs=1e-9)
@@ -161,6 +163,16 @@ def test_holdout_report_ranks_the_unseen_source_against_val_reals(stores, fitted
         s = torch.sigmoid(head(torch.from_numpy(x)))[0].numpy()
     assert (holdout["n"], holdout["n_fake"]) == (len(y), len(x_gan))
     assert holdout["per_source"]["gan"]["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+
+
+def test_default_run_name_never_replaces_an_earlier_run(stores, tmp_path):
+    """The default name leaves out lr, epochs...: a second fit that differs only there gets a new directory."""
+    a = R.fit(stores["train"], make_config(head="linear", epochs=1, lr=1e-2), val_store=stores["val"],
+              runs_dir=tmp_path, device="cpu", **QUIET)
+    b = R.fit(stores["train"], make_config(head="linear", epochs=1, lr=1e-3), val_store=stores["val"],
+              runs_dir=tmp_path, device="cpu", **QUIET)
+    assert a != b and b.name == f"{a.name}-2"
+    assert [json.loads((d / "config.json").read_text())["run"]["lr"] for d in (a, b)] == [1e-2, 1e-3]
 
 
 @pytest.mark.parametrize("spec", ["eer", "0.5", "fpr@0.01"])

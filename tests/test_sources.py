@@ -247,6 +247,9 @@ def test_absolute_paths(tmp_path):
     pl.DataFrame({"path": [str(tmp_path / "other/c.png"), "../other/c.png"], "label": [1, 1]}).write_csv(manifest)
     with pytest.raises(UserError, match=r"2 manifest paths are outside the root .*other/c\.png.*--root"):
         read_manifest(manifest, root=root)
+    # '..' paths escape any --root they are read from: the message must say so, not just "pass --root"
+    with pytest.raises(UserError, match=r"may not climb out of it with '\.\.'"):
+        read_manifest(manifest, root=tmp_path)
 
 
 def test_manifest_errors(tmp_path):

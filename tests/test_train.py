@@ -143,6 +143,17 @@ def test_cpu_chunking_does_not_change_results(base, monkeypatch):
         assert a.reports["val"]["auc"] == pytest.approx(b.reports["val"]["auc"], abs=1e-6)
 
 
+def test_a_diverged_head_does_not_stop_its_group(base):
+    """A head whose lr blows its logits up to inf/NaN scores NaN for those epochs and keeps its last
+    finite state; the other heads of the sweep train exactly as they would alone."""
+    (ok, bad), _ = run(base, cfg_of(head="linear", lr=3e-2), cfg_of(head="linear", lr=1e38))
+    (alone,), _ = run(base, cfg_of(head="linear", lr=3e-2))
+    assert bad.history["val_auc"].is_nan().any()
+    assert bad.reports["val"]["auc"] is not None and bad.best_epoch < bad.config.epochs
+    assert ok.reports["val"]["auc"] == pytest.approx(alone.reports["val"]["auc"], abs=1e-6)
+    assert states_max_diff(ok.head.state_dict(), alone.head.state_dict()) < 1e-6
+
+
 def _pre_bn_bias(name: str) -> bool:
     # The Linear bias feeding BatchNorm is cancelled by BN, so its true gradient is 0; Adam turns the
     # round-off left in it into +-lr steps, so it and the running mean tracking it drift apart.
