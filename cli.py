@@ -35,15 +35,28 @@ DEFAULT_STORE = Path("embeddings")
 
 
 def _main(app: typer.Typer, interrupted: str) -> None:
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+
     try:
-        app()
+        # standalone_mode=False hands usage errors to us, so they print as one line like every other error.
+        code = app(standalone_mode=False)
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except NoArgsIsHelpError as e:
+        console.print(e.ctx.get_help() if e.ctx else str(e), highlight=False)
+        sys.exit(2)
+    except UsageError as e:
+        cmd = e.ctx.command_path if e.ctx else app.info.name
+        console.print(f"[bold red]error:[/] {e.format_message()} (see `{cmd} --help`)", highlight=False, soft_wrap=True)
         sys.exit(2)
     except SystemExit as e:
         if e.code == 130:  # typer turns Ctrl-C into a silent exit 130: say what survived
             console.print(f"[yellow]interrupted[/]: {interrupted}")
         raise
+    if code == 130:
+        console.print(f"[yellow]interrupted[/]: {interrupted}")
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def dfembed_main() -> None:
@@ -357,7 +370,7 @@ Grid = Annotated[Optional[str], typer.Option(help="Comma list; each value is one
                           "torchrun --nproc-per-node N $(which dfhead) sweep ...")
 def sweep(
     store_dir: Annotated[Path, typer.Argument(help="Store to train on.")] = DEFAULT_STORE,
-    name: Annotated[str, typer.Option(help="Sweep name: writes RUNS_DIR/NAME/ (leaderboard.parquet, heatmap, best/).")] = "sweep",
+    name: Annotated[str, typer.Option(help="Sweep name: writes RUNS_DIR/NAME/ (leaderboard.parquet, heatmap, best/), replacing a sweep of that name.")] = "sweep",
     preset: Annotated[Optional[str], typer.Option(help="Base settings (paper, sp_cup or a JSON file); list options override.")] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per configuration (seed, seed+1, ...): the leaderboard reports mean and std.")] = 1,
     runs_dir: Annotated[Path, typer.Option(help="Where sweep directories go.")] = Path("runs"),

@@ -391,7 +391,8 @@ def _train_groups(data: Data, cfgs: list[RunConfig], *, log, progress) -> list[R
         size = _chunk_size(first, data.dim, data.x.device)
         for a in range(0, len(idx), size):
             chunk = idx[a:a + size]
-            # Every chunk follows the group's batch order, so where a config lands does not matter.
+            # Every chunk follows the group's batch order; dropout masks and noise are drawn per chunk,
+            # so with dropout or feature noise a config's result depends on its chunk (CPU only).
             trained = train_group(data, [cfgs[i] for i in chunk], log=log, progress=progress, batch_seed=first.seed)
             for i, r in zip(chunk, trained):
                 results[i] = r

@@ -242,3 +242,15 @@ def test_grid_values_are_typed_per_option():
     assert all(type(v) is bool for v in got["feature_noise"])
     with pytest.raises(UserError, match="unknown option --nonsense"):
         parse_grid_values({"nonsense": "1"})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["fit", "--no-such-option"], "No such option"),
+    (["sweep", "--cvar-alpha"], "requires an argument"),
+])
+def test_usage_errors_are_one_line_too(dfhead, args, message):
+    code, out, err = dfhead(*args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and message in lines[0] and "--help" in lines[0]
+    assert "Traceback" not in err and "╭" not in err
