@@ -28,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from embed.backbone import load_backbone  # noqa: E402
+from embed.backbone import load_backbone, split_preprocess  # noqa: E402
 from embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_workers, extract, make_loader,  # noqa: E402
                            rank_from_env, resolve_device, resolve_precision)
 from embed.sources import scan_folder  # noqa: E402
@@ -47,13 +47,18 @@ def make_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
 
 def decode_only(root: Path, paths: list[str], preprocess, *, batch_size: int, workers: int,
                 device: torch.device) -> tuple[int, float]:
-    """(images, seconds) for decode + preprocess + copy to `device`, through extract's own DataLoader."""
-    loader = make_loader(ImageFiles(root, paths, preprocess), batch_size=batch_size, workers=workers,
+    """(images, seconds) for decode + preprocess + copy to `device`, through extract's own DataLoader
+    and the same host/device split of the preprocess that the job uses."""
+    split = split_preprocess(preprocess)
+    host, on_device = split if split else (preprocess, None)
+    loader = make_loader(ImageFiles(root, paths, host), batch_size=batch_size, workers=workers,
                          pin_memory=device.type == "cuda")
     n, start = 0, time.perf_counter()
     for batch in loader:
         if batch.pixels is not None:
-            batch.pixels.to(device, non_blocking=True)
+            pixels = batch.pixels.to(device, non_blocking=True)
+            if on_device is not None:
+                on_device(pixels)
         n += len(batch)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+import numpy as np
 import open_clip
 import PIL
 import torch
@@ -104,6 +105,47 @@ class Backbone:
             if isinstance(features, tuple):  # towers built with output_tokens
                 features = features[0]
         return features.float()
+
+
+class HostPreprocess:
+    """The PIL part of an open_clip eval transform, ending in a uint8 HWC tensor (picklable for workers)."""
+
+    def __init__(self, pil_steps: list) -> None:
+        self.pil_steps = pil_steps
+
+    def __call__(self, image) -> torch.Tensor:
+        for step in self.pil_steps:
+            image = step(image)
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
+
+
+class DevicePreprocess:
+    """The tensor part: uint8 [B, H, W, 3] -> ToTensor's x/255 -> Normalize, on whatever device x is on."""
+
+    def __init__(self, mean, std) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).float().div_(255)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+
+def split_preprocess(preprocess) -> tuple[HostPreprocess, DevicePreprocess] | None:
+    """open_clip's eval transform as (host: PIL -> uint8, device: uint8 batch -> normalised float).
+
+    Decode workers then ship one byte per value instead of four, and the pinned copy and the
+    normalisation arithmetic move to the GPU; the result is the same float32 maths as
+    ToTensor + Normalize. None when the transform does not end in (Maybe)ToTensor, Normalize.
+    """
+    steps = list(getattr(preprocess, "transforms", []))
+    if len(steps) < 2:
+        return None
+    *pil_steps, to_tensor, normalize = steps
+    if type(to_tensor).__name__ not in ("ToTensor", "MaybeToTensor") or not isinstance(
+            normalize, torchvision.transforms.Normalize):
+        return None
+    return HostPreprocess(pil_steps), DevicePreprocess(normalize.mean, normalize.std)
 
 
 def pre_projection(visual: VisionTransformer, images: torch.Tensor) -> torch.Tensor:

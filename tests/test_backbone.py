@@ -355,3 +355,23 @@ def test_openai_torchscript_archive(tmp_path, tiny_checkpoint):
     with torch.no_grad():
         expected = reference.encode_image(x)
     torch.testing.assert_close(bb.encode(x), expected)
+
+
+def test_split_preprocess_equals_open_clips_transform_exactly(tiny_checkpoint):
+    """Workers stop at uint8 and the device finishes ToTensor + Normalize: the same float32 numbers."""
+    import pickle
+
+    from sklearn.datasets import load_sample_images
+
+    from embed.backbone import load_backbone, split_preprocess
+
+    bb = load_backbone("dfclip-tiny", str(tiny_checkpoint))
+    host, on_device = split_preprocess(bb.preprocess)
+    host = pickle.loads(pickle.dumps(host))  # it travels to DataLoader workers
+    images = [Image.fromarray(a) for a in load_sample_images().images] + [Image.new("RGB", (50, 90), (10, 200, 30))]
+    for img in images:
+        want = bb.preprocess(img)
+        got = host(img)
+        assert got.dtype == torch.uint8 and got.shape == (*want.shape[1:], 3)
+        assert torch.equal(on_device(got[None])[0], want)
+    assert split_preprocess(lambda img: img) is None  # not a Compose: the job falls back to the full transform
