@@ -135,6 +135,20 @@ def load_data(train_store, cfg: RunConfig, *, val_store=None, device: torch.devi
     return Data(x, y, val, holdout, tr.provenance, tr.dim, counts)
 
 
+def describe_data(data: Data, cfg: RunConfig) -> str:
+    """One line on what is trained and tested, imbalance included, so no report hides it."""
+    def part(name: str, y: torch.Tensor) -> str:
+        fake = int(y.sum())
+        real = y.numel() - fake
+        ratio = f"{fake / real:.1f}:1" if real else "no reals"
+        return f"{name} {y.numel()} ({fake} fake : {real} real = {ratio})"
+
+    text = f"data on {data.x.device}: {part('train', data.y)}, {part('val', data.val.y)}"
+    if data.holdout is not None:
+        text += f", unseen {', '.join(cfg.holdout_sources)}: {part('holdout', data.holdout.y)}"
+    return text
+
+
 def _per_model(cfgs: list[RunConfig], name: str, device) -> torch.Tensor:
     return torch.tensor([float(getattr(c, name)) for c in cfgs], device=device)
 
@@ -357,6 +371,7 @@ def train(train_store, cfgs: list[RunConfig], *, val_store=None, device: str = "
             raise UserError(f"--{name.replace('_', '-')} must be one value for a whole sweep (all heads share the data)")
     dev = resolve_device(device)
     data = load_data(train_store, cfgs[0], val_store=val_store, device=dev)
+    log(describe_data(data, cfgs[0]))
     # TF32 tensor cores for the heads' matmuls on GPUs (inputs rounded to 10 mantissa bits, fp32
     # accumulation), as is usual for training; the flag is restored afterwards. CPUs are unaffected.
     tf32 = torch.backends.cuda.matmul.allow_tf32

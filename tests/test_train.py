@@ -386,3 +386,12 @@ def test_one_class_training_set_and_unlabelled_store_are_refused(base, base_meta
     unlabelled = rewrite_store(base, tmp_path / "nolabels", label=np.full(meta.height, -1))
     with pytest.raises(UserError, match="no labelled rows"):
         run(unlabelled, cfg_of())
+
+
+def test_the_data_line_states_the_imbalance(base):
+    lines = []
+    (res,), data = T.train(base, [cfg_of(epochs=1, holdout_sources=("gan",))], log=lines.append)
+    fake, n = int(data.y.sum()), data.y.numel()
+    assert lines[0].startswith("data on cpu: ")
+    assert f"train {n} ({fake} fake : {n - fake} real = {fake / (n - fake):.1f}:1)" in lines[0]
+    assert "unseen gan: holdout" in lines[0]
