@@ -160,8 +160,7 @@ def import_h5(
                     w.add(block, {c: v[a:b] for c, v in meta.items()})
                 w.close()
             except BaseException:
-                for shard in w.written:  # all or nothing: a half import would look like a whole one
-                    shard.unlink(missing_ok=True)
+                w.remove_written()  # all or nothing: a half import would look like a whole one
                 raise
     unique_paths = pl.Series(meta["path"]).n_unique()
     return {"store": str(out), "rows": n, "dim": dim, "dtype": dtype, "shards": len(w.written),

@@ -98,9 +98,14 @@ class Store:
         rows, fails = [], []
         for i, s in enumerate(self.shards):
             try:  # a file named like a shard but missing datasets is the user's to move, not a crash
+                cache = s.path.with_name(fmt.meta_cache_name(s.path.name, s.created_ns))
+                cached = pl.read_parquet(cache) if cache.is_file() else None
                 with h5py.File(s.path, "r") as f:
-                    cols = {c: _strings(f[c]) for c in fmt.STRING_COLUMNS}
-                    cols.update({fmt.LABEL: f[fmt.LABEL][:], **{c: f[c][:] for c in fmt.FILE_COLUMNS}})
+                    if cached is not None and cached.height == s.n_rows:
+                        cols = {c: cached[c] for c in (*fmt.STRING_COLUMNS, fmt.LABEL, *fmt.FILE_COLUMNS)}
+                    else:  # no cache (e.g. a shard written by other tools): the shard itself is the truth
+                        cols = {c: _strings(f[c]) for c in fmt.STRING_COLUMNS}
+                        cols.update({fmt.LABEL: f[fmt.LABEL][:], **{c: f[c][:] for c in fmt.FILE_COLUMNS}})
                     rows.append(pl.DataFrame({**cols, "shard": np.full(s.n_rows, i, np.int32),
                                               "row": np.arange(s.n_rows, dtype=np.int64)}, schema=META_SCHEMA))
                     g = f[fmt.FAILURES_GROUP]

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import polars as pl
 
 from store import format as fmt
 from store.errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
+_META_DTYPES = {"path": pl.Utf8, "label": pl.Int8, "source": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8,
+                "size": pl.Int64, "mtime_ns": pl.Int64}
 
 
 def _chunk_rows(dim: int, itemsize: int) -> int:
@@ -62,9 +65,20 @@ class ShardWriter:
         self.failures_written = 0
 
     def _remove_stale_temps(self) -> None:
-        # Temps of this rank can only come from a dead writer: the lock excludes live ones.
+        # Temps of this rank can only come from a dead writer: the lock excludes live ones. So can
+        # a metadata cache whose shard never made it into place.
         for p in self.root.glob(f".shard-r{self.rank:03d}-*.tmp*"):
             p.unlink(missing_ok=True)
+        for p in self.root.glob(f"shard-r{self.rank:03d}-*.h5.meta-*.parquet"):
+            if not (self.root / p.name.split(".meta-")[0]).exists():
+                p.unlink(missing_ok=True)
+
+    def _write_meta_cache(self, name: str, created_ns: int, n: int) -> None:
+        cache = self.root / fmt.meta_cache_name(name, created_ns)
+        tmp = self.root / f".{cache.name}.tmp{os.getpid()}"
+        columns = {c: pl.Series(c, self._meta[c], dtype=dt) for c, dt in _META_DTYPES.items()}
+        pl.DataFrame(columns, height=n).write_parquet(tmp)
+        os.replace(tmp, cache)
 
     def add(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray]) -> None:
         """Append rows. `rows` has path, label, source, split, group, size, mtime_ns, one entry per row."""
@@ -99,10 +113,11 @@ class ShardWriter:
             return None
         name = fmt.shard_name(self.rank, self._seq)
         tmp = self.root / f".{name}.tmp{os.getpid()}"
+        created_ns = time.time_ns()
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = fmt.FORMAT_VERSION
             f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True, default=str)
-            f.attrs["created_ns"] = time.time_ns()
+            f.attrs["created_ns"] = created_ns
             f.attrs["rank"] = self.rank
             chunks = (min(n, _chunk_rows(self.dim, self.dtype.itemsize)), self.dim) if n else None
             f.create_dataset(fmt.EMBEDDINGS, data=self._emb[:n], chunks=chunks)
@@ -118,6 +133,7 @@ class ShardWriter:
                 g.create_dataset(c, data=np.array(self._fail[c], dtype=np.int64), shape=(nf,))
             f.flush()
             os.fsync(f.id.get_vfd_handle())
+        self._write_meta_cache(name, created_ns, n)  # before the shard: a live shard never lacks it
         os.replace(tmp, self.root / name)
         _fsync_dir(self.root)
         self.written.append(self.root / name)
@@ -129,6 +145,14 @@ class ShardWriter:
             for c in d:
                 d[c].clear()
         return self.root / name
+
+    def remove_written(self) -> None:
+        """Delete every shard (and its metadata cache) this writer committed, e.g. to undo an import."""
+        for shard in self.written:
+            shard.unlink(missing_ok=True)
+            for cache in shard.parent.glob(f"{shard.name}.meta-*.parquet"):
+                cache.unlink(missing_ok=True)
+        self.written.clear()
 
     def close(self) -> None:
         self.flush()

@@ -15,6 +15,7 @@ import pytest
 
 import store
 from store import format as fmt
+from store import reader
 from store.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -206,8 +207,12 @@ def test_temp_files_never_match_the_shard_glob(tmp_path, sample, monkeypatch):
 
     monkeypatch.setattr(os, "replace", spy)
     write(tmp_path, emb, meta, shard_size=20)
-    assert seen == ["shard-r000-00000.h5", "shard-r000-00001.h5", "shard-r000-00002.h5"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == seen  # no temp left behind
+    shards = ["shard-r000-00000.h5", "shard-r000-00001.h5", "shard-r000-00002.h5"]
+    assert [n for n in seen if n.endswith(".h5")] == shards
+    # each shard's metadata cache is committed just before the shard itself
+    assert [n.split(".meta-")[0] for n in seen if n.endswith(".parquet")] == shards
+    assert all(seen.index(n) + 1 == seen.index(n.split(".meta-")[0]) for n in seen if n.endswith(".parquet"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(seen)  # no temp left behind
 
 
 DIE_BEFORE_RENAME = """
@@ -226,7 +231,7 @@ def test_stale_temp_of_dead_writer_is_never_read_and_removed_by_same_rank(tmp_pa
     write(tmp_path, np.zeros((2, 4), np.float32), rows_of(["a", "b"]), prov=prov)
     r = subprocess.run([sys.executable, "-c", DIE_BEFORE_RENAME, str(tmp_path)], cwd=REPO, capture_output=True)
     assert r.returncode == 3, r.stderr.decode()
-    temps = [p for p in tmp_path.iterdir() if p.name.startswith(".shard-r000")]
+    temps = [p for p in tmp_path.iterdir() if p.name.startswith(".shard-r000") and ".h5.tmp" in p.name]
     assert len(temps) == 1 and h5py.is_hdf5(temps[0])  # a complete HDF5 file, just never committed
     assert store.open(tmp_path).meta["path"].to_list() == ["a", "b"]
     write(tmp_path, np.zeros((1, 4), np.float32), rows_of(["c"]), prov=prov, rank=1)
@@ -444,3 +449,46 @@ def test_compatible_is_exact_for_extracted_and_declared_fields_for_imported():
     assert not compatible({**imported, "feature": "pre"}, extracted)
     assert not compatible({**imported, "pretrained": "laion2b_s32b_b82k"}, extracted)
     assert not compatible({**imported, "dim": 1024}, extracted)
+
+
+def test_metadata_cache_is_used_only_for_its_exact_shard(tmp_path, sample, monkeypatch):
+    """Each shard gets a Parquet copy of its row metadata, named with the shard's created_ns. Reading
+    with or without the caches gives the same store; a cache that does not match is ignored."""
+    emb, meta = sample
+    write(tmp_path, emb, meta, shard_size=7)
+    caches = sorted(tmp_path.glob("shard-*.h5.meta-*.parquet"))
+    assert len(caches) == len(store.list_shards(tmp_path)) == 8
+    with_cache = store.open(tmp_path).meta
+
+    h5_reads = []
+    real = reader._strings
+    monkeypatch.setattr(reader, "_strings", lambda ds: h5_reads.append(ds.name) or real(ds))
+    assert store.open(tmp_path).meta.equals(with_cache)
+    assert not [n for n in h5_reads if "failures" not in n]  # row metadata came from the caches
+
+    # A cache claiming another shard version (other created_ns) is not trusted: the shard is read.
+    victim = caches[3]
+    shard_name, ns = victim.name.split(".meta-")
+    bogus = pl.read_parquet(victim).with_columns(pl.lit("WRONG").alias("path"))
+    victim.unlink()
+    bogus.write_parquet(tmp_path / f"{shard_name}.meta-{int(ns.split('.')[0]) + 1}.parquet")
+    h5_reads.clear()
+    assert store.open(tmp_path).meta.equals(with_cache)
+    assert any(shard_name in n or n.endswith("/path") for n in h5_reads)
+
+    # Without any cache (e.g. shards written by other tools) the store reads the same.
+    for c in tmp_path.glob("shard-*.h5.meta-*.parquet"):
+        c.unlink()
+    assert store.open(tmp_path).meta.equals(with_cache)
+
+
+def test_cache_of_a_shard_that_never_landed_is_removed_by_the_next_writer(tmp_path):
+    prov = {"model": "ViT-L-14", "feature": "proj"}
+    orphan = tmp_path / "shard-r000-00005.h5.meta-123.parquet"
+    tmp_path.mkdir(exist_ok=True)
+    pl.DataFrame({"path": ["x"]}).write_parquet(orphan)
+    other_rank = tmp_path / "shard-r001-00000.h5.meta-123.parquet"
+    pl.DataFrame({"path": ["y"]}).write_parquet(other_rank)
+    write(tmp_path, np.zeros((1, 4), np.float32), rows_of(["a"]), prov=prov)
+    assert not orphan.exists() and other_rank.exists()  # only this rank's leftovers are this writer's
+    assert store.open(tmp_path).meta["path"].to_list() == ["a"]
