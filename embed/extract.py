@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 import store
 from embed.backbone import Backbone, load_backbone, split_preprocess
 from embed.images import ImageError, load_rgb
-from embed.sources import read_manifest, scan_folder
+from embed.sources import load_inputs
 from store import format as fmt
 from store.errors import UserError
 
@@ -205,14 +205,10 @@ def _load_rows(inputs, manifest, root, columns, target_means) -> tuple[pl.DataFr
     if (inputs is None) == (manifest is None):
         raise UserError("give either an IMAGES_DIR or --manifest FILE (exactly one); "
                         "e.g. `dfembed extract ./images` or `dfembed extract --manifest labels.csv`")
-    if manifest is None:
-        if root is not None or columns or target_means != "fake":
-            raise UserError("--root, --column and --target-means only apply with --manifest; drop them for a folder")
-        rows = scan_folder(inputs)
-        return rows, Path(os.path.abspath(os.path.expanduser(inputs)))
-    rows = read_manifest(manifest, root=root, columns=columns, target_means=target_means)
-    base = root if root is not None else Path(os.path.abspath(os.path.expanduser(manifest))).parent
-    return rows, Path(os.path.abspath(os.path.expanduser(base)))
+    if manifest is None and not Path(inputs).is_dir():
+        raise UserError(f"{inputs} is not a folder of images; pass a folder, or a CSV/Parquet with --manifest")
+    return load_inputs(inputs if manifest is None else manifest, root=root, columns=columns,
+                       target_means=target_means)
 
 
 def partition(rows: pl.DataFrame, rank: int, world: int) -> pl.DataFrame:

@@ -53,11 +53,6 @@ class ImageError(Exception):
         return f"{self.kind}: {self.message}"
 
 
-def has_image_extension(path: str | os.PathLike) -> bool:
-    """True when the file name ends with one of IMAGE_EXTENSIONS (any letter case)."""
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
 def load_rgb(path: str | os.PathLike, *, max_pixels: int | None = None) -> Image.Image:
     """Fully decode `path` and return it as an upright RGB image.
 
