@@ -98,11 +98,13 @@ def load_data(train_store, cfg: RunConfig, *, val_store=None, device: torch.devi
     meta = tr.meta
     parts = split_rows(meta, val_frac=cfg.val_frac, seed=cfg.split_seed, holdout_sources=cfg.holdout_sources,
                        has_val_store=va is not None)
-    x_all, _ = tr.load(meta)  # storage order == meta order
     ys = torch.from_numpy(meta["label"].to_numpy().astype(np.int64))
 
     def subset(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, pl.DataFrame]:
-        return _to_device(x_all[idx], device), ys[idx].to(device), meta[idx]
+        # Each part is read straight from the shards (idx is sorted, so meta[idx] is in storage
+        # order, as load returns it): no full copy of the store sits in memory beside the parts.
+        x, rows = tr.load(meta[idx])
+        return _to_device(x, device), ys[idx].to(device), rows
 
     x, y, _ = subset(parts["train"])
     if va is not None:
