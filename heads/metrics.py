@@ -137,6 +137,12 @@ def _average_precision(c: _RocCounts) -> Tensor:
     return (recall_step * precision).sum(dim=1) / c.n_fake.double()
 
 
+def auc_and_eer(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(roc_auc [K], eer [K]) from one sort of the scores: the per-epoch validation numbers."""
+    c = _roc_counts(*_prepare(scores, labels))
+    return _roc_auc(c), _eer(c)[0]
+
+
 def eer(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """Equal error rate per head: (eer [K] float64, threshold [K] scores' dtype).
 

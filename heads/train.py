@@ -288,7 +288,7 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
                                                       reduction="none").mean(1)
         scores = torch.sigmoid(logits)
         val_loss, val_auc, val_eer = (torch.where(finite, v, math.nan) for v in (
-            val_loss, metrics.roc_auc(scores, data.val.y), metrics.eer(scores, data.val.y)[0]))
+            val_loss, *metrics.auc_and_eer(scores, data.val.y)))
         score = val_loss if minimize else val_auc
         if c0.select == "last":
             improved = torch.ones(k, dtype=torch.bool, device=device)
