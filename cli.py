@@ -1,6 +1,6 @@
 """Command-line entry points `dfembed` and `dfhead`: parse options, call one library function, print.
 
-No logic lives here. Every mistake a user can make surfaces as store.errors.UserError, printed
+No logic lives here. Every mistake a user can make surfaces as dfclip.errors.UserError, printed
 as one line with a non-zero exit. Heavy imports (torch, open_clip) stay inside the commands so
 `--help` and `dfembed info` start fast.
 """
@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from store.errors import UserError
+from dfclip.errors import UserError
 
 console = Console(stderr=True)
 out = Console()
@@ -75,7 +75,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")] = False,
 ) -> None:
     """Rows, dim, model, per-label and per-source counts, failures and size on disk of a store."""
-    import store
+    from dfclip import store
 
     s = store.open(store_dir)
     rep = s.info()
@@ -108,8 +108,8 @@ def import_h5(
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = "float16",
 ) -> None:
     """Import features you already extracted (SP_CUP-style .h5 + labels CSV) into a store."""
-    from embed.sources import parse_column_map
-    from store.importer import import_h5 as run_import
+    from dfclip.embed.sources import parse_column_map
+    from dfclip.store.importer import import_h5 as run_import
 
     rep = run_import(h5_file, csv, dataset=dataset, out=out_dir, columns=parse_column_map(column or []),
                      target_means=target_means, split=split, model=model, pretrained=pretrained, feature=feature,
@@ -163,8 +163,8 @@ def extract_cmd(
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Embed every image of IMAGES_DIR (or --manifest) with a frozen CLIP image tower into a resumable store."""
-    from embed.extract import extract
-    from embed.sources import parse_column_map
+    from dfclip.embed.extract import extract
+    from dfclip.embed.sources import parse_column_map
 
     rep = extract(images_dir, out_dir, manifest=manifest, root=root, columns=parse_column_map(column or []),
                   target_means=target_means, model=model, pretrained=pretrained, feature=feature,
@@ -192,7 +192,7 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical images.")] = 0,
 ) -> None:
     """Write a small labelled demo image folder (cartoon faces: 2 real and 3 fake sources) to try dfclip on."""
-    from embed.demo import make_demo_images
+    from dfclip.embed.demo import make_demo_images
 
     folder = make_demo_images(out_dir, n_per_source=n_per_source, seed=seed)
     n = sum(1 for p in folder.rglob("*") if p.is_file() and p.name != "manifest.csv")
@@ -265,8 +265,8 @@ def fit(
 ) -> None:
     """Train one detector head on a store and write runs/NAME/ (config, weights, metrics, report, plots)."""
     opts = {k: v for k, v in locals().items() if k not in ("store_dir", "preset", "name", "runs_dir", "val_store", "device")}
-    from heads.config import make_config
-    from heads.run import fit as fit_run
+    from dfclip.heads.config import make_config
+    from dfclip.heads.run import fit as fit_run
 
     opts["per_sample"] = opts.pop("loss")
     cfg = make_config(preset, **_config_values(**opts))
@@ -306,7 +306,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
 ) -> None:
     """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video)."""
-    from heads.run import evaluate_run
+    from dfclip.heads.run import evaluate_run
 
     rep = evaluate_run(run, store_dir, device=device)
     if as_json:
@@ -330,14 +330,14 @@ def predict(
     workers: Annotated[int, typer.Option(help="Decoding workers when embedding images.")] = 2,
 ) -> None:
     """Score a store or images with a trained run, using the threshold chosen at fit time."""
-    from heads.run import predict_store
+    from dfclip.heads.run import predict_store
 
     if (images is None) == (store_dir is None):
         raise UserError("give either IMAGES (a folder or file) or --store STORE, not both")
     with tempfile.TemporaryDirectory(prefix="dfclip-predict-") as tmp:
         if images is not None:
-            from embed.extract import extract_like
-            from heads.report import load_run_config
+            from dfclip.embed.extract import extract_like
+            from dfclip.heads.report import load_run_config
 
             summary = extract_like(load_run_config(run)["provenance"], images, tmp, device=device, workers=workers)
             store_dir = summary["store"]
@@ -352,7 +352,7 @@ def runs(
     runs_dir: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs"),
 ) -> None:
     """List and compare run directories (newest first)."""
-    from heads.run import list_runs
+    from dfclip.heads.run import list_runs
 
     import polars as pl
 
@@ -395,20 +395,22 @@ def sweep(
     """
     opts = {k: v for k, v in locals().items() if k not in ("store_dir", "name", "preset", "seeds", "runs_dir",
                                                           "val_store", "device") and v is not None}
-    from heads.config import make_config, parse_grid_values
-    from heads.run import grid, sweep as sweep_run
+    from dfclip.heads.config import make_config, parse_grid_values
+    from dfclip.heads.run import grid, sweep as sweep_run
 
     if "loss" in opts:
         opts["per_sample"] = opts.pop("loss")
     fixed = _config_values(**{k: opts.pop(k) for k in ("seed", "holdout_source") if k in opts})
     base = make_config(preset, **fixed)
     cfgs = grid(base, seeds=seeds, **parse_grid_values(opts))
-    if os.environ.get("RANK", "0") == "0":
+    from dfclip.runtime import rank_from_env
+
+    if rank_from_env().rank == 0:
         out.print(f"sweep {name}: {len(cfgs)} heads")
     out_dir, board = sweep_run(store_dir, cfgs, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
                                log=out.print, progress=True)
     if board.height:
-        from heads.report import varying_columns
+        from dfclip.heads.report import varying_columns
 
         import polars as pl
 

@@ -12,18 +12,9 @@ from pathlib import Path
 
 import torch
 
+from dfclip.runtime import resolve_device  # noqa: F401  (re-exported for the bench scripts)
+
 ROOT = Path(__file__).resolve().parents[1]
-# The repo first: run from a checkout without installing, and `import store` must find the package,
-# not bench/store.py next to these scripts.
-if sys.path[0] != str(ROOT):
-    sys.path.insert(0, str(ROOT))
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when visible, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def clock(device: torch.device) -> float:

@@ -26,12 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from embed.backbone import load_backbone, split_preprocess  # noqa: E402
-from embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_workers, extract, make_loader,  # noqa: E402
+from dfclip.embed.backbone import load_backbone, split_preprocess  # noqa: E402
+from dfclip.embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_workers, extract, make_loader,  # noqa: E402
                            rank_from_env, resolve_device, resolve_precision)
-from embed.sources import scan_folder  # noqa: E402
+from dfclip.embed.sources import scan_folder  # noqa: E402
 
 
 def make_images(folder: Path, n: int, size: int, seed: int = 0) -> None:

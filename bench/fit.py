@@ -31,11 +31,12 @@ import numpy as np
 import reference
 from common import clock, describe, machine_info, print_table, resolve_device, setup_threads, write_json
 
-import heads.train  # noqa: E402  (common put the repo on sys.path)
-import store
-from heads.config import make_config
-from heads.data import split_rows
-from store.synthetic import make_synthetic_store
+from dfclip import heads  # noqa: E402
+import dfclip.heads.train  # noqa: E402,F401
+from dfclip import store
+from dfclip.heads.config import make_config
+from dfclip.heads.data import split_rows
+from dfclip.store.synthetic import make_synthetic_store
 
 TARGETS = {"cpu": 5.0, "cuda": 50.0}
 SAM_TARGET = 2.2

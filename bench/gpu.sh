@@ -25,7 +25,7 @@ stage extract 140 "$PY" bench/extract.py --model ViT-L-14 --pretrained none --de
   --n-images 20000 --size 256 --batch-size 256 --workers $((CORES - 1)) --json "$OUT/extract.json"
 # The 1M x 768 float16 store is written once (~35 s) and shared by the fit and sweep stages.
 STORE1M="$OUT/store-1m"
-[ -d "$STORE1M" ] || stage store_1m 50 "$PY" -c "import sys; sys.path.insert(0, '.'); from store.synthetic import \
+[ -d "$STORE1M" ] || stage store_1m 50 "$PY" -c "from dfclip.store.synthetic import \
 make_synthetic_store as m; m('$STORE1M', n=1_000_000, dim=768, signal=3.0)"
 stage fit 100 "$PY" bench/fit.py --device cuda --rows 1000000 --baseline-rows 100000 --rounds 1 \
   --store "$STORE1M" --json "$OUT/fit.json"

@@ -42,7 +42,7 @@ from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from common import clock, print_table, resolve_device, setup_threads  # also puts the repo on sys.path
+from common import clock, print_table, resolve_device, setup_threads
 
 TRAIN_BATCH, VAL_BATCH = 256, 32  # the reference's defaults
 

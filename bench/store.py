@@ -22,8 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-import store  # noqa: E402
+from dfclip import store  # noqa: E402
 
 PROVENANCE = {"model": "bench", "feature": "proj"}
 

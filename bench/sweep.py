@@ -28,10 +28,11 @@ import numpy as np
 
 from common import clock, describe, machine_info, print_table, resolve_device, setup_threads, write_json
 
-import heads.train  # noqa: E402  (common put the repo on sys.path)
-import store
-from heads.config import make_config
-from store.synthetic import make_synthetic_store
+from dfclip import heads  # noqa: E402
+import dfclip.heads.train  # noqa: E402,F401
+from dfclip import store
+from dfclip.heads.config import make_config
+from dfclip.store.synthetic import make_synthetic_store
 
 TARGETS = {"cpu": 6.0, "cuda": 15.0}
 ALPHAS, GAMMAS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0), (0.0, 0.5)

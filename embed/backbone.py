@@ -53,7 +53,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from store.errors import UserError
+from dfclip.errors import UserError
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FEATURES = ("proj", "pre")

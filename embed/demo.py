@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 from PIL import Image, ImageDraw, ImageFilter
 
-from store.errors import UserError
+from dfclip.errors import UserError
 
 REAL_SOURCES = ("ffhq", "celeba")
 FAKE_SOURCES = ("stylegan2", "sd15", "dalle")

@@ -41,12 +41,13 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
-import store
-from embed.backbone import Backbone, load_backbone, split_preprocess
-from embed.images import ImageError, load_rgb
-from embed.sources import load_inputs
-from store import format as fmt
-from store.errors import UserError
+from dfclip import store
+from dfclip.embed.backbone import Backbone, load_backbone, split_preprocess
+from dfclip.embed.images import ImageError, load_rgb
+from dfclip.embed.sources import load_inputs
+from dfclip.store import format as fmt
+from dfclip.errors import UserError
+from dfclip.runtime import Rank, rank_from_env, resolve_device
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,57 +60,6 @@ log = Console(stderr=True, highlight=False)
 
 
 # ---------------------------------------------------------------- run settings
-
-@dataclass(frozen=True)
-class Rank:
-    """This process's place in a torchrun job (0 of 1 when run alone)."""
-
-    rank: int
-    world: int
-    local: int
-    local_world: int
-
-    @property
-    def tag(self) -> str:
-        """Message prefix under torchrun, escaped for rich markup ("" when alone)."""
-        return escape(f"[rank {self.rank}/{self.world}] ") if self.world > 1 else ""
-
-
-def rank_from_env() -> Rank:
-    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them."""
-    env = os.environ
-    try:
-        world = int(env.get("WORLD_SIZE", "1"))
-        rank = int(env.get("RANK", "0"))
-        local = int(env.get("LOCAL_RANK", "0"))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
-    except ValueError:
-        raise UserError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them); "
-                        "unset them for a one-process run") from None
-    if world < 1 or not 0 <= rank < world:
-        raise UserError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world}); launch with torchrun "
-                        "or unset RANK and WORLD_SIZE")
-    return Rank(rank, world, local, max(1, local_world))
-
-
-def resolve_device(device: str, rank: Rank) -> torch.device:
-    """"auto" is this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device} but torch sees no CUDA GPU; use --device cpu, or install a CUDA build of torch")
-        if dev.index is None:
-            dev = torch.device("cuda", rank.local)  # one GPU per torchrun rank on the node
-        if dev.index >= torch.cuda.device_count():
-            raise UserError(f"GPU {dev.index} does not exist ({torch.cuda.device_count()} visible); "
-                            "use --nproc-per-node <= the number of GPUs")
-    return dev
-
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" is bf16 autocast on CUDA (fp16 where the GPU has no bf16) and fp32 elsewhere."""
@@ -355,9 +305,9 @@ def extract(
         _check_same_model(out, provenance)
         todo, skipped, skipped_failures = _split_done(mine, out, retry_failed)
         if dev.type == "cpu":
-            log.print(f"{rank.tag}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
+            log.print(f"{escape(rank.tag)}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
                       "(fine for the tiny model; use a CUDA machine for real runs)")
-        log.print(rank.tag + escape(
+        log.print(escape(rank.tag) + escape(
             f"extracting {todo.height} of {mine.height} images ({skipped} already in the store) -> {out} | "
             f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim} | "
             f"batch {batch_size}, {workers} workers"))
@@ -371,7 +321,7 @@ def extract(
                 dataset = ImageFiles(input_root, todo["path"].to_list(), host)
                 loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
                 with _progress_bar(progress and rank.rank == 0) as bar:
-                    task = bar.add_task(f"{rank.tag}embedding", total=todo.height)
+                    task = bar.add_task(f"{escape(rank.tag)}embedding", total=todo.height)
                     _embed_all(loader, backbone, precision, writer, todo, lambda n: bar.advance(task, n),
                                on_device=on_device)
                 del loader  # stop the workers now, not at garbage collection
@@ -404,7 +354,7 @@ def backbone_from_provenance(provenance: dict, workdir: str | os.PathLike) -> di
 
     import open_clip
 
-    from embed.backbone import sha256_file
+    from dfclip.embed.backbone import sha256_file
 
     name = provenance.get("model")
     if not name:

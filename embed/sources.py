@@ -27,8 +27,8 @@ from pathlib import Path
 
 import polars as pl
 
-from embed.images import IMAGE_EXTENSIONS  # the one list of file types dfclip decodes
-from store.errors import UserError
+from dfclip.embed.images import IMAGE_EXTENSIONS  # the one list of file types dfclip decodes
+from dfclip.errors import UserError
 
 ROW_SCHEMA: dict[str, pl.DataType] = {
     "path": pl.Utf8,

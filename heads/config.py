@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from store.errors import UserError
+from dfclip.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "configs"
 

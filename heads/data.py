@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from store.errors import UserError
+from dfclip.errors import UserError
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 

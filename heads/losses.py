@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from store.errors import UserError
+from dfclip.errors import UserError
 
 PER_SAMPLE_KINDS = ("bce", "vs")
 AUC_KINDS = ("logistic", "squared_hinge")

@@ -17,7 +17,7 @@ import polars as pl
 import torch
 from torch import Tensor
 
-from store.errors import UserError
+from dfclip.errors import UserError
 
 TPR_AT_FPR_TARGETS = (0.01, 0.05)
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from store.errors import UserError
+from dfclip.errors import UserError
 
 # One generator for the whole [K, ...] draw, or one per model (model k's randomness then
 # does not depend on K or on the other models).

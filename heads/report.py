@@ -19,9 +19,9 @@ import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 
-from heads.config import PER_MODEL, RunConfig
-from heads.models import Head, head_from_config
-from store.errors import UserError
+from dfclip.heads.config import PER_MODEL, RunConfig
+from dfclip.heads.models import Head, head_from_config
+from dfclip.errors import UserError
 
 RUN_FORMAT = "dfclip-run/1"
 
@@ -139,7 +139,7 @@ def selection_order(select: str) -> tuple[str, bool]:
 
 def leaderboard(rows: pl.DataFrame, select: str = "auc") -> tuple[pl.DataFrame, pl.DataFrame]:
     """(per-run table, per-configuration mean and std over seeds), both sorted by the selection metric."""
-    from heads.config import FIELDS
+    from dfclip.heads.config import FIELDS
 
     metric_cols = [c for c in rows.columns if c.startswith(("val_", "holdout_")) and c not in FIELDS]
     cfg_cols = [c for c in rows.columns if c in FIELDS and c != "seed"]
@@ -154,7 +154,7 @@ def leaderboard(rows: pl.DataFrame, select: str = "auc") -> tuple[pl.DataFrame, 
 
 def varying_columns(rows: pl.DataFrame) -> list[str]:
     """Config columns that differ across a sweep (what the leaderboard should show)."""
-    from heads.config import FIELDS
+    from dfclip.heads.config import FIELDS
 
     return [c for c in rows.columns if c in FIELDS and rows[c].n_unique() > 1]
 

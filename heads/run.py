@@ -1,7 +1,7 @@
 """The notebook-level API behind `dfhead`: fit, sweep, evaluate, predict, list runs.
 
-    from heads.run import fit, sweep, grid
-    from heads.config import make_config
+    from dfclip.heads.run import fit, sweep, grid
+    from dfclip.heads.config import make_config
     run_dir = fit("embeddings", make_config("paper", cvar_alpha=0.3))
     board = sweep("embeddings", grid(make_config(), cvar_alpha=[0.1, 0.3, 1.0], seeds=3))
 
@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import itertools
 import json
 import os
@@ -23,13 +24,14 @@ import numpy as np
 import polars as pl
 import torch
 
-import store
-from heads import metrics
-from heads.config import RunConfig, validate
-from heads.report import (default_run_name, leaderboard, load_run, plot_heatmap, result_row, safe_name, save_run,
+from dfclip import store
+from dfclip.heads import metrics
+from dfclip.heads.config import RunConfig, validate
+from dfclip.heads.report import (default_run_name, leaderboard, load_run, plot_heatmap, result_row, safe_name, save_run,
                           selection_order, varying_columns)
-from heads.train import Data, RunResult, predict_logits, resolve_device, train
-from store.errors import UserError
+from dfclip.heads.train import Data, RunResult, predict_logits, train
+from dfclip.runtime import rank_from_env, resolve_device
+from dfclip.errors import UserError
 
 
 def _eval_scores(result: RunResult, data: Data) -> dict:
@@ -108,8 +110,7 @@ def _check_memory(data_rows: int, dim: int, cfgs: list[RunConfig], device: torch
                         f"{device}; split the grid into smaller sweeps (fewer values per option or --seeds)")
 
 
-def _dist() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+BARRIER_TIMEOUT = datetime.timedelta(days=2)
 
 
 def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None,
@@ -120,18 +121,19 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     Under torchrun each rank trains a disjoint slice of the grid (configs rank, rank+world, ...)
     and writes its rows; rank 0 waits for all ranks, merges the leaderboard and keeps the best.
     """
-    rank, world = _dist()
+    me = rank_from_env()
+    rank, world = me.rank, me.world
     out = Path(runs_dir) / safe_name(name)
     parts = out / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     # Rows of an earlier sweep of this name (maybe with more ranks) must not leak into this leaderboard.
     (parts / f"rows-r{rank:03d}.parquet").unlink(missing_ok=True)
-    if world > 1 and device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     mine = cfgs[rank::world]
     select = cfgs[0].select if len({c.select for c in cfgs}) == 1 else "auc"  # ranks runs and picks best/
     if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
+        # Ranks finish their slices at different times; gloo's default 30-minute timeout would
+        # kill the early ones at the barrier and lose the merge, so wait as long as a sweep can take.
+        torch.distributed.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     if mine:
         dev = resolve_device(device)
         s = store.open(store_dir)

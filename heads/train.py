@@ -18,13 +18,14 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
-import store
-from heads import losses, metrics
-from heads.config import PER_MODEL, RunConfig, group_key, parse_threshold
-from heads.data import augment_with_noise, epoch_batches, split_rows
-from heads.models import Head, build_head
-from heads.optim import SAM, BatchedAdamW
-from store.errors import UserError
+from dfclip import store
+from dfclip.heads import losses, metrics
+from dfclip.heads.config import PER_MODEL, RunConfig, group_key, parse_threshold
+from dfclip.heads.data import augment_with_noise, epoch_batches, split_rows
+from dfclip.heads.models import Head, build_head
+from dfclip.heads.optim import SAM, BatchedAdamW
+from dfclip.errors import UserError
+from dfclip.runtime import resolve_device
 
 EVAL_CHUNK = 8192  # rows per eval forward: bounds activation memory to K * chunk * hidden
 
@@ -68,14 +69,6 @@ class RunResult:
     threshold: float
     reports: dict  # {"val": {...}, "holdout": {...}?}
     seconds: float
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(device)
 
 
 def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:

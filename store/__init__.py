@@ -1,15 +1,15 @@
 """The on-disk store of embeddings: immutable HDF5 shards plus Parquet side files.
 
-    import store
+    from dfclip import store
     s = store.open("embeddings")
     X, meta = s.load(label=[0, 1])        # one preallocated array + a polars frame
 
 Nothing outside this package writes or parses shards. See docs/store-format.md.
 """
 
-from store.errors import UserError
-from store.format import FORMAT_VERSION
-from store.reader import Store, list_shards, open
-from store.writer import ShardWriter, writer_lock
+from dfclip.errors import UserError
+from dfclip.store.format import FORMAT_VERSION
+from dfclip.store.reader import Store, list_shards, open
+from dfclip.store.writer import ShardWriter, writer_lock
 
 __all__ = ["FORMAT_VERSION", "ShardWriter", "Store", "UserError", "list_shards", "open", "writer_lock"]

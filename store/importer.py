@@ -20,10 +20,10 @@ import h5py
 import numpy as np
 import polars as pl
 
-from store import format as fmt
-from store.errors import UserError
-from store.reader import list_shards
-from store.writer import ShardWriter, writer_lock
+from dfclip.store import format as fmt
+from dfclip.errors import UserError
+from dfclip.store.reader import list_shards
+from dfclip.store.writer import ShardWriter, writer_lock
 
 # Our column -> the SP_CUP CSV's column; --column path=NAME etc. override.
 DEFAULT_COLUMNS = {"path": "Image Path", "label": "Target"}

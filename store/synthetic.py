@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from store.writer import ShardWriter
+from dfclip.store.writer import ShardWriter
 
 SYNTHETIC_PROVENANCE = {"model": "synthetic", "model_config": {}, "pretrained": "none", "feature": "proj",
                         "preprocess": {}, "note": "random embeddings with a planted signal"}
@@ -53,7 +53,7 @@ def rewrite_store(src: str | os.PathLike, dst: str | os.PathLike, *, keep: np.nd
     """A copy of store `src` as a new store `dst`: only the rows `keep` (bool mask in storage
     order), optionally with other provenance or replaced metadata columns (e.g. label=...).
     Used to cut validation stores by video and to build bad inputs for tests."""
-    from store.reader import Store
+    from dfclip.store.reader import Store
 
     s = Store(src)
     x, meta = s.load()

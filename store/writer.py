@@ -13,8 +13,8 @@ import h5py
 import numpy as np
 import polars as pl
 
-from store import format as fmt
-from store.errors import UserError
+from dfclip.store import format as fmt
+from dfclip.errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
 _META_DTYPES = {"path": pl.Utf8, "label": pl.Int8, "source": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8,

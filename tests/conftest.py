@@ -28,7 +28,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_model_name) -> Path:
     import open_clip
     from safetensors.torch import save_file
 
-    import embed.backbone  # noqa: F401  registers embed/model_configs with open_clip
+    import dfclip.embed.backbone  # noqa: F401  registers embed/model_configs with open_clip
 
     with torch.random.fork_rng():  # leave the global RNG as other tests expect it
         torch.manual_seed(0)
@@ -40,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_model_name) -> Path:
 
 def _cli_runner(main_name: str, prog: str, capsys, monkeypatch):
     """Run a real entry point (with its UserError handling) in-process: (exit code, stdout, stderr)."""
-    import cli
+    from dfclip import cli
 
     def run(*args) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", [prog, *map(str, args)])

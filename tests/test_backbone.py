@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-import embed.backbone as backbone_mod
-from embed.backbone import (
+from dfclip.embed import backbone as backbone_mod
+from dfclip.embed.backbone import (
     cached_tag_file,
     decide_quick_gelu,
     is_torchscript_archive,
@@ -23,7 +23,7 @@ from embed.backbone import (
     read_checkpoint,
     resolve_model_name,
 )
-from store.errors import UserError
+from dfclip.errors import UserError
 
 TINY_TEXT = {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1}
 
@@ -363,7 +363,7 @@ def test_split_preprocess_equals_open_clips_transform_exactly(tiny_checkpoint):
 
     from sklearn.datasets import load_sample_images
 
-    from embed.backbone import load_backbone, split_preprocess
+    from dfclip.embed.backbone import load_backbone, split_preprocess
 
     bb = load_backbone("dfclip-tiny", str(tiny_checkpoint))
     host, on_device = split_preprocess(bb.preprocess)

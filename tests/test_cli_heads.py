@@ -14,12 +14,12 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-import cli
-import store
-from heads.config import parse_grid_values
-from store.errors import UserError
-from store.synthetic import SYNTHETIC_PROVENANCE, make_synthetic_store, rewrite_store
-from store.writer import ShardWriter
+from dfclip import cli
+from dfclip import store
+from dfclip.heads.config import parse_grid_values
+from dfclip.errors import UserError
+from dfclip.store.synthetic import SYNTHETIC_PROVENANCE, make_synthetic_store, rewrite_store
+from dfclip.store.writer import ShardWriter
 
 FAST = ["--epochs", "3", "--lr", "0.01", "--batch-size", "64", "--device", "cpu"]
 
@@ -117,7 +117,8 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(env, fitted, monkeypatch, caps
 
 def test_ctrl_c_exits_130_and_says_so(env, monkeypatch, capsys):
     """typer turns KeyboardInterrupt into a silent exit 130; the CLI must still tell the user."""
-    import heads.run
+    from dfclip import heads
+    import dfclip.heads.run  # noqa: F401
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -129,7 +130,8 @@ def test_ctrl_c_exits_130_and_says_so(env, monkeypatch, capsys):
 
 
 def test_sweep_too_big_is_refused_in_one_line(env, monkeypatch, capsys, tmp_path):
-    import heads.run
+    from dfclip import heads
+    import dfclip.heads.run  # noqa: F401
 
     monkeypatch.setattr(heads.run, "free_memory_bytes", lambda device: 1024)
     code, out, err = dfhead(monkeypatch, capsys, "sweep", env["good"], "--cvar-alpha", "0.5,1", *FAST,

@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 import torch
 
-from heads.data import augment_with_noise, epoch_batches, feature_noise, split_rows
-from store.errors import UserError
+from dfclip.heads.data import augment_with_noise, epoch_batches, feature_noise, split_rows
+from dfclip.errors import UserError
 
 
 # --- feature noise ----------------------------------------------------------------------

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from embed.demo import FAKE_SOURCES, REAL_SOURCES, make_demo_images
-from embed.sources import read_manifest, scan_folder
-from store.errors import UserError
+from dfclip.embed.demo import FAKE_SOURCES, REAL_SOURCES, make_demo_images
+from dfclip.embed.sources import read_manifest, scan_folder
+from dfclip.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_cli_hints_paste_as_they_are_with_spaces(tmp_path, monkeypatch, capsys):
     import shlex
     import sys
 
-    import cli
+    from dfclip import cli
 
     folder = tmp_path / "my images"
     monkeypatch.setattr(cli.out, "width", 1000)  # no wrapping of the long tmp path

@@ -23,11 +23,12 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-import cli
-import embed.backbone  # noqa: F401  registers dfclip-tiny with open_clip
-import store
-from embed.extract import collate, extract, partition, rank_from_env
-from store.errors import UserError
+from dfclip import cli
+from dfclip import embed  # noqa: E402
+import dfclip.embed.backbone  # noqa: F401  registers dfclip-tiny with open_clip
+from dfclip import store
+from dfclip.embed.extract import collate, extract, partition, rank_from_env
+from dfclip.errors import UserError
 
 TINY = ["--model", "dfclip-tiny"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import store
-from embed.extract import extract
-from store.errors import UserError
+from dfclip import store
+from dfclip.embed.extract import extract
+from dfclip.errors import UserError
 
 BIN = Path(sys.executable).parent
 DFEMBED = shutil.which("dfembed", path=str(BIN)) or shutil.which("dfembed")

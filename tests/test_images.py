@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from embed.images import IMAGE_EXTENSIONS, ImageError, load_rgb
+from dfclip.embed.images import IMAGE_EXTENSIONS, ImageError, load_rgb
 
 
 def pixels(image: Image.Image) -> np.ndarray:

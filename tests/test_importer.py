@@ -11,10 +11,10 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-import cli
-import store
-from store.errors import UserError
-from store.importer import import_h5
+from dfclip import cli
+from dfclip import store
+from dfclip.errors import UserError
+from dfclip.store.importer import import_h5
 
 REPO = Path(__file__).resolve().parents[1]
 N, D = 45, 24
@@ -165,7 +165,7 @@ def test_import_into_a_store_of_another_model_is_refused_before_writing(tmp_path
 
 def test_entry_point_prints_one_line_without_traceback(tmp_path, cup):
     h5, csv, _, _ = cup
-    r = subprocess.run([sys.executable, "-c", "import cli; cli.dfembed_main()", "import-h5", str(h5), "--csv", str(csv),
+    r = subprocess.run([sys.executable, "-c", "from dfclip import cli; cli.dfembed_main()", "import-h5", str(h5), "--csv", str(csv),
                         "--out", str(tmp_path / "emb"), "--dataset", "nope"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from heads.losses import (
+from dfclip.heads.losses import (
     bce_per_sample,
     check_loss_args,
     cvar_loss,
@@ -14,7 +14,7 @@ from heads.losses import (
     pairwise_auc_loss,
     vs_logits,
 )
-from store.errors import UserError
+from dfclip.errors import UserError
 
 
 def brute_cvar(losses: np.ndarray, alpha: float) -> float:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from heads import metrics
-from store.errors import UserError
+from dfclip.heads import metrics
+from dfclip.errors import UserError
 
 TPR_TARGETS = (0.0, 0.01, 0.05, 0.1, 0.3, 1.0)
 # sklearn's own complaints about one-class oracle inputs, which these tests make on purpose.

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from heads.models import BatchedLinear, BatchedMLP, _dropout, build_head, head_from_config
-from store.errors import UserError
+from dfclip.heads.models import BatchedLinear, BatchedMLP, _dropout, build_head, head_from_config
+from dfclip.errors import UserError
 
 D, H, DEPTH = 12, 10, 3
 

@@ -7,8 +7,8 @@ from unittest import mock
 import pytest
 import torch
 
-from heads.losses import head_loss
-from heads.optim import SAM, BatchedAdamW
+from dfclip.heads.losses import head_loss
+from dfclip.heads.optim import SAM, BatchedAdamW
 
 K = 3
 

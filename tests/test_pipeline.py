@@ -8,14 +8,14 @@ import polars as pl
 import pytest
 import torch
 
-import store
+from dfclip import store
 
 
 
 
 @pytest.fixture(scope="module")
 def demo_images(tmp_path_factory):
-    from embed.demo import make_demo_images
+    from dfclip.embed.demo import make_demo_images
 
     return make_demo_images(tmp_path_factory.mktemp("demo") / "images", n_per_source=16, seed=1)
 

@@ -20,13 +20,13 @@ from PIL import Image
 from safetensors import safe_open
 from sklearn.metrics import roc_auc_score
 
-import store
-from heads import run as R
-from heads.config import make_config
-from heads.report import load_run
-from store.errors import UserError
-from store.synthetic import make_synthetic_store, rewrite_store
-from store.writer import ShardWriter
+from dfclip import store
+from dfclip.heads import run as R
+from dfclip.heads.config import make_config
+from dfclip.heads.report import load_run
+from dfclip.errors import UserError
+from dfclip.store.synthetic import make_synthetic_store, rewrite_store
+from dfclip.store.writer import ShardWriter
 
 QUIET = {"log": lambda line: None}
 FAST = dict(epochs=4, lr=1e-2, batch_size=64)

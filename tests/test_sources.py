@@ -6,7 +6,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from embed.sources import (
+from dfclip.embed.sources import (
     IMAGE_EXTENSIONS,
     ROW_SCHEMA,
     load_inputs,
@@ -14,7 +14,7 @@ from embed.sources import (
     read_manifest,
     scan_folder,
 )
-from store.errors import UserError
+from dfclip.errors import UserError
 
 
 def touch(root: Path, rel: str, content: bytes = b"x") -> Path:

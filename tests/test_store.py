@@ -13,10 +13,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-import store
-from store import format as fmt
-from store import reader
-from store.errors import UserError
+from dfclip import store
+from dfclip.store import format as fmt
+from dfclip.store import reader
+from dfclip.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 PROV = {"model": "ViT-L-14", "model_config": {"quick_gelu": True}, "pretrained": "openai", "feature": "proj"}
@@ -132,7 +132,7 @@ def test_shuffled_rows_keep_embeddings_aligned(tmp_path, sample):
     (1 << 19, 640),       # max_span = 10 rows: long spans split
 ])
 def test_scattered_rows_are_exact_and_read_with_few_calls(tmp_path, monkeypatch, call_bytes, span_bytes):
-    import store.reader as reader
+    from dfclip.store import reader as reader
 
     monkeypatch.setattr(reader, "READ_CALL_BYTES", call_bytes)
     monkeypatch.setattr(reader, "MAX_SPAN_BYTES", span_bytes)
@@ -435,7 +435,7 @@ def test_missing_or_empty_store_is_a_user_error(tmp_path):
 
 
 def test_compatible_is_exact_for_extracted_and_declared_fields_for_imported():
-    from store.format import compatible
+    from dfclip.store.format import compatible
 
     extracted = {"model": "ViT-L-14", "model_config": {"embed_dim": 768, "quick_gelu": True},
                  "pretrained": {"kind": "tag", "tag": "openai"}, "feature": "proj", "dim": 768,

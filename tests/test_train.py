@@ -12,14 +12,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import heads.train as T
-import store
-from heads.config import make_config
-from heads.models import BatchedBatchNorm
-from heads.optim import BatchedAdamW
-from store.errors import UserError
-from store.synthetic import SYNTHETIC_PROVENANCE, make_synthetic_store, rewrite_store
-from store.writer import ShardWriter
+from dfclip.heads import train as T
+from dfclip import store
+from dfclip.heads.config import make_config
+from dfclip.heads.models import BatchedBatchNorm
+from dfclip.heads.optim import BatchedAdamW
+from dfclip.errors import UserError
+from dfclip.store.synthetic import SYNTHETIC_PROVENANCE, make_synthetic_store, rewrite_store
+from dfclip.store.writer import ShardWriter
 
 QUIET = {"log": lambda line: None}
 FAST = dict(epochs=3, lr=1e-2, batch_size=64)
