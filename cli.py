@@ -7,6 +7,7 @@ as one line with a non-zero exit. Heavy imports (torch, open_clip) stay inside t
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -18,6 +19,8 @@ import typer
 from rich.console import Console
 
 from dfclip.errors import UserError
+from dfclip.heads.config import (FIELDS, FIRST_SEED, ONE_VALUE, SECTION, is_list, option_name, shown_default,
+                                 value_type)
 
 console = Console(stderr=True)
 out = Console()
@@ -35,19 +38,21 @@ DEFAULT_STORE = Path("embeddings")
 
 
 def _main(app: typer.Typer, interrupted: str) -> None:
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
-
+    if not sys.argv[1:]:  # no command: the help page, and exit 2 like any other usage error
+        app(["--help"], standalone_mode=False)
+        sys.exit(2)
     try:
         # standalone_mode=False hands usage errors to us, so they print as one line like every other error.
         code = app(standalone_mode=False)
     except UserError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except NoArgsIsHelpError as e:
-        console.print(e.ctx.get_help() if e.ctx else str(e), highlight=False)
-        sys.exit(2)
-    except UsageError as e:
-        cmd = e.ctx.command_path if e.ctx else app.info.name
+    except typer.TyperException as e:
+        # Public API only: typer.TyperException (typer >= 0.27.2, hence the floor in pyproject.toml)
+        # is the base of the errors typer raises, so nothing is imported from the private typer._click
+        # (which typer says may change at any release). Usage errors carry their command as `ctx`.
+        ctx = getattr(e, "ctx", None)
+        cmd = ctx.command_path if ctx else app.info.name
         console.print(f"[bold red]error:[/] {e.format_message()} (see `{cmd} --help`)", highlight=False, soft_wrap=True)
         sys.exit(2)
     except SystemExit as e:
@@ -209,21 +214,79 @@ def demo(
 
 # ---------------------------------------------------------------- dfhead
 
-# Options shared by `fit` and `sweep`. fit takes one value each; sweep takes comma lists and
-# trains the whole grid at once. None means "not given": the preset's value, else RunConfig's default.
+# `fit` and `sweep` take one option per RunConfig field, generated from the fields (their type,
+# help, choices and sweep behaviour live in heads/config.py) instead of being written out here.
+# Every generated option defaults to None, "not given": the preset's value, else RunConfig's
+# default applies; --help shows RunConfig's default.
+
+
+def _sweep_takes_list(name: str) -> bool:
+    """sweep takes a comma list of this field (text, parsed by parse_grid_values), not one typed value.
+
+    val_frac and split_seed are comma lists too, so that a list of them gets training's one-line
+    "must be one value for a whole sweep" error instead of a parse error.
+    """
+    return not is_list(name) and FIELDS[name].metadata["sweep"] != FIRST_SEED
+
+
+def _setting_parameter(name: str, command: str) -> inspect.Parameter:
+    """The typer option of RunConfig field `name` in `command` (fit or sweep), as a keyword-only parameter."""
+    meta = FIELDS[name].metadata
+    option, help_text, shown = option_name(name), meta["help"], shown_default(name)
+    decls = [option]
+    if is_list(name):  # holdout_sources: a repeatable option, in fit and sweep alike
+        kind = list[value_type(name)]
+        if command == "sweep":
+            help_text += " One set for the whole sweep."
+    elif command == "fit":
+        kind = value_type(name)
+        if kind is bool:
+            decls = [f"{option}/--no-{option[2:]}"]
+            shown = option[2:] if FIELDS[name].default else f"no-{option[2:]}"
+    elif _sweep_takes_list(name):
+        kind = str
+        help_text += " One value for the whole sweep." if meta["sweep"] == ONE_VALUE else " Comma list."
+    else:  # the seed
+        kind = value_type(name)
+        help_text += " The first seed: --seeds N trains seed, seed+1, ..."
+    typer_option = typer.Option(*decls, help=help_text, show_default=shown, rich_help_panel=SECTION[name])
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[kind], typer_option])
+
+
+def with_settings(command: str):
+    """Decorator giving a dfhead command one option per RunConfig field.
+
+    The decorated function has its hand-written parameters plus a keyword-only `settings`: the
+    fields given on the command line, {field: value}. Typer reads a command's options from
+    inspect.signature() and the annotations, so the wrapper carries a built __signature__ (the
+    hand-written parameters, then one parameter per field) and matching __annotations__.
+    """
+    def decorate(fn):
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != "settings"]
+        params = own + [_setting_parameter(name, command) for name in FIELDS]
+
+        def command_fn(**kwargs):
+            given = {name: kwargs.pop(name) for name in FIELDS}
+            settings = {name: tuple(v) if is_list(name) else v for name, v in given.items()
+                        if v is not None and not (is_list(name) and not v)}
+            return fn(**kwargs, settings=settings)
+
+        command_fn.__name__, command_fn.__qualname__ = fn.__name__, fn.__qualname__
+        command_fn.__doc__, command_fn.__module__ = fn.__doc__, fn.__module__
+        command_fn.__signature__ = inspect.Signature(params)
+        command_fn.__annotations__ = {p.name: p.annotation for p in params}
+        return command_fn
+
+    return decorate
+
+
 REFERENCE_NOTE = ("The reference code (SP_CUP) trains with lr 1e-5, wd 6e-5, batch 256, 100 epochs: "
                   "use --preset sp_cup for those. --preset paper is CVaR 0.3 + AUC 0.5 + SAM 0.05 + feature noise.")
 
 
-def _config_values(**given) -> dict:
-    """CLI option values keyed by RunConfig field; holdout_source (repeatable) -> holdout_sources."""
-    hs = given.pop("holdout_source", None)
-    if hs:
-        given["holdout_sources"] = tuple(hs)
-    return given
-
-
 @head_app.command(epilog=REFERENCE_NOTE)
+@with_settings("fit")
 def fit(
     store_dir: Annotated[Path, typer.Argument(help="Store to train on (from `dfembed extract`).")] = DEFAULT_STORE,
     preset: Annotated[Optional[str], typer.Option(help="Start from heads/configs/NAME.json (paper, sp_cup) or a JSON file; flags override it.")] = None,
@@ -231,45 +294,14 @@ def fit(
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
     val_store: Annotated[Optional[Path], typer.Option(help="Validate on this store instead of a split of the train store.")] = None,
     device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda, cuda:1 ...")] = "auto",
-    head: Annotated[Optional[str], typer.Option(help="mlp (paper: 3 x [Linear, BN, ReLU, Dropout]) or linear (probe). [default: mlp]")] = None,
-    depth: Annotated[Optional[int], typer.Option(help="MLP hidden layers. [default: 3]")] = None,
-    hidden: Annotated[Optional[int], typer.Option(help="MLP width. [default: the embedding dim]")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="MLP dropout. [default: 0.335, as the reference]")] = None,
-    l2_normalize: Annotated[Optional[bool], typer.Option("--l2-normalize/--no-l2-normalize", help="Unit-normalise embeddings first.")] = None,
-    cvar_alpha: Annotated[Optional[float], typer.Option(help="CVaR: train on the worst alpha-fraction of each batch, in (0, 1]; 1 = plain mean. [default: 1]")] = None,
-    auc_gamma: Annotated[Optional[float], typer.Option(help="Weight of the pairwise AUC loss (imbalance-insensitive); 0 = off. [default: 0]")] = None,
-    auc_kind: Annotated[Optional[str], typer.Option(help="logistic or squared_hinge. [default: logistic]")] = None,
-    auc_margin: Annotated[Optional[float], typer.Option(help="Margin of the squared-hinge AUC loss. [default: 1]")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="Per-sample loss: bce or vs (vector-scaling, as the reference). [default: bce]")] = None,
-    vs_delta_fake: Annotated[Optional[float], typer.Option(help="VS multiplicative adjustment for fakes. [default: 0.9]")] = None,
-    vs_delta_real: Annotated[Optional[float], typer.Option(help="VS multiplicative adjustment for reals. [default: 1.1]")] = None,
-    vs_iota_fake: Annotated[Optional[float], typer.Option(help="VS additive adjustment for fakes. [default: -0.05]")] = None,
-    vs_iota_real: Annotated[Optional[float], typer.Option(help="VS additive adjustment for reals. [default: 0.05]")] = None,
-    sam_rho: Annotated[Optional[float], typer.Option(help="SAM radius (sharpness-aware minimisation over AdamW); 0 = off. [default: 0]")] = None,
-    sam_adaptive: Annotated[Optional[bool], typer.Option("--sam-adaptive/--no-sam-adaptive", help="ASAM (scale-invariant SAM).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW peak learning rate (cosine decay after warmup). [default: 3e-3]")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW decoupled weight decay. [default: 1e-4]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. [default: 256]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs. [default: 20]")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warmup length in epochs. [default: 1]")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of init, batch order, dropout and noise. [default: 0]")] = None,
-    feature_noise: Annotated[Optional[bool], typer.Option("--feature-noise/--no-feature-noise", help="Reference augmentation: add x + lam*sigma*eps copies.")] = None,
-    balanced: Annotated[Optional[bool], typer.Option("--balanced/--no-balanced", help="Batches with a fixed fake rate (--fake-rate), so the AUC term always sees both classes.")] = None,
-    fake_rate: Annotated[Optional[float], typer.Option(help="Fake fraction of each batch with --balanced. [default: 0.5]")] = None,
-    val_frac: Annotated[Optional[float], typer.Option(help="Validation fraction when the store has no split column and no --val-store (grouped by video). [default: 0.2]")] = None,
-    split_seed: Annotated[Optional[int], typer.Option(help="Seed of that validation split. [default: 0]")] = None,
-    holdout_source: Annotated[Optional[list[str]], typer.Option(help="Hold a source out of train and val and report it as an unseen generator (repeatable).")] = None,
-    select: Annotated[Optional[str], typer.Option(help="Keep the epoch with the best val auc, lowest val loss, or the last. [default: auc]")] = None,
-    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without improvement; 0 = never. [default: 0]")] = None,
-    threshold: Annotated[Optional[str], typer.Option(help="Decision threshold saved with the run: eer, a probability like 0.5, or fpr@0.01. [default: eer]")] = None,
+    *,
+    settings: dict,
 ) -> None:
     """Train one detector head on a store and write runs/NAME/ (config, weights, metrics, report, plots)."""
-    opts = {k: v for k, v in locals().items() if k not in ("store_dir", "preset", "name", "runs_dir", "val_store", "device")}
     from dfclip.heads.config import make_config
     from dfclip.heads.run import fit as fit_run
 
-    opts["per_sample"] = opts.pop("loss")
-    cfg = make_config(preset, **_config_values(**opts))
+    cfg = make_config(preset, **settings)
     run_dir = fit_run(store_dir, cfg, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
                       log=out.print, progress=True)
     _print_report(run_dir)
@@ -360,14 +392,12 @@ def runs(
         out.print(list_runs(runs_dir))
 
 
-Grid = Annotated[Optional[str], typer.Option(help="Comma list; each value is one grid axis point.")]
-
-
 @head_app.command(epilog="Memory: the embeddings once plus, per head, about 6x its weights and a batch of "
                           "activations (an MLP-768 head at batch 256 is ~60 MB, so K=24 needs ~1.5 GB beyond the "
                           "data). A grid that cannot fit is refused before training; split it into smaller sweeps. "
                           "Under torchrun each rank trains a disjoint slice of the grid and rank 0 merges: "
                           "torchrun --nproc-per-node N $(which dfhead) sweep ...")
+@with_settings("sweep")
 def sweep(
     store_dir: Annotated[Path, typer.Argument(help="Store to train on.")] = DEFAULT_STORE,
     name: Annotated[str, typer.Option(help="Sweep name: writes RUNS_DIR/NAME/ (leaderboard.parquet, heatmap, best/), replacing a sweep of that name.")] = "sweep",
@@ -376,33 +406,19 @@ def sweep(
     runs_dir: Annotated[Path, typer.Option(help="Where sweep directories go.")] = Path("runs"),
     val_store: Annotated[Optional[Path], typer.Option(help="Validate on this store.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
-    head: Grid = None, depth: Grid = None, hidden: Grid = None, dropout: Grid = None, l2_normalize: Grid = None,
-    cvar_alpha: Grid = None, auc_gamma: Grid = None, auc_kind: Grid = None, auc_margin: Grid = None,
-    loss: Grid = None, vs_delta_fake: Grid = None, vs_delta_real: Grid = None, vs_iota_fake: Grid = None,
-    vs_iota_real: Grid = None, sam_rho: Grid = None, sam_adaptive: Grid = None, lr: Grid = None,
-    weight_decay: Grid = None, batch_size: Grid = None, epochs: Grid = None, warmup_epochs: Grid = None,
-    seed: Annotated[Optional[int], typer.Option(help="First seed.")] = None,
-    feature_noise: Grid = None, balanced: Grid = None, fake_rate: Grid = None,
-    # Taken as text so that a list gets the sweep's one-line "one value" error, not a parse error.
-    val_frac: Annotated[Optional[str], typer.Option(help="Validation fraction (one value for the sweep).")] = None,
-    split_seed: Annotated[Optional[str], typer.Option(help="Validation split seed (one value for the sweep).")] = None,
-    holdout_source: Annotated[Optional[list[str]], typer.Option(help="Unseen-generator source (repeatable; one set for the sweep).")] = None,
-    select: Grid = None, patience: Grid = None, threshold: Grid = None,
+    *,
+    settings: dict,
 ) -> None:
     """Train a whole grid of heads at once (same options as fit, as comma lists) and print a leaderboard.
 
     Example: dfhead sweep --cvar-alpha 0.1,0.3,0.5,1 --auc-gamma 0,0.3,0.6 --sam-rho 0,0.05 --seeds 3
     """
-    opts = {k: v for k, v in locals().items() if k not in ("store_dir", "name", "preset", "seeds", "runs_dir",
-                                                          "val_store", "device") and v is not None}
     from dfclip.heads.config import make_config, parse_grid_values
     from dfclip.heads.run import grid, sweep as sweep_run
 
-    if "loss" in opts:
-        opts["per_sample"] = opts.pop("loss")
-    fixed = _config_values(**{k: opts.pop(k) for k in ("seed", "holdout_source") if k in opts})
-    base = make_config(preset, **fixed)
-    cfgs = grid(base, seeds=seeds, **parse_grid_values(opts))
+    # comma lists become grid axes; the first seed and the holdout sources go into the base config
+    lists = {k: settings.pop(k) for k in list(settings) if _sweep_takes_list(k)}
+    cfgs = grid(make_config(preset, **settings), seeds=seeds, **parse_grid_values(lists))
     from dfclip.runtime import rank_from_env
 
     if rank_from_env().rank == 0:

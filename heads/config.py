@@ -1,5 +1,9 @@
 """Run configurations as data: one dataclass, JSON presets in heads/configs/, one resolver.
 
+RunConfig is the single source of every training setting: each field carries its help text,
+choices and sweep behaviour (see `setting`), and `dfhead fit` / `dfhead sweep` generate their
+options from the fields (cli.py), so a setting is added or documented in one place.
+
 A sweep is a list of RunConfigs. Fields in PER_MODEL may differ inside one batched group of
 heads (they become tensors of shape [K]); every other field must be shared by the group
 (it changes shapes, the data pipeline or the schedule), so configs are grouped by the rest.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,46 +21,74 @@ from dfclip.errors import UserError
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
+# How `dfhead sweep` takes a field: a comma list that becomes one grid axis; one value for the
+# whole sweep (all heads share the data split); or the first of --seeds consecutive seeds.
+GRID, ONE_VALUE, FIRST_SEED = "grid", "one value", "first seed"
+
+
+def setting(default, help: str, *, choices: tuple[str, ...] = (), default_text: str | None = None,
+            sweep: str = GRID, option: str | None = None, section: str | None = None):
+    """A RunConfig field with its documentation, read by validate() and the CLI.
+
+    help: the option's help text (without the default, which --help shows by itself).
+    choices: the only valid values (validate() enforces them).
+    default_text: what --help shows as the default instead of the value (e.g. "the embedding dim").
+    sweep: GRID, ONE_VALUE or FIRST_SEED (how `dfhead sweep` takes it).
+    option: the option's name when it is not the field's (holdout_sources -> holdout-source).
+    section: starts a group of options (a --help panel); the fields after it belong to it too.
+    """
+    if sweep not in (GRID, ONE_VALUE, FIRST_SEED):
+        raise ValueError(f"sweep must be {GRID!r}, {ONE_VALUE!r} or {FIRST_SEED!r}, got {sweep!r}")
+    return field(default=default, metadata={"help": help, "choices": tuple(choices), "default_text": default_text,
+                                            "sweep": sweep, "option": option, "section": section})
+
 
 @dataclass(frozen=True)
 class RunConfig:
-    # head architecture
-    head: str = "mlp"  # mlp (paper: 3 x [Linear, BN, ReLU, Dropout]) | linear (UniversalFakeDetect probe)
-    depth: int = 3
-    hidden: int | None = None  # None = the embedding dim, as in the paper
-    dropout: float = 0.335
-    l2_normalize: bool = False
-    # loss: L = CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss
-    cvar_alpha: float = 1.0  # 1 = plain mean (ERM)
-    auc_gamma: float = 0.0
-    auc_kind: str = "logistic"  # logistic | squared_hinge
-    auc_margin: float = 1.0
-    per_sample: str = "bce"  # bce | vs
-    vs_delta_fake: float = 0.9
-    vs_delta_real: float = 1.1
-    vs_iota_fake: float = -0.05
-    vs_iota_real: float = 0.05
-    vs_scale: float = 10.0  # the reference multiplies VS logits by 10 before BCE
-    # optimisation
-    sam_rho: float = 0.0  # 0 = plain AdamW
-    sam_adaptive: bool = False
-    lr: float = 3e-3  # converges in ~10 epochs on synthetic and demo stores; --preset sp_cup uses 1e-5
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    epochs: int = 20
-    warmup_epochs: float = 1.0
-    seed: int = 0
-    # data
-    feature_noise: bool = False
-    balanced: bool = False
-    fake_rate: float = 0.5
-    val_frac: float = 0.2
-    split_seed: int = 0  # the validation split's seed: shared by a whole sweep, unlike --seed
-    holdout_sources: tuple[str, ...] = ()
-    # model selection and decision threshold
-    select: str = "auc"  # auc | loss | last
-    patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
-    threshold: str = "eer"  # eer | 0.5 | fpr@0.01 (any fpr@X)
+    head: str = setting("mlp", "mlp (paper: 3 x [Linear, BN, ReLU, Dropout]) or linear (UniversalFakeDetect probe).",
+                        choices=("mlp", "linear"), section="Head")
+    depth: int = setting(3, "MLP hidden layers.")
+    hidden: int | None = setting(None, "MLP width.", default_text="the embedding dim, as in the paper")
+    dropout: float = setting(0.335, "MLP dropout (the default is the reference's).")
+    l2_normalize: bool = setting(False, "Unit-normalise embeddings first.")
+    # L = CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss
+    cvar_alpha: float = setting(1.0, "CVaR: train on the worst alpha-fraction of each batch, in (0, 1]; 1 = plain mean.",
+                                section="Loss")
+    auc_gamma: float = setting(0.0, "Weight of the pairwise AUC loss (imbalance-insensitive); 0 = off.")
+    auc_kind: str = setting("logistic", "Pairwise AUC loss: logistic or squared_hinge.",
+                            choices=("logistic", "squared_hinge"))
+    auc_margin: float = setting(1.0, "Margin of the squared-hinge AUC loss.")
+    loss: str = setting("bce", "Per-sample loss: bce, or vs (vector-scaling, as the reference).", choices=("bce", "vs"))
+    vs_delta_fake: float = setting(0.9, "VS multiplicative adjustment for fakes.")
+    vs_delta_real: float = setting(1.1, "VS multiplicative adjustment for reals.")
+    vs_iota_fake: float = setting(-0.05, "VS additive adjustment for fakes.")
+    vs_iota_real: float = setting(0.05, "VS additive adjustment for reals.")
+    vs_scale: float = setting(10.0, "VS logit scale (the reference multiplies VS logits by 10 before BCE).")
+    sam_rho: float = setting(0.0, "SAM radius (sharpness-aware minimisation over AdamW); 0 = plain AdamW.",
+                             section="Optimisation")
+    sam_adaptive: bool = setting(False, "ASAM (scale-invariant SAM).")
+    # 3e-3 converges in ~10 epochs on synthetic and demo stores
+    lr: float = setting(3e-3, "AdamW peak learning rate (cosine decay after warmup); --preset sp_cup uses 1e-5.")
+    weight_decay: float = setting(1e-4, "AdamW decoupled weight decay.")
+    batch_size: int = setting(256, "Batch size.")
+    epochs: int = setting(20, "Epochs.")
+    warmup_epochs: float = setting(1.0, "Linear warmup length in epochs.")
+    seed: int = setting(0, "Seed of init, batch order, dropout and noise.", sweep=FIRST_SEED)
+    feature_noise: bool = setting(False, "Reference augmentation: add x + lam*sigma*eps copies.", section="Data")
+    balanced: bool = setting(False, "Batches with a fixed fake rate (--fake-rate), so the AUC term always sees both "
+                                    "classes.")
+    fake_rate: float = setting(0.5, "Fake fraction of each batch with --balanced.")
+    val_frac: float = setting(0.2, "Validation fraction when the store has no split column and no --val-store "
+                                   "(grouped by video).", sweep=ONE_VALUE)
+    split_seed: int = setting(0, "Seed of that validation split.", sweep=ONE_VALUE)  # unlike seed, one per sweep
+    holdout_sources: tuple[str, ...] = setting(
+        (), "Hold a source out of train and val and report it as an unseen generator (repeatable).",
+        default_text="none", sweep=ONE_VALUE, option="holdout_source")
+    select: str = setting("auc", "Keep the epoch with the best val auc, lowest val loss, or the last.",
+                          choices=("auc", "loss", "last"), section="Selection and threshold")
+    patience: int = setting(0, "Stop after this many epochs without improvement; 0 = never stop early.")
+    threshold: str = setting("eer", "Decision threshold saved with the run: eer, a probability like 0.5, or "
+                                    "fpr@RATE like fpr@0.01.")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -65,9 +98,47 @@ class RunConfig:
 
 PER_MODEL = ("cvar_alpha", "auc_gamma", "auc_margin", "sam_rho", "lr", "weight_decay", "seed",
              "vs_delta_fake", "vs_delta_real", "vs_iota_fake", "vs_iota_real", "vs_scale")
-CHOICES = {"head": ("mlp", "linear"), "auc_kind": ("logistic", "squared_hinge"), "per_sample": ("bce", "vs"),
-           "select": ("auc", "loss", "last")}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+CHOICES = {name: f.metadata["choices"] for name, f in FIELDS.items() if f.metadata["choices"]}
+# Names settings had before a rename: old run directories' config.json and user presets still load.
+LEGACY_NAMES = {"per_sample": "loss"}
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+def _sections() -> dict[str, str]:
+    out, current = {}, ""
+    for name, f in FIELDS.items():
+        current = f.metadata["section"] or current
+        out[name] = current
+    return out
+
+
+SECTION = _sections()  # field -> the --help panel it is shown in
+
+
+def option_name(name: str) -> str:
+    """The CLI option of a RunConfig field: --cvar-alpha, --holdout-source."""
+    return "--" + (FIELDS[name].metadata["option"] or name).replace("_", "-")
+
+
+def value_type(name: str) -> type:
+    """The type of one value of a field: int for `int | None`, str for `tuple[str, ...]`."""
+    args = [a for a in typing.get_args(_TYPES[name]) if a not in (type(None), Ellipsis)]
+    return args[0] if args else _TYPES[name]
+
+
+def is_list(name: str) -> bool:
+    """Whether a field holds several values (holdout_sources: a repeatable option)."""
+    return typing.get_origin(_TYPES[name]) is tuple
+
+
+def shown_default(name: str) -> str:
+    """The default as --help shows it: the field's default_text, else its value (1e-4 -> 0.0001)."""
+    f = FIELDS[name]
+    if f.metadata["default_text"] is not None:
+        return f.metadata["default_text"]
+    v = f.default
+    return str(v).lower() if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def group_key(cfg: RunConfig) -> tuple:
@@ -86,25 +157,44 @@ def load_preset(name_or_path: str) -> dict:
         raise UserError(f"unknown preset {name_or_path!r}; use one of {', '.join(names)} or a path to a JSON file")
     data = json.loads(p.read_text())
     data.pop("_doc", None)
-    unknown = set(data) - set(FIELDS)
+    return _known_fields(data, f"preset {p}")
+
+
+def _known_fields(values: dict, source: str) -> dict:
+    """values with legacy names mapped to today's (per_sample -> loss); UserError on unknown names."""
+    values = dict(values)
+    for old, new in LEGACY_NAMES.items():
+        if old in values:
+            values.setdefault(new, values.pop(old))
+    unknown = set(values) - set(FIELDS)
     if unknown:
-        raise UserError(f"preset {p} has unknown fields {sorted(unknown)}; valid fields: {', '.join(FIELDS)}")
-    return data
+        raise UserError(f"{source} has unknown fields {sorted(unknown)}; valid fields: {', '.join(FIELDS)}")
+    return values
+
+
+def config_from_dict(values: dict, *, source: str = "settings") -> RunConfig:
+    """The RunConfig of saved settings (a run's config.json "run", a preset's fields), not validated.
+
+    The one place where saved settings become a RunConfig: legacy names are mapped (runs written
+    before `per_sample` became `loss` still load) and fields missing from old files take their defaults.
+    """
+    values = _known_fields(values, source)
+    if "holdout_sources" in values:
+        values["holdout_sources"] = tuple(values["holdout_sources"])
+    return RunConfig(**values)
 
 
 def make_config(preset: str | None = None, **overrides) -> RunConfig:
     """Preset values, then explicit overrides (None means 'not given'), validated."""
     values = load_preset(preset) if preset else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if "holdout_sources" in values:
-        values["holdout_sources"] = tuple(values["holdout_sources"])
-    return validate(RunConfig(**values))
+    return validate(config_from_dict(values))
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise UserError naming the bad option and its valid range."""
     def bad(opt: str, why: str) -> UserError:
-        return UserError(f"--{opt.replace('_', '-')} {why}")
+        return UserError(f"{option_name(opt)} {why}")
 
     if not 0 < cfg.cvar_alpha <= 1:
         raise bad("cvar_alpha", f"must be in (0, 1] (1 = plain mean), got {cfg.cvar_alpha}")
@@ -160,10 +250,7 @@ def parse_grid_values(options: dict[str, str]) -> dict[str, list]:
         if name not in FIELDS:
             raise UserError(f"unknown option --{name.replace('_', '-')}")
         default = FIELDS[name].default
-        kind = bool if isinstance(default, bool) else int if isinstance(default, int) else float if isinstance(
-            default, float) else str
-        if name == "hidden":
-            kind = int
+        kind = value_type(name)
         values = []
         for item in str(text).split(","):
             item = item.strip()

@@ -19,7 +19,7 @@ import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 
-from dfclip.heads.config import PER_MODEL, RunConfig
+from dfclip.heads.config import PER_MODEL, RunConfig, config_from_dict
 from dfclip.heads.models import Head, head_from_config
 from dfclip.errors import UserError
 
@@ -68,7 +68,9 @@ def load_run_config(run_dir: str | os.PathLike) -> dict:
     if not cfg_path.is_file() or not weights.is_file():
         raise UserError(f"{run_dir} is not a dfclip run directory (needs config.json and head.safetensors); "
                         "pass a directory written by `dfhead fit` or `dfhead sweep`")
-    return json.loads(cfg_path.read_text())
+    config = json.loads(cfg_path.read_text())
+    config["run"] = config_from_dict(config["run"], source=str(cfg_path)).to_dict()  # older runs: per_sample -> loss
+    return config
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Head, dict]:

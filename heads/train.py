@@ -215,7 +215,7 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = y.float()
-        loss = losses.head_loss(logits, y, alpha=alpha, gamma=0.0, per_sample=c0.per_sample, vs=vs)  # [K]
+        loss = losses.head_loss(logits, y, alpha=alpha, gamma=0.0, per_sample=c0.loss, vs=vs)  # [K]
         if not use_auc:
             return loss
         if len(auc_models) == k:

@@ -281,7 +281,7 @@ def plain(base):
 
 
 @pytest.mark.parametrize("option", [dict(balanced=True), dict(feature_noise=True), dict(sam_rho=0.05),
-                                    dict(sam_rho=0.05, sam_adaptive=True), dict(per_sample="vs"),
+                                    dict(sam_rho=0.05, sam_adaptive=True), dict(loss="vs"),
                                     dict(auc_gamma=0.5, auc_kind="squared_hinge"), dict(l2_normalize=True)])
 def test_option_trains_and_changes_the_result(base, plain, option):
     (other,), _ = run(base, cfg_of(**option))
