@@ -11,7 +11,6 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -113,7 +112,7 @@ def import_h5(
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = "float16",
 ) -> None:
     """Import features you already extracted (SP_CUP-style .h5 + labels CSV) into a store."""
-    from dfclip.embed.sources import parse_column_map
+    from dfclip.store.format import parse_column_map
     from dfclip.store.importer import import_h5 as run_import
 
     rep = run_import(h5_file, csv, dataset=dataset, out=out_dir, columns=parse_column_map(column or []),
@@ -168,14 +167,14 @@ def extract_cmd(
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Embed every image of IMAGES_DIR (or --manifest) with a frozen CLIP image tower into a resumable store."""
-    from dfclip.embed.extract import extract
-    from dfclip.embed.sources import parse_column_map
+    from dfclip.embed import EmbedConfig, extract
+    from dfclip.store.format import parse_column_map
 
-    rep = extract(images_dir, out_dir, manifest=manifest, root=root, columns=parse_column_map(column or []),
-                  target_means=target_means, model=model, pretrained=pretrained, feature=feature,
-                  quick_gelu=quick_gelu, cache_dir=cache_dir, precision=precision, device=device,
-                  batch_size=batch_size, workers=workers, shard_size=shard_size, dtype=dtype,
-                  retry_failed=retry_failed, progress=progress)
+    config = EmbedConfig(model=model, pretrained=pretrained, feature=feature, quick_gelu=quick_gelu,
+                         cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
+                         workers=workers, shard_size=shard_size, dtype=dtype)
+    rep = extract(images_dir, out_dir, config, manifest=manifest, root=root, columns=parse_column_map(column or []),
+                  target_means=target_means, retry_failed=retry_failed, progress=progress)
     from rich.markup import escape
 
     tag = f"[rank {rep['rank']}/{rep['world_size']}] " if rep["world_size"] > 1 else ""
@@ -362,17 +361,15 @@ def predict(
     workers: Annotated[int, typer.Option(help="Decoding workers when embedding images.")] = 2,
 ) -> None:
     """Score a store or images with a trained run, using the threshold chosen at fit time."""
-    from dfclip.heads.run import predict_store
-
     if (images is None) == (store_dir is None):
         raise UserError("give either IMAGES (a folder or file) or --store STORE, not both")
-    with tempfile.TemporaryDirectory(prefix="dfclip-predict-") as tmp:
-        if images is not None:
-            from dfclip.embed.extract import extract_like
-            from dfclip.heads.report import load_run_config
+    if images is not None:
+        from dfclip.pipeline import predict_images
 
-            summary = extract_like(load_run_config(run)["provenance"], images, tmp, device=device, workers=workers)
-            store_dir = summary["store"]
+        df = predict_images(run, images, device=device, workers=workers)
+    else:
+        from dfclip.heads.run import predict_store
+
         df = predict_store(run, store_dir, device=device)
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())

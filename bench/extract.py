@@ -28,6 +28,7 @@ from PIL import Image
 
 
 from dfclip.embed.backbone import load_backbone, split_preprocess  # noqa: E402
+from dfclip.embed.config import EmbedConfig  # noqa: E402
 from dfclip.embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_workers, extract, make_loader,  # noqa: E402
                            rank_from_env, resolve_device, resolve_precision)
 from dfclip.embed.sources import scan_folder  # noqa: E402
@@ -98,8 +99,9 @@ def main() -> None:
 
         preprocess = load_backbone(args.model, args.pretrained, device="cpu").preprocess
         n_dec, s_dec = decode_only(Path(root), paths, preprocess, batch_size=batch_size, workers=workers, device=device)
-        rep = extract(root, Path(tmp) / "store", model=args.model, pretrained=args.pretrained, device=str(device),
-                      precision=precision, batch_size=batch_size, workers=workers, progress=False)
+        config = EmbedConfig(model=args.model, pretrained=args.pretrained, device=str(device), precision=precision,
+                             batch_size=batch_size, workers=workers)
+        rep = extract(root, Path(tmp) / "store", config, progress=False)
         n_ext = rep["embedded"] + rep["failed"]
         s_ext = n_ext / rep["images_per_s"] if rep["images_per_s"] else float("nan")
 

@@ -25,7 +25,6 @@ recorded in the provenance.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from dfclip.errors import UserError
+from dfclip.store.format import sha256_file
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FEATURES = ("proj", "pre")
@@ -562,15 +562,6 @@ def _supports_pre(visual: nn.Module) -> bool:
         and visual.attn_pool is None
         and isinstance(getattr(visual, "proj", None), torch.Tensor)
     )
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager

@@ -1,6 +1,6 @@
 """The extraction job behind `dfembed extract`: images in, HDF5 shards out.
 
-    summary = extract("images", "embeddings", model="ViT-L-14", pretrained="openai")
+    summary = extract("images", "embeddings", EmbedConfig(model="ViT-L-14", pretrained="openai"))
 
 One call is one rank. Under torchrun every process runs the same call: it reads RANK,
 WORLD_SIZE and LOCAL_RANK, takes every WORLD_SIZE-th image of the full path-sorted input
@@ -25,6 +25,7 @@ command has it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -43,13 +44,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from dfclip import store
 from dfclip.embed.backbone import Backbone, load_backbone, split_preprocess
+from dfclip.embed.config import EmbedConfig, config_from_provenance
 from dfclip.embed.images import ImageError, load_rgb
 from dfclip.embed.sources import load_inputs
-from dfclip.store import format as fmt
 from dfclip.errors import UserError
 from dfclip.runtime import Rank, rank_from_env, resolve_device
+from dfclip.store import format as fmt
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Large batches keep a GPU busy; on CPU a smaller batch shows progress sooner at the same speed.
 DEFAULT_BATCH_SIZE = {"cuda": 256, "cpu": 64}
@@ -62,9 +63,9 @@ log = Console(stderr=True, highlight=False)
 # ---------------------------------------------------------------- run settings
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is bf16 autocast on CUDA (fp16 where the GPU has no bf16) and fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    """"auto" is bf16 autocast on CUDA (fp16 where the GPU has no bf16) and fp32 elsewhere.
+
+    `precision` is one of embed.config.PRECISIONS (EmbedConfig checks it)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -166,15 +167,6 @@ def partition(rows: pl.DataFrame, rank: int, world: int) -> pl.DataFrame:
     return rows.sort("path").gather_every(world, offset=rank)
 
 
-def _check_same_model(out: Path, provenance: dict) -> None:
-    shards = store.list_shards(out) if out.is_dir() else []
-    if shards and fmt.identity(shards[0].provenance) != fmt.identity(provenance):
-        raise UserError(
-            f"{out} holds embeddings of {fmt.describe_identity(shards[0].provenance)}, not "
-            f"{fmt.describe_identity(provenance)}; use another --out for this model"
-        )
-
-
 def _split_done(mine: pl.DataFrame, out: Path, retry_failed: bool) -> tuple[pl.DataFrame, int, int]:
     """(rows still to embed, rows skipped as done, of which logged failures)."""
     if not (out.is_dir() and store.list_shards(out)):
@@ -207,7 +199,7 @@ def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: s
     on_device finishes preprocessing on the device (uint8 -> normalised float) when the workers
     stopped at uint8 (embed.backbone.split_preprocess)."""
     cols = {c: (np.asarray(todo[c].to_list(), dtype=object) if todo[c].dtype == pl.Utf8 else todo[c].to_numpy())
-            for c in ("path", "label", "source", "split", "group", "size", "mtime_ns")}
+            for c in fmt.ROW_COLUMNS}
     device = backbone.device
     amp = (torch.autocast(device.type, dtype=AMP_DTYPES[precision]) if precision in AMP_DTYPES
            else contextlib.nullcontext())
@@ -243,49 +235,34 @@ def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: s
 def extract(
     inputs: str | os.PathLike | None = None,
     out: str | os.PathLike = "embeddings",
+    config: EmbedConfig | None = None,
     *,
     manifest: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     columns: dict[str, str] | None = None,
     target_means: str = "fake",
-    model: str = "ViT-L-14",
-    pretrained: str | None = "openai",
-    feature: str = "proj",
-    quick_gelu: bool | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    precision: str = "auto",
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    shard_size: int = 16384,
-    dtype: str = "float16",
     retry_failed: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Embed the images of a folder (`inputs`) or of a `manifest` into the store `out`.
+    """Embed the images of a folder (`inputs`) or of a `manifest` into the store `out`, as `config` says.
 
-    Resumable and torchrun-aware (module docstring). batch_size defaults to 256 on CUDA and
-    64 on CPU; workers (decode processes, 0 = decode in this process) to the cores per rank
-    minus one, at most 16. precision "auto" is bf16 autocast on CUDA and fp32 on CPU.
+    config: the embedding settings (EmbedConfig(); default ViT-L-14 with OpenAI's weights),
+        recorded in the store's provenance. Resumable and torchrun-aware (module docstring).
+    manifest, root, columns, target_means: the inputs (embed.sources.load_inputs).
+    retry_failed: embed inputs logged as failures again; progress: show the progress bar.
     Returns this rank's summary: counts (inputs, embedded, failed, skipped), wall time,
     images/s, device, precision and the store path. Raises UserError on bad input.
     """
     t_start = time.perf_counter()
-    if dtype not in fmt.EMBEDDING_DTYPES:
-        raise UserError(f"unsupported --dtype {dtype!r}; use one of {', '.join(fmt.EMBEDDING_DTYPES)}")
-    if shard_size < 1:
-        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise UserError(f"--workers must be >= 0, got {workers}")
+    config = EmbedConfig() if config is None else config
     rank = rank_from_env()
-    dev = resolve_device(device, rank)
-    precision = resolve_precision(precision, dev)
+    dev = resolve_device(config.device, rank)
+    precision = resolve_precision(config.precision, dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    batch_size = batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
-    workers = default_workers(rank) if workers is None else workers
+    batch_size = config.batch_size or DEFAULT_BATCH_SIZE.get(dev.type, DEFAULT_BATCH_SIZE["cpu"])
+    workers = default_workers(rank) if config.workers is None else config.workers
+    feature = config.feature
     out = Path(os.path.abspath(os.path.expanduser(out)))
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a store directory (new or from an earlier run)")
@@ -295,14 +272,16 @@ def extract(
     # Seeded so that random init (--pretrained none) is one model on every rank and every resume.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        backbone = load_backbone(model, pretrained, feature=feature, device=dev, quick_gelu=quick_gelu,
-                                 cache_dir=cache_dir)
-    provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root)}
+        backbone = load_backbone(config.model, config.pretrained, feature=feature, device=dev,
+                                 quick_gelu=config.quick_gelu, cache_dir=config.cache_dir)
+    provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root),
+                  "embed_config": config.to_dict()}
 
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
 
     with store.writer_lock(out, rank.rank):
-        _check_same_model(out, provenance)
+        fmt.require_compatible(store.stored_provenance(out), provenance, what=f"store {out}",
+                               fix="use another --out for this model", exact=True)
         todo, skipped, skipped_failures = _split_done(mine, out, retry_failed)
         if dev.type == "cpu":
             log.print(f"{escape(rank.tag)}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
@@ -312,7 +291,7 @@ def extract(
             f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim} | "
             f"batch {batch_size}, {workers} workers"))
         t_loop = time.perf_counter()
-        with store.ShardWriter(out, provenance, dim=backbone.dim, dtype=dtype, shard_size=shard_size,
+        with store.ShardWriter(out, provenance, dim=backbone.dim, dtype=config.dtype, shard_size=config.shard_size,
                                rank=rank.rank) as writer:
             if todo.height:
                 # Workers decode and resize to uint8; ToTensor + Normalize run on the device.
@@ -343,56 +322,10 @@ def extract(
     }
 
 
-def backbone_from_provenance(provenance: dict, workdir: str | os.PathLike) -> dict:
-    """The extract() arguments (model, pretrained, feature, quick_gelu) that rebuild the backbone
-    recorded in `provenance`, e.g. a trained run's, so new images embed exactly as its store did.
-
-    A model that came from a config file is re-registered from the recorded config (written
-    into `workdir`); a checkpoint file must still exist where it was and have the same sha256.
-    """
-    import json
-
-    import open_clip
-
-    from dfclip.embed.backbone import sha256_file
-
-    name = provenance.get("model")
-    if not name:
-        raise UserError("this run's provenance names no model (imported or synthetic embeddings?); "
-                        "embed the images yourself with `dfembed extract` and use `dfhead predict RUN --store`")
-    model = name
-    if name not in open_clip.list_models():
-        if not provenance.get("model_config"):
-            raise UserError(f"model {name!r} of this run is not an open_clip name and its config was not recorded; "
-                            "embed the images yourself and use `dfhead predict RUN --store`")
-        cfg = {k: v for k, v in provenance["model_config"].items() if k != "quick_gelu"}
-        model = str(Path(workdir) / f"{name}.json")
-        Path(model).write_text(json.dumps(cfg))
-    weights = provenance.get("pretrained") or {}
-    if isinstance(weights, str):  # an imported store declares a tag (or "none") as a plain string
-        weights = {"kind": "none"} if weights.lower() == "none" else {"kind": "tag", "tag": weights}
-    kind = weights.get("kind")
-    if kind == "tag":
-        pretrained = weights["tag"]
-    elif kind == "none":
-        pretrained = "none"
-    elif kind == "file":
-        pretrained = weights.get("file_path") or ""
-        if not Path(pretrained).is_file():
-            raise UserError(f"the run's checkpoint {weights.get('file')} is no longer at {pretrained or '?'}; put it back "
-                            "or embed with `dfembed extract --pretrained PATH` and use `dfhead predict RUN --store`")
-        if sha256_file(pretrained) != weights.get("sha256"):
-            raise UserError(f"{pretrained} changed since the run was trained (sha256 differs); restore the original "
-                            "checkpoint or retrain")
-    else:
-        raise UserError("this run's provenance does not say which weights made its embeddings; "
-                        "embed the images yourself and use `dfhead predict RUN --store`")
-    return {"model": model, "pretrained": pretrained, "feature": provenance.get("feature", "proj"),
-            "quick_gelu": provenance.get("quick_gelu")}
-
-
-def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.PathLike, **kwargs) -> dict:
-    """Embed `images` (a folder or one image file) into store `out` with the backbone of `provenance`."""
+def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",
+                 workers: int | None = None, progress: bool = True) -> dict:
+    """Embed `images` (a folder or one image file) into the store `out`/store exactly as the store of
+    `provenance` was embedded (embed.config.config_from_provenance), on `device` with `workers`."""
     images = Path(images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -403,5 +336,5 @@ def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.Path
         if not link.exists():
             link.symlink_to(images.resolve())
         images = folder
-    args = backbone_from_provenance(provenance, out)
-    return extract(images, out / "store", **args, **kwargs)
+    config = dataclasses.replace(config_from_provenance(provenance, out), device=device, workers=workers)
+    return extract(images, out / "store", config, progress=progress)

@@ -1,18 +1,13 @@
 """Where the images come from: a labelled folder walk or a CSV/Parquet manifest.
 
-Both give the same table of input rows (`ROW_SCHEMA`), sorted by path with unique paths:
-
-    path      Utf8   POSIX path relative to the input root
-    label     Int8   1 fake, 0 real, -1 unknown
-    source    Utf8   generator / dataset name, "" when unknown
-    split     Utf8   "train", "val", "test", or "" when none
-    group     Utf8   frames that must stay together (e.g. one video), "" when none
-    size      Int64  file size in bytes
-    mtime_ns  Int64  modification time, so a re-run can tell changed files apart
+Both give the same table of input rows, sorted by path with unique paths, in the store's row
+schema (store.format.ROW_SCHEMA: path, label, source, split, group, size, mtime_ns); size and
+mtime_ns come from the files, so a re-run can tell changed files apart.
 
 Folder rules (`scan_folder`), all case-insensitive and applied to directory names only:
-- label: a folder named real / 0_real / authentic -> 0, fake / 1_fake / synthetic / generated
-  -> 1; when several appear on one path the deepest wins; none -> -1.
+- label: a folder named like a label word (store.format.LABEL_WORDS): real / 0_real / authentic
+  -> 0, fake / 1_fake / synthetic / generated -> 1; when several appear on one path the deepest
+  wins; none -> -1.
 - source: the first folder below the label folder that is not a split name
   (fake/stylegan2/x.png -> "stylegan2"); "" when the image sits directly in the label folder
   or the path has no label folder.
@@ -29,29 +24,14 @@ import polars as pl
 
 from dfclip.embed.images import IMAGE_EXTENSIONS  # the one list of file types dfclip decodes
 from dfclip.errors import UserError
+from dfclip.store import format as fmt
 
-ROW_SCHEMA: dict[str, pl.DataType] = {
-    "path": pl.Utf8,
-    "label": pl.Int8,
-    "source": pl.Utf8,
-    "split": pl.Utf8,
-    "group": pl.Utf8,
-    "size": pl.Int64,
-    "mtime_ns": pl.Int64,
-}
-
-LABEL_FOLDERS: dict[str, int] = {
-    "real": 0, "0_real": 0, "authentic": 0,
-    "fake": 1, "1_fake": 1, "synthetic": 1, "generated": 1,
-}
+LABEL_FOLDERS: dict[str, int] = {word: label for word, label in fmt.LABEL_WORDS.items() if label != -1}
 SPLIT_FOLDERS: dict[str, str] = {
     "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
 }
-# Manifest label spellings beyond the integers; these words are never flipped by target_means.
-LABEL_WORDS: dict[str, int] = {**LABEL_FOLDERS, "unknown": -1}
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
-MANIFEST_COLUMNS = ("path", "label", "source", "split", "group")
 
 
 def _accepted_extensions() -> str:
@@ -84,9 +64,9 @@ def _classify_dirs(dir_parts: list[str]) -> tuple[int, str, str]:
 
 
 def _rows_frame(columns: dict[str, list]) -> pl.DataFrame:
-    """Build the row table in ROW_SCHEMA, sorted by path."""
+    """Build the row table in the store's row schema, sorted by path."""
     try:
-        frame = pl.DataFrame(columns, schema=ROW_SCHEMA)
+        frame = pl.DataFrame(columns, schema=fmt.ROW_SCHEMA)
     except UnicodeEncodeError:
         bad = next(p for p in columns["path"] if not _is_utf8(p))
         raise UserError(
@@ -181,26 +161,6 @@ def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
     })
 
 
-def parse_column_map(items: list[str]) -> dict[str, str]:
-    """Parse CLI column mappings like ["path=Image Path", "label=Target"] into {ours: theirs}."""
-    mapping: dict[str, str] = {}
-    for item in items:
-        ours, sep, theirs = item.partition("=")
-        ours, theirs = ours.strip().lower(), theirs.strip()
-        if not sep or not ours or not theirs:
-            raise UserError(
-                f"bad column mapping {item!r}; write it as OURS=THEIRS, e.g. --column 'path=Image Path'"
-            )
-        if ours not in MANIFEST_COLUMNS:
-            raise UserError(
-                f"unknown column {ours!r} in mapping {item!r}; map one of: {', '.join(MANIFEST_COLUMNS)}"
-            )
-        if ours in mapping:
-            raise UserError(f"column {ours!r} is mapped twice; give one --column {ours}=NAME")
-        mapping[ours] = theirs
-    return mapping
-
-
 def _read_table(file: Path) -> pl.DataFrame:
     """Load a manifest as a table; CSV cells stay strings so paths and labels are not guessed at."""
     suffix = file.suffix.lower()
@@ -213,28 +173,6 @@ def _read_table(file: Path) -> pl.DataFrame:
     except (pl.exceptions.PolarsError, OSError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot read manifest {file}: {first_line}; check the file format") from None
-
-
-def _parse_labels(raw: pl.Series, target_means: str) -> pl.Series:
-    """Manifest labels -> Int8 in {1, 0, -1}.
-
-    Accepts integers (or their float spelling, "1.0"), booleans, and the words real / fake /
-    unknown (and the folder synonyms). Empty cells mean unknown (-1). With target_means="real"
-    the numbers 0 and 1 swap; words are explicit and never swap.
-    """
-    text = raw.cast(pl.Utf8).str.strip_chars().str.to_lowercase().fill_null("")
-    numbers = {"1": 1, "1.0": 1, "true": 1, "0": 0, "0.0": 0, "false": 0, "-1": -1, "-1.0": -1}
-    if target_means == "real":
-        numbers = {k: (1 - v if v in (0, 1) else v) for k, v in numbers.items()}
-    known = {**numbers, **LABEL_WORDS, "": -1}
-    bad = text.filter(~text.is_in(list(known)))
-    if len(bad):
-        examples = ", ".join(repr(v) for v in bad.unique(maintain_order=True).head(3).to_list())
-        raise UserError(
-            f"{len(bad)} manifest labels are not 0/1/-1 or real/fake/unknown (e.g. {examples}); "
-            "fix the label column or map another with --column label=NAME"
-        )
-    return text.replace_strict(known, return_dtype=pl.Int8).alias("label")
 
 
 def _relative_path(path: str, root: Path) -> str | None:
@@ -278,14 +216,13 @@ def read_manifest(
             f"unsupported manifest type {file_path.suffix or '(no suffix)'!r} for {file_path.name}; "
             f"use one of {', '.join(MANIFEST_SUFFIXES)}"
         )
-    if target_means not in ("fake", "real"):
-        raise UserError(f"target_means must be 'fake' or 'real', got {target_means!r}")
+    fmt.check_target_means(target_means)
     root_path = _absolute(root) if root is not None else file_path.parent
     if not root_path.is_dir():
         raise UserError(f"manifest root folder does not exist: {root_path}; check --root")
 
     table = _read_table(file_path)
-    names = {ours: (columns or {}).get(ours, ours) for ours in MANIFEST_COLUMNS}
+    names = {ours: (columns or {}).get(ours, ours) for ours in fmt.INPUT_COLUMNS}
     for ours in ("path", "label"):
         if names[ours] not in table.columns:
             hint = " (use -1 in every row for unlabelled images)" if ours == "label" else ""
@@ -331,7 +268,7 @@ def read_manifest(
             f"(first: {', '.join(duplicates[:3])}); keep one row per image"
         )
 
-    labels = _parse_labels(table[names["label"]], target_means)
+    labels = fmt.parse_labels(table[names["label"]], target_means, where="manifest")
 
     sizes: list[int] = []
     mtimes: list[int] = []

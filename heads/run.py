@@ -193,9 +193,8 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
 
 
 def _check_same_model(config: dict, s: store.Store) -> None:
-    if not store.format.compatible(config["provenance"], s.provenance):
-        raise UserError(f"store {s.root} has {store.format.describe_identity(s.provenance)} but the run was trained on "
-                        f"{store.format.describe_identity(config['provenance'])}; embed with the run's model")
+    store.format.require_compatible(s.provenance, config["provenance"], what=f"store {s.root}",
+                                    fix="the run was trained on the latter: embed with the run's model")
 
 
 def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto") -> pl.DataFrame:

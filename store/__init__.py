@@ -9,7 +9,8 @@ Nothing outside this package writes or parses shards. See docs/store-format.md.
 
 from dfclip.errors import UserError
 from dfclip.store.format import FORMAT_VERSION
-from dfclip.store.reader import Store, list_shards, open
+from dfclip.store.reader import Store, list_shards, open, stored_provenance
 from dfclip.store.writer import ShardWriter, writer_lock
 
-__all__ = ["FORMAT_VERSION", "ShardWriter", "Store", "UserError", "list_shards", "open", "writer_lock"]
+__all__ = ["FORMAT_VERSION", "ShardWriter", "Store", "UserError", "list_shards", "open", "stored_provenance",
+           "writer_lock"]

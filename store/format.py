@@ -10,12 +10,23 @@ A store is a directory:
 
 Each shard is self-describing: rows, their metadata, the failures met while writing them,
 and a provenance JSON attribute. Readers need only h5py.
+
+Also the rules every producer of rows shares, so each exists once: the row schema
+(ROW_SCHEMA), how labels are spelled in manifests and labels CSVs (parse_labels,
+parse_column_map), which embeddings may meet (identity, compatible, require_compatible),
+and how files are named in provenance (sha256_file).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+
+import polars as pl
+
+from dfclip.errors import UserError
 
 FORMAT_VERSION = "dfclip-store/1"
 
@@ -23,19 +34,49 @@ SHARD_GLOB = "shard-r*-*.h5"
 SHARD_RE = re.compile(r"^shard-r(\d{3,})-(\d{5,})\.h5$")
 FAILURES_FILE = "failures.parquet"
 
-# Row datasets, all of length N.
+# The row schema: what describes one image, as HDF5 datasets of a shard (all of length N), as the
+# columns of input rows (embed.sources) and as a store's metadata (reader.Store.meta).
+ROW_SCHEMA: dict[str, pl.DataType] = {
+    "path": pl.Utf8,  # POSIX path relative to the input root
+    "label": pl.Int8,  # 1 fake, 0 real, -1 unknown
+    "source": pl.Utf8,  # generator / dataset name, "" when unknown
+    "split": pl.Utf8,  # "train", "val", "test", or ""
+    "group": pl.Utf8,  # frames that belong together (e.g. one video), "" when none
+    "size": pl.Int64,  # file size in bytes (-1: unknown)
+    "mtime_ns": pl.Int64,  # modification time (-1: unknown); with path and size the resume key
+}
+ROW_COLUMNS = tuple(ROW_SCHEMA)
+STRING_COLUMNS = tuple(c for c, t in ROW_SCHEMA.items() if t == pl.Utf8)  # UTF-8, variable length
+LABEL = "label"  # int8
+FILE_COLUMNS = ("size", "mtime_ns")  # int64: read from the image file, never given by a manifest
+INPUT_COLUMNS = tuple(c for c in ROW_COLUMNS if c not in FILE_COLUMNS)  # what a manifest / labels CSV may give
 EMBEDDINGS = "embeddings"  # N x D, float16 (default) or float32
-STRING_COLUMNS = ("path", "source", "split", "group")  # UTF-8, variable length
-LABEL = "label"  # int8: 1 fake, 0 real, -1 unknown
-FILE_COLUMNS = ("size", "mtime_ns")  # int64: the resume key, with path
 # Failures met while writing this shard: group "failures" with these datasets.
 FAILURES_GROUP = "failures"
-FAILURE_STRING_COLUMNS = ("path", "error", "message")
+FAILURE_SCHEMA: dict[str, pl.DataType] = {"path": pl.Utf8, "error": pl.Utf8, "message": pl.Utf8,
+                                          "size": pl.Int64, "mtime_ns": pl.Int64}
+FAILURE_STRING_COLUMNS = tuple(c for c, t in FAILURE_SCHEMA.items() if t == pl.Utf8)
+
+# Label spellings besides the numbers; words say what they mean, so target_means never flips them.
+LABEL_WORDS: dict[str, int] = {
+    "real": 0, "0_real": 0, "authentic": 0,
+    "fake": 1, "1_fake": 1, "synthetic": 1, "generated": 1,
+    "unknown": -1,
+}
+TARGET_MEANINGS = ("fake", "real")
 
 EMBEDDING_DTYPES = ("float16", "float32")
 
 # Provenance keys that must agree for rows to be comparable (mixing them is refused).
 IDENTITY_KEYS = ("model", "model_config", "pretrained", "feature", "dim", "preprocess")
+
+
+def check_layout(dtype: str, shard_size: int) -> None:
+    """UserError unless `dtype` and `shard_size` are a valid stored dtype and rows per shard."""
+    if dtype not in EMBEDDING_DTYPES:
+        raise UserError(f"unsupported --dtype {dtype!r}; use one of {', '.join(EMBEDDING_DTYPES)}")
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1, got {shard_size}")
 
 
 def shard_name(rank: int, seq: int) -> str:
@@ -89,3 +130,77 @@ def compatible(a: dict, b: dict) -> bool:
         keys = ("model", "feature", "dim")
         return all(a.get(k) == b.get(k) for k in keys) and weights_name(a) == weights_name(b)
     return identity(a) == identity(b)
+
+
+def require_compatible(have: dict | None, want: dict, *, what: str, fix: str, exact: bool = False) -> None:
+    """Raise UserError unless embeddings of provenance `want` may meet those of `have` (None: nothing yet).
+
+    exact=True is the rule inside one store (identity; writers check it before adding shards),
+    otherwise `compatible` (a run and the store it scores, a train and a validation store).
+    The message reads "{what} holds <have>, not <want>; {fix}".
+    """
+    if have is None or (identity(have) == identity(want) if exact else compatible(have, want)):
+        return
+    raise UserError(f"{what} holds {describe_identity(have)}, not {describe_identity(want)}; {fix}")
+
+
+def parse_column_map(items: list[str]) -> dict[str, str]:
+    """Parse CLI column mappings like ["path=Image Path", "label=Target"] into {ours: theirs}.
+
+    For manifests (`dfembed extract --manifest`) and labels CSVs (`dfembed import-h5`) alike.
+    """
+    mapping: dict[str, str] = {}
+    for item in items:
+        ours, sep, theirs = item.partition("=")
+        ours, theirs = ours.strip().lower(), theirs.strip()
+        if not sep or not ours or not theirs:
+            raise UserError(
+                f"bad column mapping {item!r}; write it as OURS=THEIRS, e.g. --column 'path=Image Path'"
+            )
+        if ours not in INPUT_COLUMNS:
+            raise UserError(
+                f"unknown column {ours!r} in mapping {item!r}; map one of: {', '.join(INPUT_COLUMNS)}"
+            )
+        if ours in mapping:
+            raise UserError(f"column {ours!r} is mapped twice; give one --column {ours}=NAME")
+        mapping[ours] = theirs
+    return mapping
+
+
+def check_target_means(target_means: str) -> None:
+    if target_means not in TARGET_MEANINGS:
+        raise UserError(f"target_means (--target-means) must be 'fake' or 'real', got {target_means!r}")
+
+
+def parse_labels(raw: pl.Series, target_means: str = "fake", *, where: str = "manifest") -> pl.Series:
+    """Labels as written in a manifest or labels CSV -> Int8 {1 fake, 0 real, -1 unknown}, named "label".
+
+    Accepts the numbers 1, 0, -1 in any spelling ("1", "1.0", " 1 "), booleans (true = 1), the
+    words of LABEL_WORDS in any case, and empty cells (unknown). With target_means="real" the
+    numbers and booleans 0 and 1 swap; words are explicit and never swap. `where` names the
+    file kind in the error.
+    """
+    check_target_means(target_means)
+    text = raw.cast(pl.Utf8).str.strip_chars().fill_null("")
+    lower = text.str.to_lowercase()
+    word = lower.replace_strict({**LABEL_WORDS, "": -1}, default=None, return_dtype=pl.Int8)
+    number = lower.replace({"true": "1", "false": "0"}).cast(pl.Float64, strict=False)
+    number = pl.select(pl.when(number.is_in([1.0, 0.0, -1.0])).then(number)).to_series().cast(pl.Int8)
+    if target_means == "real":
+        number = pl.select(pl.when(number >= 0).then(1 - number).otherwise(number)).to_series()
+    labels = word.fill_null(number)
+    bad = text.filter(labels.is_null())
+    if len(bad):
+        examples = ", ".join(repr(v) for v in bad.unique(maintain_order=True).head(3).to_list())
+        raise UserError(f"{len(bad)} {where} labels in column {raw.name!r} are not 0, 1 or -1 (nor real / fake / "
+                        f"unknown) (e.g. {examples}); fix the {where} or map another column with --column label=NAME")
+    return labels.cast(pl.Int8).alias("label")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks: how provenance names a checkpoint or an imported file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -12,7 +12,6 @@ recorded as the user declared them, with `declared: true` and the source file's 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -22,42 +21,18 @@ import polars as pl
 
 from dfclip.store import format as fmt
 from dfclip.errors import UserError
-from dfclip.store.reader import list_shards
+from dfclip.store.reader import stored_provenance
 from dfclip.store.writer import ShardWriter, writer_lock
 
 # Our column -> the SP_CUP CSV's column; --column path=NAME etc. override.
 DEFAULT_COLUMNS = {"path": "Image Path", "label": "Target"}
-OPTIONAL_COLUMNS = ("source", "split", "group")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+OPTIONAL_COLUMNS = tuple(c for c in fmt.INPUT_COLUMNS if c not in DEFAULT_COLUMNS)  # source, split, group
 
 
 def _datasets(f: h5py.File) -> list[str]:
     found = []
     f.visititems(lambda name, obj: found.append(f"{name} {obj.shape}") if isinstance(obj, h5py.Dataset) else None)
     return found
-
-
-def _parse_target(raw: pl.Series, target_means: str) -> np.ndarray:
-    """CSV labels -> int8 {1 fake, 0 real, -1 unknown}; `target_means="real"` swaps 0 and 1."""
-    text = raw.cast(pl.Utf8).str.strip_chars().fill_null("")
-    value = text.cast(pl.Float64, strict=False)
-    bad = text.filter(value.is_null() | ~value.is_in([1.0, 0.0, -1.0]))
-    if len(bad):
-        examples = ", ".join(repr(v) for v in bad.unique(maintain_order=True).head(3).to_list())
-        raise UserError(f"{len(bad)} labels in column {raw.name!r} are not 0, 1 or -1 (e.g. {examples}); "
-                        f"fix the CSV or map another column with --column label=NAME")
-    labels = value.cast(pl.Int8).to_numpy()
-    if target_means == "real":
-        labels = np.where(labels >= 0, 1 - labels, labels).astype(np.int8)
-    return labels
 
 
 def _read_csv(csv: Path, columns: dict[str, str]) -> pl.DataFrame:
@@ -103,8 +78,7 @@ def import_h5(
     for p, what in ((h5_path, "features file"), (csv_path, "labels CSV")):
         if not p.is_file():
             raise UserError(f"{what} {p} does not exist; check the path")
-    if target_means not in ("fake", "real"):
-        raise UserError(f"--target-means must be 'fake' or 'real', got {target_means!r}")
+    fmt.check_target_means(target_means)
     if feature not in ("proj", "pre"):
         raise UserError(f"--feature must be 'proj' (CLIP embedding) or 'pre' (before the projection), got {feature!r}")
     table = _read_csv(csv_path, columns)
@@ -113,7 +87,7 @@ def import_h5(
     if (paths.str.strip_chars() == "").any():
         raise UserError(f"{int((paths.str.strip_chars() == '').sum())} rows of {csv_path.name} have an empty path; "
                         "fill them in (the rows must stay in the features' order)")
-    labels = _parse_target(table[names["label"]], target_means)
+    labels = fmt.parse_labels(table[names["label"]], target_means, where="CSV").to_numpy()
     n = table.height
     meta = {
         "path": paths.to_list(), "label": labels,
@@ -142,11 +116,13 @@ def import_h5(
         provenance = {
             "model": model, "pretrained": pretrained, "feature": feature, "model_config": None, "preprocess": None,
             "declared": True,
-            "imported_from": {"file": h5_path.name, "sha256": sha256_file(h5_path), "dataset": dataset,
+            "imported_from": {"file": h5_path.name, "sha256": fmt.sha256_file(h5_path), "dataset": dataset,
                               "source_dtype": str(ds.dtype), "csv": csv_path.name},
         }
         with writer_lock(out, 0):
-            _refuse_other_model(Path(out), {**provenance, "dim": dim})
+            # Before writing anything: a store holds one model's embeddings.
+            fmt.require_compatible(stored_provenance(out), {**provenance, "dim": dim}, what=f"store {out}",
+                                   fix="import into a different --out", exact=True)
             w = ShardWriter(out, provenance, dim=dim, dtype=dtype, shard_size=shard_size)
             try:
                 for a in range(0, n, shard_size):
@@ -167,10 +143,3 @@ def import_h5(
             "duplicate_paths": n - unique_paths, "labels": {str(k): int((labels == k).sum()) for k in (1, 0, -1)},
             "sha256": provenance["imported_from"]["sha256"]}
 
-
-def _refuse_other_model(out: Path, provenance: dict) -> None:
-    """Fail before writing anything if `out` already holds another model's embeddings."""
-    shards = list_shards(out) if out.is_dir() else []
-    if shards and fmt.identity(shards[0].provenance) != fmt.identity(provenance):
-        raise UserError(f"store {out} holds {fmt.describe_identity(shards[0].provenance)} but the import declares "
-                        f"{fmt.describe_identity(provenance)}; import into a different --out")

@@ -14,11 +14,7 @@ import polars as pl
 from dfclip.store import format as fmt
 from dfclip.errors import UserError
 
-META_SCHEMA = {
-    "path": pl.Utf8, "label": pl.Int8, "source": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8,
-    "size": pl.Int64, "mtime_ns": pl.Int64, "shard": pl.Int32, "row": pl.Int64,
-}
-FAILURE_SCHEMA = {"path": pl.Utf8, "error": pl.Utf8, "message": pl.Utf8, "size": pl.Int64, "mtime_ns": pl.Int64}
+META_SCHEMA = {**fmt.ROW_SCHEMA, "shard": pl.Int32, "row": pl.Int64}  # the rows, and where each lies
 # load() cost model: one read call costs about as much as reading READ_CALL_BYTES, so selected rows
 # closer than that are fetched by one call (the gap is read and dropped) instead of one call per run
 # (~0.1 ms each: a scattered half of 200k rows took 10 s that way). Spans are capped for memory.
@@ -54,6 +50,12 @@ def list_shards(root: str | os.PathLike) -> list[Shard]:
         except (OSError, KeyError, ValueError) as e:
             raise _unreadable(p, e) from None
     return sorted(shards, key=lambda s: (s.created_ns, s.rank, s.seq))
+
+
+def stored_provenance(root: str | os.PathLike) -> dict | None:
+    """The provenance of the store at `root` (its oldest shard's), or None while it has no shard."""
+    shards = list_shards(root) if Path(root).is_dir() else []
+    return shards[0].provenance if shards else None
 
 
 def _unreadable(path: Path, e: Exception) -> UserError:
@@ -102,7 +104,7 @@ class Store:
                 cached = pl.read_parquet(cache) if cache.is_file() else None
                 with h5py.File(s.path, "r") as f:
                     if cached is not None and cached.height == s.n_rows:
-                        cols = {c: cached[c] for c in (*fmt.STRING_COLUMNS, fmt.LABEL, *fmt.FILE_COLUMNS)}
+                        cols = {c: cached[c] for c in fmt.ROW_COLUMNS}
                     else:  # no cache (e.g. a shard written by other tools): the shard itself is the truth
                         cols = {c: _strings(f[c]) for c in fmt.STRING_COLUMNS}
                         cols.update({fmt.LABEL: f[fmt.LABEL][:], **{c: f[c][:] for c in fmt.FILE_COLUMNS}})
@@ -111,7 +113,7 @@ class Store:
                     g = f[fmt.FAILURES_GROUP]
                     fcols = {c: _strings(g[c]) for c in fmt.FAILURE_STRING_COLUMNS}
                     fcols.update({c: g[c][:] for c in fmt.FILE_COLUMNS})
-                    fails.append(pl.DataFrame(fcols, schema=FAILURE_SCHEMA).with_columns(shard=pl.lit(i, pl.Int32)))
+                    fails.append(pl.DataFrame(fcols, schema=fmt.FAILURE_SCHEMA).with_columns(shard=pl.lit(i, pl.Int32)))
             except (OSError, KeyError, ValueError, pl.exceptions.PolarsError) as e:
                 raise _unreadable(s.path, e) from None
         events = pl.concat([

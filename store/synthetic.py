@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from dfclip.store import format as fmt
 from dfclip.store.writer import ShardWriter
 
 SYNTHETIC_PROVENANCE = {"model": "synthetic", "model_config": {}, "pretrained": "none", "feature": "proj",
@@ -59,7 +60,7 @@ def rewrite_store(src: str | os.PathLike, dst: str | os.PathLike, *, keep: np.nd
     x, meta = s.load()
     keep = np.ones(meta.height, bool) if keep is None else keep
     cols = {c: (np.asarray(columns[c]) if c in columns else meta[c].to_numpy())[keep]
-            for c in ("path", "label", "source", "split", "group", "size", "mtime_ns")}
+            for c in fmt.ROW_COLUMNS}
     prov = {k: v for k, v in (provenance or s.provenance).items() if k not in ("dim", "dtype")}
     with ShardWriter(dst, prov, dim=s.dim, dtype=str(x.dtype)) as w:
         w.add(x[keep], cols)

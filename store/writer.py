@@ -17,8 +17,6 @@ from dfclip.store import format as fmt
 from dfclip.errors import UserError
 
 _STR = h5py.string_dtype("utf-8")
-_META_DTYPES = {"path": pl.Utf8, "label": pl.Int8, "source": pl.Utf8, "split": pl.Utf8, "group": pl.Utf8,
-                "size": pl.Int64, "mtime_ns": pl.Int64}
 
 
 def _chunk_rows(dim: int, itemsize: int) -> int:
@@ -45,18 +43,15 @@ class ShardWriter:
         shard_size: int = 16384,
         rank: int = 0,
     ) -> None:
-        if dtype not in fmt.EMBEDDING_DTYPES:
-            raise UserError(f"unsupported --dtype {dtype!r}; use one of {', '.join(fmt.EMBEDDING_DTYPES)}")
-        if shard_size < 1:
-            raise UserError(f"--shard-size must be >= 1, got {shard_size}")
+        fmt.check_layout(dtype, shard_size)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.provenance = {**provenance, "dim": int(dim), "dtype": dtype}
         self.dim, self.dtype, self.shard_size, self.rank = int(dim), np.dtype(dtype), int(shard_size), int(rank)
         self._emb = np.empty((self.shard_size, self.dim), dtype=self.dtype)
         self._n = 0
-        self._meta: dict[str, list] = {c: [] for c in (*fmt.STRING_COLUMNS, fmt.LABEL, *fmt.FILE_COLUMNS)}
-        self._fail: dict[str, list] = {c: [] for c in (*fmt.FAILURE_STRING_COLUMNS, *fmt.FILE_COLUMNS)}
+        self._meta: dict[str, list] = {c: [] for c in fmt.ROW_COLUMNS}
+        self._fail: dict[str, list] = {c: [] for c in fmt.FAILURE_SCHEMA}
         self._remove_stale_temps()
         self._seq = 1 + max((int(m.group(2)) for p in self.root.iterdir()
                              if (m := fmt.SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank), default=-1)
@@ -76,12 +71,12 @@ class ShardWriter:
     def _write_meta_cache(self, name: str, created_ns: int, n: int) -> None:
         cache = self.root / fmt.meta_cache_name(name, created_ns)
         tmp = self.root / f".{cache.name}.tmp{os.getpid()}"
-        columns = {c: pl.Series(c, self._meta[c], dtype=dt) for c, dt in _META_DTYPES.items()}
+        columns = {c: pl.Series(c, self._meta[c], dtype=dt) for c, dt in fmt.ROW_SCHEMA.items()}
         pl.DataFrame(columns, height=n).write_parquet(tmp)
         os.replace(tmp, cache)
 
     def add(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray]) -> None:
-        """Append rows. `rows` has path, label, source, split, group, size, mtime_ns, one entry per row."""
+        """Append rows. `rows` has every column of fmt.ROW_SCHEMA, one entry per row."""
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must be (n, {self.dim}), got {embeddings.shape}")

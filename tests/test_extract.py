@@ -27,6 +27,7 @@ from dfclip import cli
 from dfclip import embed  # noqa: E402
 import dfclip.embed.backbone  # noqa: F401  registers dfclip-tiny with open_clip
 from dfclip import store
+from dfclip.embed import EmbedConfig
 from dfclip.embed.extract import collate, extract, partition, rank_from_env
 from dfclip.errors import UserError
 
@@ -182,8 +183,8 @@ def test_bad_image_zoo_logged_rows_aligned_and_retry(tmp_path, tiny_checkpoint, 
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300_000)  # forked workers inherit it
     out = tmp_path / "store"
-    kw = dict(model="dfclip-tiny", pretrained=str(tiny_checkpoint), batch_size=4, workers=2, progress=False)
-    rep = extract(images, out, **kw)
+    config = EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), batch_size=4, workers=2)
+    rep = extract(images, out, config, progress=False)
     assert (rep["embedded"], rep["failed"]) == (6, 6)
 
     s = store.open(out)
@@ -198,9 +199,9 @@ def test_bad_image_zoo_logged_rows_aligned_and_retry(tmp_path, tiny_checkpoint, 
 
     # The limit is back to PIL's default, but logged failures are skipped until --retry-failed.
     monkeypatch.undo()
-    rep = extract(images, out, **kw)
+    rep = extract(images, out, config, progress=False)
     assert (rep["embedded"], rep["failed"], rep["skipped"], rep["skipped_failures"]) == (0, 0, 12, 6)
-    rep = extract(images, out, **kw, retry_failed=True)
+    rep = extract(images, out, config, progress=False, retry_failed=True)
     assert (rep["embedded"], rep["failed"], rep["skipped"]) == (1, 5, 6)
     s = store.open(out)
     assert sorted(s.meta["path"]) == sorted(good + ["f_large.png"])

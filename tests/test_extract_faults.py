@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from dfclip import store
-from dfclip.embed.extract import extract
+from dfclip.embed import EmbedConfig, extract
 from dfclip.errors import UserError
 
 BIN = Path(sys.executable).parent
@@ -63,7 +63,7 @@ def test_resume_after_sigkill_then_noop_then_changed_file(tmp_path, tiny_checkpo
     paths = make_images(images, 240)
     model = ["--model", "dfclip-tiny", "--pretrained", tiny_checkpoint]
     ref = tmp_path / "reference"
-    extract(images, ref, model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0, progress=False)
+    extract(images, ref, EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0), progress=False)
     want = live(ref)
 
     # One image per batch and two per shard: every shard is an fsync'd file, so the run is slow
@@ -89,7 +89,7 @@ def test_resume_after_sigkill_then_noop_then_changed_file(tmp_path, tiny_checkpo
     # The killed run's decode worker lives on for seconds; it must not keep the store locked.
     with store.writer_lock(out, 0):
         pass
-    rep = extract(images, out, model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=1, progress=False)
+    rep = extract(images, out, EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=1), progress=False)
     assert (rep["embedded"], rep["skipped"]) == (len(paths) - len(before), len(before))
     rows = raw_rows(out)
     assert len(rows) == len(paths) and len({p for p, _ in rows}) == len(paths)  # none missing, none twice
@@ -99,7 +99,7 @@ def test_resume_after_sigkill_then_noop_then_changed_file(tmp_path, tiny_checkpo
 
     # A re-run with nothing new embeds nothing and writes no shard.
     shards = sorted(out.glob("shard-*.h5"))
-    rep = extract(images, out, model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0, progress=False)
+    rep = extract(images, out, EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0), progress=False)
     assert (rep["embedded"], rep["failed"], rep["skipped"]) == (0, 0, len(paths))
     assert sorted(out.glob("shard-*.h5")) == shards
 
@@ -107,9 +107,9 @@ def test_resume_after_sigkill_then_noop_then_changed_file(tmp_path, tiny_checkpo
     changed = images / paths[5]
     Image.fromarray(np.full((50, 30, 3), 200, np.uint8)).save(changed)
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
-    rep = extract(images, out, model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0, progress=False)
+    rep = extract(images, out, EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0), progress=False)
     assert (rep["embedded"], rep["skipped"]) == (1, len(paths) - 1)
-    extract(images, ref, model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0, progress=False)
+    extract(images, ref, EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0), progress=False)
     want = live(ref)
     assert not np.allclose(want[paths[5]], dict(rows)[paths[5]], atol=1e-2)  # the change is visible
     assert_same_rows(live(out), want)
@@ -120,7 +120,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_checkpoint):
     images = tmp_path / "images"
     paths = make_images(images, 30, seed=1)
     one = tmp_path / "one"
-    extract(images, one, model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0, progress=False)
+    extract(images, one, EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0), progress=False)
 
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", DFEMBED,

@@ -170,3 +170,16 @@ def test_entry_point_prints_one_line_without_traceback(tmp_path, cup):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "no dataset 'nope'" in lines[0], r.stderr
+
+
+def test_labels_follow_the_manifest_rules(tmp_path, cup):
+    """One label parser for manifests and labels CSVs: words never flip, numbers do."""
+    h5, csv, _, _ = cup
+    words = ["fake", "Real", " 1 ", "0.0", "", "unknown", "-1", "authentic"] + ["1"] * (N - 8)
+    labelled = tmp_path / "words.csv"
+    pl.read_csv(csv).with_columns(Target=pl.Series(words)).write_csv(labelled)
+    import_h5(h5, labelled, out=tmp_path / "a")
+    import_h5(h5, labelled, out=tmp_path / "b", target_means="real")
+    got = {k: store.open(tmp_path / k).meta.sort("row")["label"].to_list()[:8] for k in "ab"}
+    assert got["a"] == [1, 0, 1, 0, -1, -1, -1, 0]
+    assert got["b"] == [1, 0, 0, 1, -1, -1, -1, 0]

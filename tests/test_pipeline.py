@@ -75,3 +75,48 @@ def test_predict_refuses_a_changed_checkpoint(tmp_path, demo_images, tiny_checkp
     ckpt.write_bytes(ckpt.read_bytes()[:-8] + b"\0" * 8)
     code, _, err = dfhead("predict", tmp_path / "runs" / "r", demo_images / "fake", "--out", tmp_path / "x.csv")
     assert code == 2 and "changed since the run was trained" in err and "Traceback" not in err
+
+
+def test_python_api_extract_fit_predict_images(tmp_path, demo_images, tiny_checkpoint):
+    """The same round trip without the CLI: EmbedConfig -> extract -> fit -> predict_images, which
+    re-embeds with the settings recorded in the store (here float32, explicit fp32)."""
+    from dfclip.embed import EmbedConfig, extract
+    from dfclip.embed.config import config_from_provenance
+    from dfclip.heads.config import make_config
+    from dfclip.heads.run import fit, predict_store
+    from dfclip.pipeline import predict_images
+
+    config = EmbedConfig(model="dfclip-tiny", pretrained=tiny_checkpoint, precision="fp32", dtype="float32",
+                         workers=0, shard_size=50)
+    emb = tmp_path / "embeddings"
+    rep = extract(demo_images, emb, config, progress=False)
+    assert rep["embedded"] == len(store.open(emb)) and rep["failed"] == 0
+    provenance = store.open(emb).provenance
+    assert provenance["embed_config"] == {**config.to_dict(), "pretrained": str(tiny_checkpoint)}
+    assert json.loads(json.dumps(provenance)) == provenance
+    rebuilt = config_from_provenance(provenance, tmp_path)
+    assert (rebuilt.model, rebuilt.feature, rebuilt.dtype, rebuilt.precision) == ("dfclip-tiny", "proj", "float32", "fp32")
+    assert rebuilt.pretrained == str(tiny_checkpoint.resolve()) and rebuilt.workers is None  # machine settings reset
+
+    run = fit(emb, make_config(epochs=2, batch_size=32), runs_dir=tmp_path / "runs", name="r", device="cpu",
+              log=lambda *_: None)
+    fake_dir = demo_images / "fake" / "dalle"
+    scores = predict_images(run, fake_dir, device="cpu", workers=0, progress=False)
+    assert scores.columns == ["path", "score", "pred", "label"]
+    assert scores["path"].to_list() == sorted(p.name for p in fake_dir.iterdir())
+    from_store = predict_store(run, emb, device="cpu").filter(pl.col("path").str.starts_with("fake/dalle/"))
+    np.testing.assert_allclose(scores["score"], from_store["score"], atol=1e-5)  # float32 both ways
+
+
+def test_predict_images_refuses_a_run_without_a_backbone(tmp_path):
+    from dfclip.errors import UserError
+    from dfclip.heads.config import make_config
+    from dfclip.heads.run import fit
+    from dfclip.pipeline import predict_images
+    from dfclip.store.synthetic import make_synthetic_store
+
+    emb = make_synthetic_store(tmp_path / "syn", n=200, dim=8)
+    run = fit(emb, make_config(epochs=1, batch_size=32), runs_dir=tmp_path / "runs", name="r", device="cpu",
+              log=lambda *_: None)
+    with pytest.raises(UserError, match="not an open_clip name"):
+        predict_images(run, tmp_path, device="cpu", workers=0, progress=False)

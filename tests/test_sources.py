@@ -8,13 +8,12 @@ import pytest
 
 from dfclip.embed.sources import (
     IMAGE_EXTENSIONS,
-    ROW_SCHEMA,
     load_inputs,
-    parse_column_map,
     read_manifest,
     scan_folder,
 )
 from dfclip.errors import UserError
+from dfclip.store.format import ROW_SCHEMA, parse_column_map
 
 
 def touch(root: Path, rel: str, content: bytes = b"x") -> Path:

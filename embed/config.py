@@ -1,0 +1,136 @@
+"""EmbedConfig: every setting of the backbone pass as data.
+
+    from dfclip.embed import EmbedConfig, extract
+    extract("images", "embeddings", EmbedConfig(model="ViT-L-14", pretrained="openai"))
+
+It is recorded in each shard's provenance (`embed_config`), so `config_from_provenance` can
+embed new images exactly as a store (or the store a run was trained on) was embedded. Which
+embeddings are comparable is still decided by store.format's identity keys, never by this
+record: device, workers or batch size do not change what a feature means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dfclip.errors import UserError
+from dfclip.store import format as fmt
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Settings of the machine that runs the pass, not of the embedding: never taken from a record.
+MACHINE_FIELDS = ("device", "batch_size", "workers")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How to embed images. Validated on construction (UserError).
+
+    model: an open_clip model name ("ViT-L-14"), a name from embed/model_configs/
+        ("dfclip-tiny"), or a path to an open_clip model-config JSON.
+    pretrained: an open_clip tag ("openai"), a checkpoint file, or "none" (random init).
+    feature: "proj" (the CLIP image embedding) or "pre" (pooled, before the projection).
+    quick_gelu: None = auto (embed.backbone's rule), True/False to force.
+    cache_dir: where tagged weights are cached / downloaded; None = open_clip's default.
+    precision: "auto" (bf16 autocast on CUDA, fp16 where the GPU has no bf16, fp32 elsewhere),
+        "fp32", "bf16" or "fp16".
+    device: "auto", "cpu", "cuda" or "cuda:N" (torchrun ranks use LOCAL_RANK).
+    batch_size: images per batch; None = 256 on CUDA, 64 on CPU.
+    workers: decode processes per rank, 0 = decode in the main process; None = the cores per
+        rank minus one, at most 16.
+    shard_size: rows per HDF5 shard (a killed run redoes at most one shard).
+    dtype: stored embedding dtype, "float16" or "float32".
+    """
+
+    model: str = "ViT-L-14"
+    pretrained: str | None = "openai"
+    feature: str = "proj"
+    quick_gelu: bool | None = None
+    cache_dir: str | None = None
+    precision: str = "auto"
+    device: str = "auto"
+    batch_size: int | None = None
+    workers: int | None = None
+    shard_size: int = 16384
+    dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        # Paths given as PathLike are kept as text: the config is recorded as JSON.
+        for name in ("model", "pretrained", "cache_dir"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, str(value))
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown --precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
+        fmt.check_layout(self.dtype, self.shard_size)
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise UserError(f"--workers must be >= 0, got {self.workers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-serialisable record kept in the store's provenance."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "EmbedConfig":
+        """A config from its record; keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+
+def config_from_provenance(provenance: dict, workdir: str | os.PathLike) -> EmbedConfig:
+    """The EmbedConfig that embeds new images exactly as the store of `provenance` was embedded.
+
+    The recorded `embed_config` gives the settings (precision, dtype, cache dir ...; stores
+    written before it was recorded get the defaults), less MACHINE_FIELDS, which are left at
+    their defaults for the caller to set. Model, weights, feature and QuickGELU come from the
+    provenance itself, which says what was actually built: a model that came from a config
+    file is re-registered from the recorded config (written into `workdir`); a checkpoint file
+    must still exist where it was and have the same sha256. Raises UserError when the
+    provenance cannot rebuild its backbone (imported or synthetic embeddings).
+    """
+    import open_clip
+
+    import dfclip.embed.backbone  # noqa: F401  registers embed/model_configs with open_clip
+
+    name = provenance.get("model")
+    if not name:
+        raise UserError("this run's provenance names no model (imported or synthetic embeddings?); "
+                        "embed the images yourself with `dfembed extract` and use `dfhead predict RUN --store`")
+    model = name
+    if name not in open_clip.list_models():
+        if not provenance.get("model_config"):
+            raise UserError(f"model {name!r} of this run is not an open_clip name and its config was not recorded; "
+                            "embed the images yourself and use `dfhead predict RUN --store`")
+        cfg = {k: v for k, v in provenance["model_config"].items() if k != "quick_gelu"}
+        model = str(Path(workdir) / f"{name}.json")
+        Path(model).write_text(json.dumps(cfg))
+    weights = provenance.get("pretrained") or {}
+    if isinstance(weights, str):  # an imported store declares a tag (or "none") as a plain string
+        weights = {"kind": "none"} if weights.lower() == "none" else {"kind": "tag", "tag": weights}
+    kind = weights.get("kind")
+    if kind == "tag":
+        pretrained = weights["tag"]
+    elif kind == "none":
+        pretrained = "none"
+    elif kind == "file":
+        pretrained = weights.get("file_path") or ""
+        if not Path(pretrained).is_file():
+            raise UserError(f"the run's checkpoint {weights.get('file')} is no longer at {pretrained or '?'}; put it back "
+                            "or embed with `dfembed extract --pretrained PATH` and use `dfhead predict RUN --store`")
+        if fmt.sha256_file(pretrained) != weights.get("sha256"):
+            raise UserError(f"{pretrained} changed since the run was trained (sha256 differs); restore the original "
+                            "checkpoint or retrain")
+    else:
+        raise UserError("this run's provenance does not say which weights made its embeddings; "
+                        "embed the images yourself and use `dfhead predict RUN --store`")
+    recorded = {k: v for k, v in (provenance.get("embed_config") or {}).items() if k not in MACHINE_FIELDS}
+    if recorded.get("cache_dir") and not Path(recorded["cache_dir"]).is_dir():
+        recorded["cache_dir"] = None  # gone since: open_clip's default cache, as for any other run
+    return dataclasses.replace(EmbedConfig.from_dict(recorded), model=model, pretrained=pretrained,
+                               feature=provenance.get("feature", "proj"), quick_gelu=provenance.get("quick_gelu"))
