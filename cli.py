@@ -268,7 +268,6 @@ def fit(
     from dfclip.heads.config import make_config
     from dfclip.heads.run import fit as fit_run
 
-    opts["per_sample"] = opts.pop("loss")
     cfg = make_config(preset, **_config_values(**opts))
     run_dir = fit_run(store_dir, cfg, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
                       log=out.print, progress=True)
@@ -398,8 +397,6 @@ def sweep(
     from dfclip.heads.config import make_config, parse_grid_values
     from dfclip.heads.run import grid, sweep as sweep_run
 
-    if "loss" in opts:
-        opts["per_sample"] = opts.pop("loss")
     fixed = _config_values(**{k: opts.pop(k) for k in ("seed", "holdout_source") if k in opts})
     base = make_config(preset, **fixed)
     cfgs = grid(base, seeds=seeds, **parse_grid_values(opts))

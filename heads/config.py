@@ -30,7 +30,7 @@ class RunConfig:
     auc_gamma: float = 0.0
     auc_kind: str = "logistic"  # logistic | squared_hinge
     auc_margin: float = 1.0
-    per_sample: str = "bce"  # bce | vs
+    loss: str = "bce"  # per-sample loss: bce | vs
     vs_delta_fake: float = 0.9
     vs_delta_real: float = 1.1
     vs_iota_fake: float = -0.05
@@ -65,7 +65,7 @@ class RunConfig:
 
 PER_MODEL = ("cvar_alpha", "auc_gamma", "auc_margin", "sam_rho", "lr", "weight_decay", "seed",
              "vs_delta_fake", "vs_delta_real", "vs_iota_fake", "vs_iota_real", "vs_scale")
-CHOICES = {"head": ("mlp", "linear"), "auc_kind": ("logistic", "squared_hinge"), "per_sample": ("bce", "vs"),
+CHOICES = {"head": ("mlp", "linear"), "auc_kind": ("logistic", "squared_hinge"), "loss": ("bce", "vs"),
            "select": ("auc", "loss", "last")}
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 
