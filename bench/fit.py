@@ -19,7 +19,6 @@ with SAM and of the baseline, and the best epoch of each is reported (shared mac
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import statistics
 import tempfile
@@ -35,22 +34,11 @@ from dfclip import heads  # noqa: E402
 import dfclip.heads.train  # noqa: E402,F401
 from dfclip import store
 from dfclip.heads.config import make_config
-from dfclip.heads.data import split_rows
+from dfclip.heads.data import load_data, split_rows
 from dfclip.store.synthetic import make_synthetic_store
 
 TARGETS = {"cpu": 5.0, "cuda": 50.0}
 SAM_TARGET = 2.2
-
-
-@contextlib.contextmanager
-def resident(data):
-    """heads.train.train on already loaded data: its load_data returns `data` (loading is timed apart)."""
-    orig = heads.train.load_data
-    heads.train.load_data = lambda *args, **kwargs: data
-    try:
-        yield
-    finally:
-        heads.train.load_data = orig
 
 
 def time_ours(data, cfg, device) -> list[float]:
@@ -62,8 +50,7 @@ def time_ours(data, cfg, device) -> list[float]:
         if line.startswith("epoch"):
             marks.append(clock(device))
 
-    with resident(data):
-        heads.train.train("resident", [cfg], device=str(device), log=log)
+    heads.train.train(data, [cfg], log=log)  # the loaded data: loading is timed apart
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
@@ -123,7 +110,7 @@ def main() -> None:
             print(f"synthetic store {args.rows} x {args.dim} float16 written in {time.perf_counter() - t:.1f}s")
 
         t = clock(device)
-        data = heads.train.load_data(store_dir, cfg, device=device)
+        data = load_data(store_dir, cfg, device=device)
         load_s = clock(device) - t
         n_train, n_val, dim = data.counts["train"], data.counts["val"], data.dim
         print(f"{n_train} train / {n_val} val rows of {store_dir} loaded onto {device} in {load_s:.2f}s")

@@ -7,9 +7,9 @@ The K configs are the paper's configuration (CVaR + AUC, feature noise, batch 25
 a grid alpha in {0.1, 0.3, 0.5, 0.7, 0.9, 1} x gamma in {0, 0.5} x seeds. The sweep is ONE call
 heads.train.train(store, configs): one load, one batched head of K models. The baseline is K calls
 heads.train.train(store, [config]), i.e. what `dfhead fit` does K times (minus process start-up and
-writing run folders). Every call loads the store itself, so the figures are given twice: as called
-(loading included on both sides) and resident (each call's load_data time, measured, taken out on
-both sides). The load_data of heads.train is wrapped to time it; nothing else is changed.
+writing run folders). Every call loads the store itself (heads.data.load_data, timed apart, then
+heads.train.train on the loaded Data), so the figures are given twice: as called (loading
+included on both sides) and resident (each call's loading time taken out on both sides).
 --sequential-fits N times N of the K sequential calls (evenly spread over the grid) and
 extrapolates to K; the table says so. --sequential-fits 0 times the sweep alone. A warm-up on a
 small store runs first; --rounds R repeats sweep and fits R times and keeps each side's best.
@@ -32,6 +32,7 @@ from dfclip import heads  # noqa: E402
 import dfclip.heads.train  # noqa: E402,F401
 from dfclip import store
 from dfclip.heads.config import make_config
+from dfclip.heads.data import load_data
 from dfclip.store.synthetic import make_synthetic_store
 
 TARGETS = {"cpu": 6.0, "cuda": 15.0}
@@ -46,32 +47,13 @@ def grid_configs(head: str, k: int, epochs: int) -> list:
     return [dataclasses.replace(base, seed=s, cvar_alpha=a, auc_gamma=g) for s, a, g in itertools.islice(combos, k)]
 
 
-class LoadTimer:
-    """Wraps heads.train.load_data so every train() call's loading time is recorded."""
-
-    def __init__(self, device):
-        self.device, self.seconds, self._orig = device, [], heads.train.load_data
-
-    def __enter__(self):
-        def timed(*a, **kw):
-            t = clock(self.device)
-            out = self._orig(*a, **kw)
-            self.seconds.append(clock(self.device) - t)
-            return out
-        heads.train.load_data = timed
-        return self
-
-    def __exit__(self, *exc):
-        heads.train.load_data = self._orig
-
-
 def timed_train(store_dir, cfgs, device) -> tuple[float, float]:
-    """(total seconds, of which loading) of one heads.train.train call."""
-    with LoadTimer(device) as lt:
-        t = clock(device)
-        heads.train.train(store_dir, cfgs, device=str(device), log=lambda line: None)
-        total = clock(device) - t
-    return total, sum(lt.seconds)
+    """(total seconds, of which loading) of one load + heads.train.train call."""
+    t = clock(device)
+    data = load_data(store_dir, cfgs[0], device=device)
+    loaded = clock(device)
+    heads.train.train(data, cfgs, log=lambda line: None)
+    return clock(device) - t, loaded - t
 
 
 def bench_head(head: str, store_dir: Path, warm_dir: Path, args, device) -> dict:

@@ -1,19 +1,23 @@
-"""Tensor and table logic the trainer needs: feature noise, train/val/holdout rows, batches.
+"""The data the trainer needs: train/val/holdout rows loaded once onto the device (`load_data`,
+`Data`), feature noise, the split rules and batches.
 
-No file reading here. `meta` is a polars DataFrame with one row per embedding row, in the
-embedding array's order: path, label (Int8: 1 fake, 0 real, -1 unknown), source, split
-and group (Utf8; "" = none).
+Files are read only through dfclip.store (store.open / Store.load, in `load_data`); everything
+else is tensor and table logic. `meta` is a polars DataFrame with one row per embedding row, in
+the embedding array's order: path, label (Int8: 1 fake, 0 real, -1 unknown), source, split and
+group (Utf8; "" = none).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 import torch
 
+from dfclip import store
 from dfclip.errors import UserError
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -235,3 +239,107 @@ def _draw_cycling(pool: torch.Tensor, count: int, g: torch.Generator) -> torch.T
         keys = torch.rand(cycles, m, generator=g, device=pool.device, dtype=torch.float64)
         order = keys.argsort(dim=1).flatten()
     return pool[order[:count]]
+
+
+# --- the data of a fit or sweep, loaded once --------------------------------------------------
+
+
+@dataclass
+class EvalSet:
+    """Rows of one evaluation set, resident on the device."""
+
+    name: str
+    x: torch.Tensor  # [N, D]
+    y: torch.Tensor  # [N] long
+    meta: pl.DataFrame
+
+    @property
+    def groups(self) -> list[str] | None:
+        g = self.meta["group"]
+        return g.to_list() if (g != "").any() else None
+
+
+@dataclass
+class Data:
+    """Everything a sweep trains and evaluates on, loaded once."""
+
+    x: torch.Tensor  # [N_train, D] training embeddings
+    y: torch.Tensor  # [N_train] long
+    val: EvalSet
+    holdout: EvalSet | None
+    provenance: dict
+    dim: int
+    counts: dict = field(default_factory=dict)
+
+
+def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(x)
+    # CPUs multiply float16 slowly: keep float32 there; GPUs keep the store's float16 (half the memory).
+    return t.float() if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data:
+    """Load train/val/holdout rows once, on `device`, as cfg (a RunConfig) splits them (see split_rows)."""
+    tr = store.open(train_store) if not isinstance(train_store, store.Store) else train_store
+    va = None
+    if val_store is not None:
+        va = store.open(val_store) if not isinstance(val_store, store.Store) else val_store
+        if not store.format.compatible(va.provenance, tr.provenance):
+            raise UserError(
+                f"--val-store {va.root} was embedded with {store.format.describe_identity(va.provenance)} but the "
+                f"train store with {store.format.describe_identity(tr.provenance)}; extract both with the same model"
+            )
+    meta = tr.meta
+    parts = split_rows(meta, val_frac=cfg.val_frac, seed=cfg.split_seed, holdout_sources=cfg.holdout_sources,
+                       has_val_store=va is not None)
+    ys = torch.from_numpy(meta["label"].to_numpy().astype(np.int64))
+
+    def subset(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, pl.DataFrame]:
+        # Each part is read straight from the shards (idx is sorted, so meta[idx] is in storage
+        # order, as load returns it): no full copy of the store sits in memory beside the parts.
+        x, rows = tr.load(meta[idx])
+        return _to_device(x, device), ys[idx].to(device), rows
+
+    x, y, _ = subset(parts["train"])
+    if va is not None:
+        # Held-out sources are unseen: they leave the validation store too, not only the train store.
+        vmeta = va.select(label=[0, 1], where=~pl.col("source").is_in(list(cfg.holdout_sources)))
+        vx, vmeta = va.load(vmeta)
+        val = EvalSet("val", _to_device(vx, device),
+                      torch.from_numpy(vmeta["label"].to_numpy().astype(np.int64)).to(device), vmeta)
+    else:
+        val = EvalSet("val", *subset(parts["val"]))
+    if val.y.numel() == 0 or val.y.min() == val.y.max():
+        if va is not None:
+            fix = f"give a --val-store with both classes ({va.root} has one, after any --holdout-source)"
+        elif (meta["split"] == "val").any():  # the split column decided, so --val-frac cannot help
+            fix = "label both classes among the store's split='val' rows, or give --val-store"
+        else:
+            fix = "raise --val-frac or give --val-store"
+        raise UserError(f"the validation set needs both real and fake rows; {fix}")
+    holdout = None
+    if len(parts["holdout"]):
+        hx, hy, hmeta = subset(parts["holdout"])
+        if not (hy == 0).any():  # unseen fakes are ranked against the validation reals
+            reals = val.y == 0
+            hx, hy = torch.cat([hx, val.x[reals]]), torch.cat([hy, val.y[reals]])
+            hmeta = pl.concat([hmeta, val.meta.filter(pl.Series(reals.cpu().numpy()))])
+        holdout = EvalSet("holdout", hx, hy, hmeta)
+    counts = {"train": int(y.numel()), "train_fake": int(y.sum()), "val": int(val.y.numel()),
+              "holdout": int(holdout.y.numel()) if holdout else 0,
+              "store": str(tr.root), "val_store": str(va.root) if va is not None else None}
+    return Data(x, y, val, holdout, tr.provenance, tr.dim, counts)
+
+
+def describe_data(data: Data, cfg) -> str:
+    """One line on what is trained and tested, imbalance included, so no report hides it."""
+    def part(name: str, y: torch.Tensor) -> str:
+        fake = int(y.sum())
+        real = y.numel() - fake
+        ratio = f"{fake / real:.1f}:1" if real else "no reals"
+        return f"{name} {y.numel()} ({fake} fake : {real} real = {ratio})"
+
+    text = f"data on {data.x.device}: {part('train', data.y)}, {part('val', data.val.y)}"
+    if data.holdout is not None:
+        text += f", unseen {', '.join(cfg.holdout_sources)}: {part('holdout', data.holdout.y)}"
+    return text

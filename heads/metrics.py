@@ -10,6 +10,7 @@ Tensor functions return NaN where a metric is undefined (e.g. AUC without reals)
 `evaluate` turns those into None for its JSON-ready report.
 """
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dfclip.errors import UserError
+from dfclip.heads.config import parse_threshold
 
 TPR_AT_FPR_TARGETS = (0.01, 0.05)
 
@@ -193,6 +195,28 @@ def _per_head_threshold(threshold: float | Tensor, k: int, scores: Tensor) -> Te
     if threshold.shape != (k,):
         raise UserError(f"threshold must be a float or a [K] tensor with K = {k} heads, got shape {tuple(threshold.shape)}")
     return threshold.unsqueeze(1)
+
+
+def pick_threshold(spec: str, scores: Tensor, labels: Tensor) -> Tensor:
+    """Per-model decision thresholds [K] from validation scores [K, N] (predict fake when score >= t).
+
+    spec is RunConfig.threshold: "eer", a fixed probability, or "fpr@V" (see config.parse_threshold).
+    """
+    kind, value = parse_threshold(spec)
+    k = scores.shape[0]
+    if kind == "fixed":
+        return torch.full((k,), value, dtype=torch.float64, device=scores.device)
+    if kind == "eer":
+        return eer(scores, labels)[1].double().nan_to_num(0.5)
+    # fpr@v: the lowest threshold whose false-positive rate on val reals is <= v.
+    reals = scores[:, labels == 0].sort(dim=1, descending=True).values
+    allowed = math.floor(value * reals.shape[1])
+    if allowed >= reals.shape[1]:
+        return reals[:, -1].double()
+    # Step to the next score above the first real that must stay below, in the scores' own dtype:
+    # metrics and predict compare in that dtype, where a float64 step would round back onto it.
+    above = torch.nextafter(reals[:, allowed], torch.tensor(math.inf, dtype=reals.dtype, device=scores.device))
+    return above.double()
 
 
 def threshold_metrics(scores: Tensor, labels: Tensor, threshold: float | Tensor) -> dict[str, Tensor]:

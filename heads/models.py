@@ -12,7 +12,8 @@ the batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -200,7 +201,56 @@ class BatchedLinear(nn.Module):
 
 
 Head = BatchedMLP | BatchedLinear
-HEAD_KINDS = {"mlp": BatchedMLP, "linear": BatchedLinear}
+
+
+# --- the registry of head kinds --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """One registered head architecture (RunConfig.head names it).
+
+    module: the batched nn.Module, built as module(k, dim, seeds=seeds, **options); its
+        `.config` holds "kind", "dim" and those options, which head_from_config rebuilds from.
+    options: the RunConfig fields it reads, passed to module under the same names.
+    The sizes, for memory estimates (heads.run.sweep_memory_bytes) and CPU chunking, are
+    functions of (dim, **options) for ONE model:
+    params: its parameters and buffers (floats).
+    activations: floats per batch row of one forward, summed over its layers' outputs.
+    width: floats per batch row of its widest layer output (what one eval step holds a few of).
+    """
+
+    module: type[nn.Module]
+    options: tuple[str, ...]
+    params: Callable[..., int]
+    activations: Callable[..., int]
+    width: Callable[..., int]
+
+
+def _mlp_params(dim: int, hidden: int | None = None, depth: int = 3, **_) -> int:
+    h = hidden or dim
+    # depth Linear layers, a BatchNorm per layer (weight, bias, running mean and var), the output Linear
+    return dim * h + h * h * (depth - 1) + 5 * h * depth + h + 1
+
+
+HEAD_KINDS: dict[str, HeadKind] = {
+    "mlp": HeadKind(BatchedMLP, ("hidden", "depth", "dropout"), _mlp_params,
+                    activations=lambda dim, hidden=None, depth=3, **_: (hidden or dim) * depth + 1,
+                    width=lambda dim, hidden=None, **_: hidden or dim),
+    "linear": HeadKind(BatchedLinear, (), lambda dim, **_: dim + 1, activations=lambda dim, **_: 1,
+                       width=lambda dim, **_: 1),
+}
+
+
+def head_options(cfg) -> dict:
+    """The options of cfg.head's kind, read from a RunConfig (what build_head takes as **options)."""
+    return {name: getattr(cfg, name) for name in _kind(cfg.head).options}
+
+
+def _kind(kind: str) -> HeadKind:
+    if kind not in HEAD_KINDS:
+        raise UserError(f"unknown head kind {kind!r}; choose one of: {', '.join(HEAD_KINDS)}")
+    return HEAD_KINDS[kind]
 
 
 def _select(head: Head, indices: Sequence[int]) -> Head:
@@ -215,18 +265,16 @@ def _select(head: Head, indices: Sequence[int]) -> Head:
     return new.train(head.training)
 
 
-def build_head(kind: str, k: int, dim: int, seeds: Sequence[int] | None = None, **cfg) -> Head:
-    """K heads of `kind` ("mlp" or "linear") on D=dim embeddings; cfg: hidden, depth, dropout (mlp only)."""
-    if kind not in HEAD_KINDS:
-        raise UserError(f"unknown head kind {kind!r}; choose one of: {', '.join(HEAD_KINDS)}")
-    allowed = {"mlp": {"hidden", "depth", "dropout"}, "linear": set()}[kind]
-    unknown = sorted(set(cfg) - allowed)
+def build_head(kind: str, k: int, dim: int, seeds: Sequence[int] | None = None, **options) -> Head:
+    """K heads of `kind` (a HEAD_KINDS key) on D=dim embeddings; options: the kind's (mlp: hidden, depth, dropout)."""
+    entry = _kind(kind)
+    unknown = sorted(set(options) - set(entry.options))
     if unknown:
         raise UserError(
             f"the {kind} head has no option {', '.join(unknown)}; "
-            f"its options are: {', '.join(sorted(allowed)) or 'none'}"
+            f"its options are: {', '.join(sorted(entry.options)) or 'none'}"
         )
-    return HEAD_KINDS[kind](k, dim, seeds=seeds, **cfg)
+    return entry.module(k, dim, seeds=seeds, **options)
 
 
 def head_from_config(config: dict, k: int, seeds: Sequence[int] | None = None) -> Head:

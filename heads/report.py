@@ -1,4 +1,4 @@
-"""Run directories: writing and reading them, plots, and the sweep leaderboard.
+"""Run directories: writing and reading them, plots, the sweep leaderboard, the progress bar.
 
     runs/<name>/config.json      every setting, the head architecture, threshold, store provenance
     runs/<name>/head.safetensors the head weights (K = 1; no pickled code)
@@ -19,7 +19,8 @@ import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 
-from dfclip.heads.config import PER_MODEL, RunConfig, config_from_dict
+from dfclip.heads import metrics
+from dfclip.heads.config import RunConfig, config_from_dict
 from dfclip.heads.models import Head, head_from_config
 from dfclip.errors import UserError
 
@@ -40,8 +41,11 @@ def default_run_name(cfg: RunConfig) -> str:
     return "-".join(parts)
 
 
-def save_run(result, run_dir: str | os.PathLike, *, provenance: dict, counts: dict, scores: dict | None = None) -> Path:
-    """Write one trained configuration as an ordinary run directory (see module docstring)."""
+def save_run(result, run_dir: str | os.PathLike, *, provenance: dict, counts: dict) -> Path:
+    """Write one trained configuration (a heads.train.RunResult) as a run directory (see module docstring).
+
+    The ROC/PR plot draws the val and holdout scores the result carries (computed once, in training).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     head = result.head
@@ -56,8 +60,8 @@ def save_run(result, run_dir: str | os.PathLike, *, provenance: dict, counts: di
     result.history.write_parquet(run_dir / "metrics.parquet")
     report = {"best_epoch": result.best_epoch, "threshold": result.threshold, "seconds": result.seconds, **result.reports}
     _atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
-    if scores:
-        plot_roc_pr(scores, run_dir / "roc_pr.png", title=run_dir.name)
+    if result.scores:
+        plot_roc_pr(result.scores, run_dir / "roc_pr.png", title=run_dir.name)
     return run_dir
 
 
@@ -69,6 +73,8 @@ def load_run_config(run_dir: str | os.PathLike) -> dict:
         raise UserError(f"{run_dir} is not a dfclip run directory (needs config.json and head.safetensors); "
                         "pass a directory written by `dfhead fit` or `dfhead sweep`")
     config = json.loads(cfg_path.read_text())
+    if config.get("format") != RUN_FORMAT:
+        raise UserError(f"{run_dir} is a run of format {config.get('format')!r}; this dfclip reads {RUN_FORMAT!r}")
     config["run"] = config_from_dict(config["run"], source=str(cfg_path)).to_dict()  # older runs: per_sample -> loss
     return config
 
@@ -93,13 +99,14 @@ def plot_roc_pr(scores: dict, path: Path, *, title: str = "") -> None:
     for name, (s, y) in scores.items():
         if len(np.unique(y)) < 2:
             continue
-        order = np.argsort(-s, kind="stable")
-        ys = y[order]
-        tp, fp = np.cumsum(ys), np.cumsum(1 - ys)
-        tpr, fpr = np.r_[0, tp / tp[-1]], np.r_[0, fp / fp[-1]]
-        precision = tp / np.arange(1, len(ys) + 1)
+        # The metrics module's tie-aware ROC: one point per distinct threshold, as the AUC counts it.
+        roc = metrics.roc_points(torch.as_tensor(s), torch.as_tensor(y))
+        keep = roc.is_distinct[0]
+        fpr, tpr = roc.fpr[0][keep].numpy(), roc.tpr[0][keep].numpy()
+        n_fake = float(y.sum())
+        tp, fp = tpr[1:] * n_fake, fpr[1:] * (len(y) - n_fake)  # past the origin: something is called fake
         ax_roc.plot(fpr, tpr, label=name)
-        ax_pr.plot(tp / tp[-1], precision, label=name)
+        ax_pr.plot(tpr[1:], tp / (tp + fp), label=name)
     ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax_roc.set(xlabel="false positive rate (real called fake)", ylabel="true positive rate (fake caught)", title="ROC")
     ax_pr.set(xlabel="recall (fake)", ylabel="precision (fake)", title="precision-recall", ylim=(0, 1.02))
@@ -119,7 +126,9 @@ def flat_metrics(report: dict, prefix: str) -> dict:
     if report.get("video"):
         out[f"{prefix}_video_auc"] = report["video"].get("auc")
     for src, v in (report.get("per_source") or {}).items():
-        if v.get("auc") is not None:
+        # Rows without a source ("") are no generator of their own: a `val_auc[]` column would
+        # only repeat val_auc (all fakes unnamed) or be empty.
+        if src and v.get("auc") is not None:
             out[f"{prefix}_auc[{src}]"] = v["auc"]
     return out
 
@@ -192,3 +201,21 @@ def plot_heatmap(summary: pl.DataFrame, path: Path, value: str = "val_auc_mean")
 
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=@+-]", "_", name)
+
+
+class StepProgress:
+    """A transient rich progress bar over optimisation steps (steps/s and ETA)."""
+
+    def __init__(self, total: int, what: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn(f"training {what}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           transient=True)
+        self._task = self._p.add_task("train", total=total)
+        self._p.start()
+
+    def advance(self) -> None:
+        self._p.advance(self._task)
+
+    def close(self) -> None:
+        self._p.stop()

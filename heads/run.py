@@ -29,15 +29,10 @@ from dfclip.heads import metrics
 from dfclip.heads.config import RunConfig, validate
 from dfclip.heads.report import (default_run_name, leaderboard, load_run, plot_heatmap, result_row, safe_name, save_run,
                           selection_order, varying_columns)
-from dfclip.heads.train import Data, RunResult, predict_logits, train
+from dfclip.heads.models import HEAD_KINDS, head_options
+from dfclip.heads.train import EVAL_CHUNK, predict_logits, train
 from dfclip.runtime import rank_from_env, resolve_device
 from dfclip.errors import UserError
-
-
-def _eval_scores(result: RunResult, data: Data) -> dict:
-    sets = {"val": data.val} | ({"holdout": data.holdout} if data.holdout is not None else {})
-    return {name: (torch.sigmoid(predict_logits(result.head, s.x, l2_normalize=result.config.l2_normalize))[0]
-                   .cpu().numpy(), s.y.cpu().numpy()) for name, s in sets.items()}
 
 
 def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs_dir: str | os.PathLike = "runs",
@@ -51,7 +46,7 @@ def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs
         base, n = run_dir, 2
         while run_dir.exists():
             run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
-    save_run(results[0], run_dir, provenance=data.provenance, counts=data.counts, scores=_eval_scores(results[0], data))
+    save_run(results[0], run_dir, provenance=data.provenance, counts=data.counts)
     return run_dir
 
 
@@ -71,20 +66,27 @@ def grid(base: RunConfig, *, seeds: int = 1, **options) -> list[RunConfig]:
     return out
 
 
-def sweep_memory_bytes(n_rows: int, dim: int, cfgs: list[RunConfig], itemsize: int = 2) -> int:
-    """A conservative estimate of the device memory a sweep needs.
+def sweep_memory_bytes(n_rows: int, dim: int, cfgs: list[RunConfig], itemsize: int = 4) -> int:
+    """A conservative estimate of the device memory a sweep needs, in bytes.
 
-    Embeddings once (store dtype on GPU) + per model: weights, grads, 2 AdamW moments, best copy
-    and SAM's saved copy (6 x params), and activations of a batch (about 8 x B x hidden floats
-    per layer, doubled by feature noise) plus the [B, B] AUC pair matrix.
+    The embeddings once (n_rows x dim of `itemsize` bytes: 4 for float32 on a CPU, the store's
+    dtype on a GPU), then per model, all as float32 (each kind's sizes: heads.models.HEAD_KINDS):
+    - weights, grads, 2 AdamW moments, the best copy and SAM's saved copy: 6 x params;
+    - a training step: about 8 floats per activation of a batch (outputs, masks, grads),
+      the batch's float32 copy and the [B, B] AUC pair matrices; B doubled by feature noise;
+    - validation: an eval chunk (min(EVAL_CHUNK, n_rows) rows) holds up to 5 of the widest
+      layer's outputs at once (the shared-input matmul, its per-head copy, BatchNorm's temporaries),
+      with the chunk's float32 copy.
+    Training and validation are counted together, though they alternate, to stay on the safe side.
     """
+    chunk = min(EVAL_CHUNK, n_rows)
     total = n_rows * dim * itemsize
     for c in cfgs:
-        h = c.hidden or dim
-        params = (dim * h + h * h * (c.depth - 1) + 5 * h * c.depth + h + 1) if c.head == "mlp" else dim + 1
+        kind, opts = HEAD_KINDS[c.head], head_options(c)
         b = c.batch_size * (2 if c.feature_noise else 1)
-        act = 8 * b * (h * c.depth if c.head == "mlp" else 1) + b * dim + 4 * b * b
-        total += 4 * (6 * params + act)
+        train_act = 8 * b * kind.activations(dim, **opts) + b * dim + 4 * b * b
+        eval_act = 5 * chunk * kind.width(dim, **opts) + chunk * dim
+        total += 4 * (6 * kind.params(dim, **opts) + train_act + eval_act)
     return total
 
 
@@ -102,8 +104,10 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _check_memory(data_rows: int, dim: int, cfgs: list[RunConfig], device: torch.device) -> None:
-    need = sweep_memory_bytes(data_rows, dim, cfgs, itemsize=2 if device.type == "cuda" else 4)
+def _check_memory(stores: list[store.Store], cfgs: list[RunConfig], device: torch.device) -> None:
+    # load_data keeps the store's dtype on a GPU and converts to float32 on the CPU (data._to_device).
+    itemsize = 4 if device.type == "cpu" else np.dtype(stores[0].provenance.get("dtype", "float32")).itemsize
+    need = sweep_memory_bytes(sum(len(s) for s in stores), stores[0].dim, cfgs, itemsize=itemsize)
     free = free_memory_bytes(device)
     if need > 0.9 * free:
         raise UserError(f"this sweep needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
@@ -137,15 +141,15 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     if mine:
         dev = resolve_device(device)
         s = store.open(store_dir)
-        _check_memory(len(s), s.dim, mine, dev)
+        vs = store.open(val_store) if val_store is not None else None
+        _check_memory([s] + ([vs] if vs is not None else []), mine, dev)
         t0 = time.perf_counter()
-        results, data = train(s, mine, val_store=val_store, device=device, log=log, progress=progress)
+        results, data = train(s, mine, val_store=vs, device=device, log=log, progress=progress)
         log(f"rank {rank}: trained {len(mine)} heads in {time.perf_counter() - t0:.1f}s")
         rows = pl.DataFrame([result_row(r) | {"rank": rank, "index": i} for i, r in enumerate(results)])
         col, desc = selection_order(select)
         best_i = int(rows.with_row_index("i").sort(col, descending=desc, nulls_last=True)["i"][0])
-        save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts,
-                 scores=_eval_scores(results[best_i], data))
+        save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts)
         tmp = parts / f".rows-r{rank:03d}.parquet.tmp"
         rows.write_parquet(tmp)
         os.replace(tmp, parts / f"rows-r{rank:03d}.parquet")

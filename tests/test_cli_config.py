@@ -142,7 +142,7 @@ def test_legacy_per_sample_still_loads(tmp_path):
     old = C.RunConfig().to_dict()
     del old["loss"]
     old["per_sample"] = "vs"
-    (run / "config.json").write_text(json.dumps({"run": old, "head": {}, "threshold": 0.5}))
+    (run / "config.json").write_text(json.dumps({"format": "dfclip-run/1", "run": old, "head": {}, "threshold": 0.5}))
     (run / "head.safetensors").write_bytes(b"")
     assert load_run_config(run)["run"]["loss"] == "vs"
     preset = tmp_path / "mine.json"

@@ -6,15 +6,17 @@ import numpy as np
 import pytest
 import torch
 
+from dfclip.heads.config import CHOICES, FIELDS, make_config
 from dfclip.heads.losses import (
+    AUC_TERMS,
+    PER_SAMPLE_LOSSES,
+    Objective,
     bce_per_sample,
-    check_loss_args,
     cvar_loss,
     head_loss,
     pairwise_auc_loss,
     vs_logits,
 )
-from dfclip.errors import UserError
 
 
 def brute_cvar(losses: np.ndarray, alpha: float) -> float:
@@ -144,8 +146,8 @@ def hand_cvar(values: list[float], alpha: float) -> float:
     return sum(min(max(budget - j, 0.0), 1.0) * v for j, v in enumerate(worst)) / budget
 
 
-@pytest.mark.parametrize("per_sample", ["bce", "vs"])
-def test_head_loss_by_hand(per_sample):
+@pytest.mark.parametrize("loss", ["bce", "vs"])
+def test_head_loss_by_hand(loss):
     torch.manual_seed(2)
     logits = torch.randn(3, 12, dtype=torch.float64) * 2
     labels = (torch.rand(3, 12) < 0.5).long()
@@ -154,12 +156,12 @@ def test_head_loss_by_hand(per_sample):
     gamma = torch.tensor([0.0, 0.5, 2.0], dtype=torch.float64)
     vs = dict(delta_fake=0.7, delta_real=1.3, iota_fake=-0.2, iota_real=0.1)
     got = head_loss(
-        logits, labels, alpha=alpha, gamma=gamma, per_sample=per_sample, auc_kind="squared_hinge", vs=vs
+        logits, labels, alpha=alpha, gamma=gamma, loss=loss, auc_kind="squared_hinge", loss_options=vs
     )
     assert got.shape == (3,)
     for k in range(3):
         z, y = logits[k].tolist(), labels[k].tolist()
-        if per_sample == "vs":
+        if loss == "vs":
             z_adj = [(0.7 * zi + 0.2) if yi == 1 else (1.3 * zi - 0.1) for zi, yi in zip(z, y)]
         else:
             z_adj = z
@@ -168,7 +170,7 @@ def test_head_loss_by_hand(per_sample):
         assert got[k].item() == pytest.approx(want, rel=1e-9)
     # Plain [B] input with float hyperparameters gives a scalar; gamma=0 is just the CVaR.
     flat = head_loss(logits[1], labels[1], alpha=0.3, gamma=0.5, auc_kind="squared_hinge")
-    if per_sample == "bce":
+    if loss == "bce":
         assert flat.shape == () and flat.item() == pytest.approx(got[1].item(), rel=1e-12)
     erm = head_loss(logits[0], labels[0])
     torch.testing.assert_close(erm, bce_per_sample(logits[0], labels[0]).mean())
@@ -185,23 +187,74 @@ def test_head_loss_per_model_vs_and_margin_tensors():
     ]
     vs = {name: torch.tensor([[row[name]] for row in vs_rows], dtype=torch.float64) for name in vs_rows[0]}
     margin = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
-    common = dict(alpha=0.4, gamma=1.5, per_sample="vs", auc_kind="squared_hinge")
-    got = head_loss(logits, labels, margin=margin[:, None, None], vs=vs, **common)
+    common = dict(alpha=0.4, gamma=1.5, loss="vs", auc_kind="squared_hinge")
+    got = head_loss(logits, labels, auc_options={"margin": margin[:, None, None]}, loss_options=vs, **common)
     for k in range(3):
-        want = head_loss(logits[k], labels[k], margin=margin[k].item(), vs=vs_rows[k], **common)
+        want = head_loss(logits[k], labels[k], auc_options={"margin": margin[k].item()}, loss_options=vs_rows[k],
+                         **common)
         assert got[k].item() == pytest.approx(want.item(), rel=1e-12)
 
 
-def test_check_loss_args():
-    check_loss_args(1.0, 0.0)
-    check_loss_args([0.05, 0.5, 1.0], torch.tensor([0.0, 3.0]), per_sample="vs", auc_kind="squared_hinge")
-    for alpha in (0.0, -0.1, 1.5, float("nan"), [0.5, 1.2]):
-        with pytest.raises(UserError, match="alpha"):
-            check_loss_args(alpha, 0.0)
-    for gamma in (-1.0, [0.0, -0.5], float("nan")):
-        with pytest.raises(UserError, match="gamma"):
-            check_loss_args(0.5, gamma)
-    with pytest.raises(UserError, match="per-sample"):
-        check_loss_args(0.5, 0.0, per_sample="focal")
-    with pytest.raises(UserError, match="AUC"):
-        check_loss_args(0.5, 0.0, auc_kind="hinge")
+# --- the registries and the Objective the trainer calls ----------------------------------------
+
+
+def test_registries_are_the_config_choices_and_read_real_fields():
+    assert set(PER_SAMPLE_LOSSES) == set(CHOICES["loss"])
+    assert set(AUC_TERMS) == set(CHOICES["auc_kind"])
+    for entry in (*PER_SAMPLE_LOSSES.values(), *AUC_TERMS.values()):
+        assert set(entry.options.values()) <= set(FIELDS), entry
+        assert isinstance(entry.doc, str) and entry.doc
+
+
+def test_unknown_kinds_are_value_errors():
+    z, y = torch.zeros(4), torch.tensor([1, 0, 1, 0])
+    with pytest.raises(ValueError, match="per-sample loss 'focal'"):
+        head_loss(z, y, loss="focal")
+    with pytest.raises(ValueError, match="AUC loss kind 'hinge'"):
+        pairwise_auc_loss(z, y, "hinge")
+
+
+def _batch(k: int = 4, b: int = 16, seed: int = 3):
+    torch.manual_seed(seed)
+    logits, labels = torch.randn(k, b) * 2, (torch.rand(b) < 0.5).long()
+    labels[:2] = torch.tensor([1, 0])
+    return logits, labels.expand(k, -1)
+
+
+@pytest.mark.parametrize("loss,auc_kind", [("bce", "logistic"), ("vs", "squared_hinge")])
+def test_objective_reads_each_models_config(loss, auc_kind):
+    """Model k of an Objective is head_loss with model k's own settings, read from the fields
+    its loss and AUC kind declare."""
+    cfgs = [make_config(loss=loss, auc_kind=auc_kind, cvar_alpha=a, auc_gamma=g, auc_margin=m, vs_delta_fake=d,
+                        vs_scale=sc)
+            for a, g, m, d, sc in ((1.0, 0.0, 1.0, 0.9, 10.0), (0.3, 0.5, 0.5, 0.7, 1.0), (0.5, 2.0, 2.0, 1.0, 5.0),
+                                   (0.2, 0.0, 1.5, 0.8, 2.0))]
+    logits, labels = _batch()
+    got = Objective(cfgs)(logits, labels)
+    for k, c in enumerate(cfgs):
+        own = {kw: getattr(c, f) for kw, f in PER_SAMPLE_LOSSES[loss].options.items()}
+        pair = {kw: getattr(c, f) for kw, f in AUC_TERMS[auc_kind].options.items()}
+        want = head_loss(logits[k], labels[k], alpha=c.cvar_alpha, gamma=c.auc_gamma, loss=loss, auc_kind=auc_kind,
+                         loss_options=own, auc_options=pair)
+        assert got[k].item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_objective_pays_for_pairs_only_where_gamma_is_positive(monkeypatch):
+    """Mixed gamma: the pair term runs on the gamma > 0 models only, with exactly the loss of the
+    full computation; all gamma = 0: no pair term at all."""
+    import dfclip.heads.losses as L
+
+    gammas = (0.0, 0.5, 0.0, 2.0)
+    cfgs = [make_config(auc_kind="squared_hinge", auc_gamma=g, auc_margin=0.5 + i) for i, g in enumerate(gammas)]
+    logits, labels = _batch()
+    full = head_loss(logits, labels, gamma=torch.tensor(gammas), auc_kind="squared_hinge",
+                     auc_options={"margin": torch.tensor([0.5, 1.5, 2.5, 3.5])[:, None, None]})
+    seen = []
+    real = L.pairwise_auc_loss
+    monkeypatch.setattr(L, "pairwise_auc_loss", lambda z, *a, **kw: seen.append(z.shape[0]) or real(z, *a, **kw))
+    assert torch.equal(Objective(cfgs)(logits, labels), full)
+    assert seen == [2]
+    seen.clear()
+    off = [make_config(auc_gamma=0.0, cvar_alpha=a) for a in (1.0, 0.5)]
+    Objective(off)(logits[:2], labels[:2])
+    assert seen == []

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfclip.heads.models import BatchedLinear, BatchedMLP, _dropout, build_head, head_from_config
+from dfclip.heads.config import CHOICES, FIELDS, make_config
+from dfclip.heads.models import (HEAD_KINDS, BatchedLinear, BatchedLinearLayer, BatchedMLP, _dropout, build_head,
+                                 head_from_config, head_options)
 from dfclip.errors import UserError
 
 D, H, DEPTH = 12, 10, 3
@@ -224,3 +226,24 @@ def test_build_head_and_errors():
         build_head("mlp", 1, D, [0], dropout=1.0)
     with pytest.raises(ValueError, match="one seed per model"):
         build_head("mlp", 2, D, [0])
+
+
+@pytest.mark.parametrize("name", sorted(HEAD_KINDS))
+def test_head_kinds_are_the_config_choices_and_declare_their_true_sizes(name):
+    """Every RunConfig head choice is a registered kind; its options are RunConfig fields that
+    build it, and its declared sizes are those of the module it builds."""
+    assert set(HEAD_KINDS) == set(CHOICES["head"])
+    kind = HEAD_KINDS[name]
+    assert set(kind.options) <= set(FIELDS)
+    opts = head_options(make_config(head=name, hidden=6, depth=2, dropout=0.1))
+    assert set(opts) == set(kind.options)
+    head = build_head(name, 1, D, [0], **opts)
+    assert head_from_config(head.config, 1).config == head.config
+    assert kind.params(D, **opts) == sum(t.numel() for t in head.state_dict().values())
+    widths = []
+    for m in head.modules():
+        if isinstance(m, BatchedLinearLayer):
+            m.register_forward_hook(lambda mod, inp, out: widths.append(out.shape[-1]))
+    head.eval()(torch.randn(5, D))
+    assert kind.activations(D, **opts) == sum(widths)
+    assert kind.width(D, **opts) == max(widths)

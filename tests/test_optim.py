@@ -176,7 +176,7 @@ def test_training_step_reads_no_tensor_values_on_host():
     lr, weight_decay = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.0, 0.1, 0.2])
     base = BatchedAdamW([weight, bias], lr=lr, weight_decay=weight_decay)
     sam = SAM(base, rho=torch.tensor([0.0, 0.05, 0.1]), adaptive=True)
-    hyper = dict(alpha=torch.tensor([0.1, 0.5, 1.0]), gamma=torch.tensor([0.0, 1.0, 2.0]), per_sample="vs")
+    hyper = dict(alpha=torch.tensor([0.1, 0.5, 1.0]), gamma=torch.tensor([0.0, 1.0, 2.0]), loss="vs")
     start = weight.detach().clone()
     with no_host_reads():
         for _ in range(2):

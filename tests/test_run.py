@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -19,11 +20,15 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from sklearn.metrics import roc_auc_score
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dfclip import store
 from dfclip.heads import run as R
 from dfclip.heads.config import make_config
-from dfclip.heads.report import load_run
+from dfclip.heads import train as T
+from dfclip.heads.report import flat_metrics, load_run, load_run_config, plot_roc_pr
+from dfclip.heads.train import train
 from dfclip.errors import UserError
 from dfclip.store.synthetic import make_synthetic_store, rewrite_store
 from dfclip.store.writer import ShardWriter
@@ -332,6 +337,64 @@ def test_sweep_too_big_for_memory_is_refused(stores, monkeypatch):
     R.sweep(stores["train"], cfgs[:1], runs_dir=stores["root"] / "mem", name="ok", device="cpu", **QUIET)
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """Bytes of tensor storage alive (and the peak) among tensors created while the mode is on.
+
+    Every op's outputs are seen here; a storage counts from its first appearance until its
+    Python object is finalised (torch keeps that object alive exactly as long as the storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = st.data_ptr()
+                if key and key not in self.sizes:
+                    self.sizes[key] = st.nbytes()
+                    self.live += st.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(st, self._free, key)
+        return out
+
+
+@pytest.mark.parametrize("options", [
+    dict(hidden=256, depth=1, batch_size=16),  # validation's activations dominate
+    dict(hidden=64, depth=3, batch_size=256, feature_noise=True, auc_gamma=0.5, sam_rho=0.05),  # training's do
+    dict(hidden=128, depth=2, batch_size=16, l2_normalize=True),
+])
+def test_memory_estimate_covers_the_measured_peak_on_cpu(stores, options):
+    """Every tensor a 4-head sweep allocates on the CPU (data, heads, optimiser, training steps,
+    validation chunks, reports), counted at its peak, stays within sweep_memory_bytes."""
+    cfgs = [make_config(epochs=1, lr=1e-2, seed=i, **options) for i in range(4)]
+    s = store.open(stores["train"])
+    with LiveTensorBytes() as mem:
+        train(s, cfgs, device="cpu", **QUIET)
+    assert mem.peak > 0
+    assert R.sweep_memory_bytes(len(s), s.dim, cfgs, itemsize=4) >= mem.peak
+
+
+def test_memory_check_counts_the_embeddings_as_the_device_holds_them(stores, monkeypatch):
+    """float32 on the CPU (load_data converts), the store's own dtype (float16 here) on a GPU;
+    the validation store's rows count too."""
+    seen = []
+    monkeypatch.setattr(R, "sweep_memory_bytes", lambda n, dim, cfgs, itemsize: seen.append((n, itemsize)) or 0)
+    monkeypatch.setattr(R, "free_memory_bytes", lambda device: 2**40)
+    tr, va = store.open(stores["train"]), store.open(stores["val"])
+    cfgs = [make_config(**FAST)]
+    R._check_memory([tr], cfgs, torch.device("cpu"))
+    R._check_memory([tr, va], cfgs, torch.device("cuda"))
+    assert tr.provenance["dtype"] == "float16"
+    assert seen == [(len(tr), 4), (len(tr) + len(va), 2)]
+
+
 def test_free_memory_probe_reads_the_os(stores):
     free = R.free_memory_bytes(torch.device("cpu"))
     assert 2**20 < free <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -361,3 +424,53 @@ def test_evaluate_predict_and_list_runs(stores, fitted, swept):
 def test_not_a_run_directory_is_refused(stores, tmp_path, call):
     with pytest.raises(UserError, match="not a dfclip run directory"):
         call(tmp_path, stores["val"])
+
+
+def test_a_run_of_an_unknown_format_is_refused(fitted, tmp_path):
+    run_dir, _ = fitted
+    copy = tmp_path / "future"
+    copy.mkdir()
+    (copy / "head.safetensors").write_bytes((run_dir / "head.safetensors").read_bytes())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["format"] == "dfclip-run/1" and load_run_config(run_dir) == config
+    (copy / "config.json").write_text(json.dumps(config | {"format": "dfclip-run/2"}))
+    with pytest.raises(UserError, match="format 'dfclip-run/2'"):
+        load_run(copy)
+
+
+def test_fit_scores_val_and_holdout_once(stores, tmp_path, monkeypatch):
+    """One inference pass per epoch (validation) plus one each for the final val and holdout
+    reports; the ROC plot draws those same scores instead of running the head again."""
+    calls = []
+    real = T.predict_logits
+    monkeypatch.setattr(T, "predict_logits", lambda head, x, **kw: calls.append(x.shape[0]) or real(head, x, **kw))
+    monkeypatch.setattr(R, "predict_logits", lambda *a, **kw: pytest.fail("run.py ran inference again"))
+    cfg = make_config(**FAST, holdout_sources=("gan",))
+    run_dir = R.fit(stores["train"], cfg, val_store=stores["val"], runs_dir=tmp_path, name="once", device="cpu",
+                    **QUIET)
+    assert len(calls) == cfg.epochs + 2
+    assert (run_dir / "roc_pr.png").is_file()
+
+
+def test_roc_plot_draws_the_tie_aware_curve(tmp_path, monkeypatch):
+    """Tied scores are one ROC point (the diagonal for all-equal scores), as the AUC counts them."""
+    import matplotlib.axes
+
+    lines = []
+    real = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **kw: lines.append((kw.get("label"), a)) or real(self, *a, **kw))
+    scores = np.array([0.9, 0.5, 0.5, 0.5, 0.5, 0.1], dtype=np.float32)
+    labels = np.array([1, 1, 0, 1, 0, 0])
+    plot_roc_pr({"val": (scores, labels)}, tmp_path / "roc.png")
+    (fpr, tpr), (recall, precision) = [a for label, a in lines if label == "val"]
+    assert np.allclose(fpr, [0, 0, 2 / 3, 1]) and np.allclose(tpr, [0, 1 / 3, 1, 1])
+    assert np.allclose(recall, [1 / 3, 1, 1]) and np.allclose(precision, [1, 3 / 5, 1 / 2])
+    assert (tmp_path / "roc.png").is_file()
+
+
+def test_rows_without_a_source_are_no_leaderboard_column():
+    report = {"auc": 0.9, "per_source": {"": {"n": 10, "auc": 0.9, "acc": 0.8}, "gan": {"n": 5, "auc": 0.7, "acc": 1}}}
+    cols = flat_metrics(report, "val")
+    assert cols["val_auc"] == 0.9 and cols["val_auc[gan]"] == 0.7
+    assert "val_auc[]" not in cols

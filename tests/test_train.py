@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from dfclip.heads import train as T
 from dfclip import store
 from dfclip.heads.config import make_config
+from dfclip.heads.data import load_data
 from dfclip.heads.models import BatchedBatchNorm
 from dfclip.heads.optim import BatchedAdamW
 from dfclip.errors import UserError
@@ -395,3 +396,15 @@ def test_the_data_line_states_the_imbalance(base):
     assert lines[0].startswith("data on cpu: ")
     assert f"train {n} ({fake} fake : {n - fake} real = {fake / (n - fake):.1f}:1)" in lines[0]
     assert "unseen gan: holdout" in lines[0]
+
+
+def test_train_on_loaded_data_is_train_on_the_store(base):
+    """Benchmarks load once (heads.data.load_data) and pass the Data: same results as from the store."""
+    cfg = cfg_of(epochs=2, head="linear")
+    data = load_data(base, cfg, device=torch.device("cpu"))
+    (a,), same = T.train(data, [cfg], **QUIET)
+    (b,), _ = run(base, cfg)
+    assert same is data
+    assert np.array_equal(history_values(a), history_values(b)) and a.reports == b.reports
+    with pytest.raises(ValueError, match="val_store"):
+        T.train(data, [cfg], val_store=base, **QUIET)
