@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional

@@ -284,11 +284,8 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
     va = None
     if val_store is not None:
         va = store.open(val_store) if not isinstance(val_store, store.Store) else val_store
-        if not store.format.compatible(va.provenance, tr.provenance):
-            raise UserError(
-                f"--val-store {va.root} was embedded with {store.format.describe_identity(va.provenance)} but the "
-                f"train store with {store.format.describe_identity(tr.provenance)}; extract both with the same model"
-            )
+        store.format.require_compatible(va.provenance, tr.provenance, what=f"--val-store {va.root}",
+                                        fix="extract the train and validation stores with the same model")
     meta = tr.meta
     parts = split_rows(meta, val_frac=cfg.val_frac, seed=cfg.split_seed, holdout_sources=cfg.holdout_sources,
                        has_val_store=va is not None)

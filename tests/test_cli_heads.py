@@ -76,7 +76,7 @@ ERRORS = [
     (["fit", "{good}", "--warmup-epochs", "-1"], "--warmup-epochs must be >= 0"),
     (["fit", "{good}", "--batch-size", "1"], "--batch-size must be >= 2 for the mlp head"),
     (["fit", "{good}", "--holdout-source", "midjourney"], "unknown holdout source(s) midjourney"),
-    (["fit", "{good}", "--val-store", "{other_model}"], "embedded with model=ViT-B-16"),
+    (["fit", "{good}", "--val-store", "{other_model}"], "holds model=ViT-B-16"),
     (["fit", "{no_labels}"], "no labelled rows"),
     (["fit", "{one_class}"], "the training set has no real (label 0) rows"),
     (["fit", "{good}", "--val-store", "{one_class}"], "give a --val-store with both classes"),

@@ -371,7 +371,7 @@ def test_val_store_is_the_validation_set(base, base_meta, tmp_path):
 
 def test_val_store_of_another_model_or_dim_is_refused(base, tmp_path):
     other_model = rewrite_store(base, tmp_path / "m", provenance=SYNTHETIC_PROVENANCE | {"model": "ViT-B-16"})
-    with pytest.raises(UserError, match="val-store .* embedded with model=ViT-B-16"):
+    with pytest.raises(UserError, match="val-store .* holds model=ViT-B-16"):
         run(base, cfg_of(), val_store=other_model)
     other_dim = make_synthetic_store(tmp_path / "d", n=200, dim=16)
     with pytest.raises(UserError, match="dim=16"):
