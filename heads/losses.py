@@ -14,7 +14,7 @@ where alpha = 1 gives the plain mean (ERM) and gamma = 0 switches the AUC term o
 Every kind of loss is one entry of a registry: PER_SAMPLE_LOSSES (RunConfig.loss) and
 AUC_TERMS (RunConfig.auc_kind). An entry holds its maths and the RunConfig fields it reads;
 `Objective` turns a group's configs into those per-model options once, and `head_loss` is the
-one function that combines the terms. docs/extending.md adds a loss in one entry.
+one function that combines the terms. docs/architecture.md ("Adding a loss or a head kind") shows how to add one.
 """
 
 from __future__ import annotations
