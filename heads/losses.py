@@ -15,6 +15,11 @@ Every kind of loss is one entry of a registry: PER_SAMPLE_LOSSES (RunConfig.loss
 AUC_TERMS (RunConfig.auc_kind). An entry holds its maths and the RunConfig fields it reads;
 `Objective` turns a group's configs into those per-model options once, and `head_loss` is the
 one function that combines the terms. docs/extending.md adds a loss in one entry.
+
+`sp_cup_loss` is the other objective (RunConfig.objective = "sp_cup:MODE"): the reference
+code's calculate_loss in each of its five modes, literally, with its searched lambda computed
+exactly. Its vs_cvar_auc (the reference's default) is not a head_loss composition: lambda
+comes from the VS losses but is applied to the BCE losses.
 """
 
 from __future__ import annotations
@@ -300,6 +305,9 @@ def objective_mode(objective: str) -> str | None:
 
 class Objective:
     """The loss of one batched group of heads, built once from its configs: call it on [K, B] logits.
+
+    objective "dfclip": head_loss with the group's loss and AUC kind; "sp_cup:MODE": sp_cup_loss
+    with per-model alpha, gamma and VS values (the configs' cvar_alpha, auc_gamma, vs_*).
 
     Hyperparameters become [K] tensors on `device` (alpha, gamma and every option the group's
     loss and AUC kind declare), so a step never syncs with the host. Only models with

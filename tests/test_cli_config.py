@@ -134,6 +134,7 @@ def test_sp_cup_preset_is_the_references_main():
     assert (cfg.objective, cfg.cvar_alpha, cfg.auc_gamma, cfg.feature_noise) == ("sp_cup:vs_cvar_auc", 0.9, 0.6, True)
     assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (1e-5, 6e-5, 256, 100)
     assert (cfg.schedule, cfg.min_lr, cfg.drop_last, cfg.select, cfg.seed) == ("sp_cup", 1e-6, False, "last", 8079)
+    assert cfg.threshold == "0.5"  # its evaluate(): predicted = sigmoid >= 0.5
     assert (cfg.head, cfg.depth, cfg.hidden, cfg.dropout, cfg.sam_rho, cfg.balanced, cfg.l2_normalize) == (
         "mlp", 3, None, 0.335, 0.0, False, False)
 

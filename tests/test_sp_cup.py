@@ -262,6 +262,8 @@ def write_sp_cup_files(folder, name: str, dataset: str, n: int, seed: int) -> tu
 IMPORT_TRAIN = "import-h5 {d}/cup_train.h5 --csv {d}/cup_train_realAS1.csv --dataset train_features --target-means real --out {d}/cup_train"
 IMPORT_VAL = "import-h5 {d}/cup_val.h5 --csv {d}/cup_val_realAS1.csv --dataset test_features --target-means real --out {d}/cup_val"
 FIT = "fit {d}/cup_train --val-store {d}/cup_val --preset sp_cup --vs-delta-fake 1.1 --vs-delta-real 0.9"
+SWEEP = ("sweep {d}/cup_train --val-store {d}/cup_val --preset sp_cup --vs-delta-fake 1.1 --vs-delta-real 0.9 "
+         "--objective sp_cup:dag,sp_cup:vs_cvar_auc --cvar-alpha 0.5,0.9")
 MODES = {"vs_cvar_auc": "", "erm": " --objective sp_cup:erm", "dag": " --objective sp_cup:dag",
          "auc": " --objective sp_cup:auc", "vs": " --objective sp_cup:vs"}
 
@@ -286,3 +288,10 @@ def test_the_readme_reproduction_commands_run(tmp_path, dfembed, dfhead):
         assert (saved["vs_delta_fake"], saved["vs_delta_real"]) == (1.1, 0.9)
         history = pl.read_parquet(run_dir / "metrics.parquet")
         assert history.height == 2 and history["train_loss"].is_finite().all()
+
+    code, out, err = dfhead(*SWEEP.format(d=tmp_path).split(), "--epochs", "1", "--batch-size", "32",
+                            "--runs-dir", tmp_path / "runs", "--name", "grid")
+    assert code == 0, err
+    board = pl.read_parquet(tmp_path / "runs" / "grid" / "leaderboard.parquet")
+    assert sorted(zip(board["objective"], board["cvar_alpha"])) == [
+        ("sp_cup:dag", 0.5), ("sp_cup:dag", 0.9), ("sp_cup:vs_cvar_auc", 0.5), ("sp_cup:vs_cvar_auc", 0.9)]
