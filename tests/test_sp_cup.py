@@ -24,6 +24,7 @@ from dfclip.heads import train as T
 from dfclip.heads.config import CHOICES, make_config
 from dfclip.heads.losses import SP_CUP_MODES, Objective, clamped_logistic_pairs, searched_lambda, sp_cup_loss
 from dfclip.heads.optim import BatchedAdamW
+from dfclip.heads.report import default_run_name
 from sp_cup_reference import binary_vs, reference_loss
 
 # --- sp_cup_loss against the reference -------------------------------------------------------------
@@ -181,6 +182,11 @@ def test_real_as_1_files_are_the_reference_with_swapped_vs_deltas(mode):
     if mode in ("vs", "vs_cvar_auc"):  # the defaults keep Delta 0.9 on the fakes: a different loss
         plain = sp_cup_loss(-z_theirs, 1 - y_theirs, mode, alpha, 0.6)
         assert abs(plain.item() - want.item()) > 1e-4
+
+
+def test_default_run_name_names_the_sp_cup_mode():
+    assert default_run_name(make_config("sp_cup")) == "mlp-sp_cup-vs_cvar_auc-a0.9-g0.6-s8079"
+    assert default_run_name(make_config()) == "mlp-a1-g0-s0"
 
 
 # --- the schedule and the last batch ---------------------------------------------------------------
