@@ -51,12 +51,18 @@ class RunConfig:
     hidden: int | None = setting(None, "MLP width.", default_text="the embedding dim, as in the paper")
     dropout: float = setting(0.335, "MLP dropout (the default is the reference's).")
     l2_normalize: bool = setting(False, "Unit-normalise embeddings first.")
-    # L = CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss
-    cvar_alpha: float = setting(1.0, "CVaR: train on the worst alpha-fraction of each batch, in (0, 1]; 1 = plain mean.",
-                                section="Loss")
+    # dfclip: L = CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss (heads.losses.head_loss);
+    # sp_cup:MODE: the reference's calculate_loss, literally (heads.losses.sp_cup_loss).
+    objective: str = setting("dfclip", "dfclip: CVaR_alpha(--loss) + gamma * AUC(--auc-kind). sp_cup:MODE: the "
+                                       "reference's objective MODE with --cvar-alpha, --auc-gamma and the --vs-* "
+                                       "values (its VS constants by default); --loss and --auc-kind do not apply.",
+                             choices=("dfclip", "sp_cup:erm", "sp_cup:dag", "sp_cup:auc", "sp_cup:vs",
+                                      "sp_cup:vs_cvar_auc"), section="Loss")
+    cvar_alpha: float = setting(1.0, "CVaR: train on the worst alpha-fraction of each batch, in (0, 1]; 1 = plain mean.")
     auc_gamma: float = setting(0.0, "Weight of the pairwise AUC loss (imbalance-insensitive); 0 = off.")
-    auc_kind: str = setting("logistic", "Pairwise AUC loss: logistic or squared_hinge.",
-                            choices=("logistic", "squared_hinge"))
+    auc_kind: str = setting("logistic", "Pairwise AUC loss: logistic, squared_hinge, or clamped_logistic (the "
+                                        "reference's: pair loss capped at 13.8).",
+                            choices=("logistic", "squared_hinge", "clamped_logistic"))
     auc_margin: float = setting(1.0, "Margin of the squared-hinge AUC loss.")
     loss: str = setting("bce", "Per-sample loss: bce, or vs (vector-scaling, as the reference).", choices=("bce", "vs"))
     vs_delta_fake: float = setting(0.9, "VS multiplicative adjustment for fakes.")
@@ -68,16 +74,24 @@ class RunConfig:
                              section="Optimisation")
     sam_adaptive: bool = setting(False, "ASAM (scale-invariant SAM).")
     # 3e-3 converges in ~10 epochs on synthetic and demo stores
-    lr: float = setting(3e-3, "AdamW peak learning rate (cosine decay after warmup); --preset sp_cup uses 1e-5.")
+    lr: float = setting(3e-3, "AdamW peak learning rate (see --schedule); --preset sp_cup uses 1e-5.")
     weight_decay: float = setting(1e-4, "AdamW decoupled weight decay.")
     batch_size: int = setting(256, "Batch size.")
     epochs: int = setting(20, "Epochs.")
-    warmup_epochs: float = setting(1.0, "Linear warmup length in epochs.")
+    schedule: str = setting("cosine", "cosine: linear warmup, then one cosine decay to 0, per step. sp_cup: the "
+                                      "reference's CosineAnnealingLR(T_max=epochs/4, eta_min=--min-lr) stepped per "
+                                      "epoch, a cosine wave between lr and --min-lr; no warmup.",
+                            choices=("cosine", "sp_cup"))
+    min_lr: float = setting(1e-6, "Floor of the sp_cup schedule (the reference's eta_min).")
+    warmup_epochs: float = setting(1.0, "Linear warmup length in epochs (cosine schedule only).")
     seed: int = setting(0, "Seed of init, batch order, dropout and noise.", sweep=FIRST_SEED)
     feature_noise: bool = setting(False, "Reference augmentation: add x + lam*sigma*eps copies.", section="Data")
     balanced: bool = setting(False, "Batches with a fixed fake rate (--fake-rate), so the AUC term always sees both "
                                     "classes.")
     fake_rate: float = setting(0.5, "Fake fraction of each batch with --balanced.")
+    drop_last: bool = setting(True, "Drop each epoch's last, short batch (the reference keeps it). Kept, a last batch "
+                                    "of one row is still dropped for the mlp head without feature noise: BatchNorm "
+                                    "needs two rows.")
     val_frac: float = setting(0.2, "Validation fraction when the store has no split column and no --val-store "
                                    "(grouped by video).", sweep=ONE_VALUE)
     split_seed: int = setting(0, "Seed of that validation split.", sweep=ONE_VALUE)  # unlike seed, one per sweep
@@ -198,7 +212,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     if not 0 < cfg.cvar_alpha <= 1:
         raise bad("cvar_alpha", f"must be in (0, 1] (1 = plain mean), got {cfg.cvar_alpha}")
-    for name in ("auc_gamma", "sam_rho", "weight_decay", "auc_margin"):
+    for name in ("auc_gamma", "sam_rho", "weight_decay", "auc_margin", "min_lr"):
         if getattr(cfg, name) < 0:
             raise bad(name, f"must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
@@ -220,6 +234,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    if cfg.objective != "dfclip":
+        for name in ("loss", "auc_kind"):
+            if getattr(cfg, name) != FIELDS[name].default:
+                raise bad(name, f"applies to --objective dfclip only: {cfg.objective} fixes its own losses; "
+                                f"drop {option_name(name)} or use --objective dfclip")
     parse_threshold(cfg.threshold)
     return cfg
 

@@ -15,6 +15,11 @@ Every kind of loss is one entry of a registry: PER_SAMPLE_LOSSES (RunConfig.loss
 AUC_TERMS (RunConfig.auc_kind). An entry holds its maths and the RunConfig fields it reads;
 `Objective` turns a group's configs into those per-model options once, and `head_loss` is the
 one function that combines the terms. docs/architecture.md ("Adding a loss or a head kind") shows how to add one.
+
+`sp_cup_loss` is the other objective (RunConfig.objective = "sp_cup:MODE"): the reference
+code's calculate_loss in each of its five modes, literally, with its searched lambda computed
+exactly. Its vs_cvar_auc (the reference's default) is not a head_loss composition: lambda
+comes from the VS losses but is applied to the BCE losses.
 """
 
 from __future__ import annotations
@@ -96,6 +101,15 @@ def squared_hinge_pairs(diff: Tensor, margin: float | Tensor = 1.0) -> Tensor:
     return (margin - diff).clamp(min=0.0).square()
 
 
+def clamped_logistic_pairs(diff: Tensor) -> Tensor:
+    """-log(clamp(sigmoid(d), 1e-6, 1 - 1e-6)) per pair: the reference's pAUCLoss, literally.
+
+    Equal to logistic_pairs while |d| < log(1e6 - 1) = 13.8; past that the clamp caps a pair's
+    loss at -log(1e-6) = 13.8 and its gradient is exactly 0 (the same on the easy side).
+    """
+    return -torch.log(torch.sigmoid(diff).clamp(1e-6, 1 - 1e-6))
+
+
 # --- the registries ------------------------------------------------------------------------
 
 
@@ -123,6 +137,8 @@ PER_SAMPLE_LOSSES: dict[str, LossKind] = {
 AUC_TERMS: dict[str, LossKind] = {
     "logistic": LossKind(logistic_pairs, {}, "log(1 + exp(-d)) per (fake, real) pair"),
     "squared_hinge": LossKind(squared_hinge_pairs, {"margin": "auc_margin"}, "max(0, margin - d)^2 per pair"),
+    "clamped_logistic": LossKind(clamped_logistic_pairs, {},
+                                 "-log(clamp(sigmoid(d), 1e-6, 1 - 1e-6)) per pair (the reference's pAUCLoss)"),
 }
 
 
@@ -196,8 +212,102 @@ def head_loss(
     return total.index_add(0, auc_rows, gamma[auc_rows] * auc)
 
 
+# --- the reference's objectives, literally ---------------------------------------------------
+
+# calculate_loss in the reference's train_epoch (Purdue-M2/SP_CUP, train_test_clipv1.py): --objective sp_cup:MODE.
+SP_CUP_MODES = ("erm", "dag", "auc", "vs", "vs_cvar_auc")
+# Its BinaryVSLoss(iota_pos=-0.05, iota_neg=0.05, Delta_pos=0.9, Delta_neg=1.1) on 10 * logits, label 1 = pos;
+# RunConfig's vs_* defaults are these values.
+SP_CUP_VS = {"delta_fake": 0.9, "delta_real": 1.1, "iota_fake": -0.05, "iota_real": 0.05, "scale": 10.0}
+_SP_CUP_SEARCH_BELOW = 1000.0  # its fminbound searches lambda in [min(bce) - 1000, max(bce)]
+
+
+def searched_lambda(search_losses: Tensor, alpha: float | Tensor, lower: Tensor, upper: Tensor) -> Tensor:
+    """The lambda the reference's fminbound finds, exactly, as a constant (no gradient).
+
+    The reference minimises f(x) = x + mean(relu(l - x)) / alpha over x in [lower, upper].
+    f is convex and piecewise linear with slope 1 - #{l_i > x} / (alpha n), so its minimiser
+    is the ceil(alpha n)-th largest l_i, unique when alpha n is fractional; then it is clamped
+    to the bounds. When alpha n = m is an integer every x in [l_(m+1), l_(m)] is a minimiser
+    and the search stops somewhere inside; we take the (floor(alpha n) + 1)-th largest loss,
+    the lower end of that interval, where exactly m losses lie above lambda, as at a point
+    inside (so the dag gradient is the search's; the lower bound stands in for l_(n+1)).
+    alpha n is rounded in float64 with a 1e-9 tolerance, so 0.3 * 10 counts as the integer 3;
+    pass alpha as a Python float or a float64 tensor for that. Shapes: search_losses [..., B],
+    alpha float or [K], lower/upper [...]; returns [...].
+    """
+    n = search_losses.shape[-1]
+    budget = torch.as_tensor(alpha, dtype=torch.float64, device=search_losses.device) * n
+    rank = torch.floor(budget + 1e-9).long().clamp(max=n)  # 0-based rank of lambda among the losses
+    worst_first = search_losses.detach().sort(dim=-1, descending=True).values
+    padded = torch.cat([worst_first, lower.detach().unsqueeze(-1).to(worst_first.dtype)], dim=-1)
+    lam = padded.gather(-1, rank.expand(lower.shape).unsqueeze(-1)).squeeze(-1)
+    return torch.minimum(torch.maximum(lam, lower), upper).detach()
+
+
+def _cvar_at(losses: Tensor, lam: Tensor, alpha: float | Tensor) -> Tensor:
+    """The reference's searched_lamda_loss: lam + mean(relu(losses - lam)) / alpha, lam a constant."""
+    alpha = torch.as_tensor(alpha, dtype=losses.dtype, device=losses.device)
+    return lam + F.relu(losses - lam.unsqueeze(-1)).mean(-1) / alpha
+
+
+def sp_cup_loss(
+    logits: Tensor,
+    labels: Tensor,
+    mode: str,
+    alpha: float | Tensor = 0.9,
+    gamma: float | Tensor = 0.6,
+    vs: Mapping[str, float | Tensor] | None = None,
+) -> Tensor:
+    """The reference's per-batch objective of `mode` (one of SP_CUP_MODES), with its exact lambda.
+
+    With bce the per-sample BCE, pauc the mean over (fake, real) pairs of
+    clamped_logistic_pairs(z_fake - z_real) and "one class" a batch without fakes or without reals:
+      erm          mean(bce)
+      vs           mean(VS loss): BCE on 10 * (Delta_y z - iota_y), SP_CUP_VS (or `vs`, vs_logits' keywords)
+      dag          lam + mean(relu(bce - lam)) / alpha, lam = searched_lambda(bce, ...)
+      auc          mean(bce) + gamma * pauc;                       one class: mean(bce)
+      vs_cvar_auc  lam + mean(relu(bce - lam)) / alpha + gamma * pauc, one class: mean(bce);
+                   lam is searched on the VS losses with the bounds [min(bce) - 1000, max(bce)]
+                   (so lam = min(that VS loss, max(bce))), then applied to the BCE losses;
+                   VS gets no gradient.
+    The reference gets lam from scipy's fminbound (tolerance 1e-5); we take the minimiser
+    itself, no search and no host sync. As there, lam is a constant: the gradient reaches the
+    samples whose loss is strictly above it (see searched_lambda for integer alpha n).
+    Shapes as every loss here: logits/labels [K, B] (or [B]); alpha, gamma floats or [K];
+    `vs` values floats or [K, 1]. Returns [K] (or a scalar).
+    """
+    if mode not in SP_CUP_MODES:
+        raise ValueError(f"unknown SP_CUP mode {mode!r}; expected one of {SP_CUP_MODES}")
+    vs = {**SP_CUP_VS, **(vs or {})}
+    bce = bce_per_sample(logits, labels)
+    if mode == "erm":
+        return bce.mean(-1)
+    if mode == "vs":
+        return vs_bce(logits, labels, **vs).mean(-1)
+    lower, upper = bce.min(-1).values - _SP_CUP_SEARCH_BELOW, bce.max(-1).values
+    if mode == "dag":  # no one-class fallback in the reference's dag
+        return _cvar_at(bce, searched_lambda(bce, alpha, lower, upper), alpha)
+    if mode == "auc":
+        main = bce.mean(-1)
+    else:
+        main = _cvar_at(bce, searched_lambda(vs_bce(logits.detach(), labels, **vs), alpha, lower, upper), alpha)
+    gamma = torch.as_tensor(gamma, dtype=logits.dtype, device=logits.device)
+    both_classes = (labels == 1).any(-1) & (labels == 0).any(-1)
+    return torch.where(both_classes, main + gamma * pairwise_auc_loss(logits, labels, "clamped_logistic"),
+                       bce.mean(-1))
+
+
+def objective_mode(objective: str) -> str | None:
+    """RunConfig.objective -> the SP_CUP mode ('sp_cup:dag' -> 'dag'), or None for dfclip's own."""
+    return objective.split(":", 1)[1] if objective.startswith("sp_cup:") else None
+
+
 class Objective:
     """The loss of one batched group of heads, built once from its configs: call it on [K, B] logits.
+
+    objective "dfclip": head_loss with the group's loss and AUC kind; "sp_cup:MODE": sp_cup_loss
+    with per-model alpha, gamma and VS values (the configs' cvar_alpha, auc_gamma, vs_*).
 
     Hyperparameters become [K] tensors on `device` (alpha, gamma and every option the group's
     loss and AUC kind declare), so a step never syncs with the host. Only models with
@@ -208,10 +318,16 @@ class Objective:
     def __init__(self, cfgs: Sequence, device: torch.device | str = "cpu"):
         c0 = cfgs[0]
         self.loss, self.auc_kind = c0.loss, c0.auc_kind
+        self.sp_cup_mode = objective_mode(c0.objective)
 
-        def per_model(name: str) -> Tensor:
-            return torch.tensor([float(getattr(c, name)) for c in cfgs], device=device)
+        def per_model(name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+            return torch.tensor([float(getattr(c, name)) for c in cfgs], device=device, dtype=dtype)
 
+        if self.sp_cup_mode is not None:  # the reference's objective: alpha, gamma and the VS constants per model
+            self.alpha = per_model("cvar_alpha", torch.float64)  # float64: integer alpha n is found exactly
+            self.gamma = per_model("auc_gamma")
+            self.vs = {kw: per_model(f)[:, None] for kw, f in PER_SAMPLE_LOSSES["vs"].options.items()}
+            return
         self.alpha = per_model("cvar_alpha")
         self.loss_options = {kw: per_model(f)[:, None]
                              for kw, f in _entry(PER_SAMPLE_LOSSES, c0.loss, "per-sample loss").options.items()}
@@ -223,5 +339,7 @@ class Objective:
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
         """Loss per model [K] of logits [K, B] against labels [K, B]."""
+        if self.sp_cup_mode is not None:
+            return sp_cup_loss(logits, labels, self.sp_cup_mode, self.alpha, self.gamma, self.vs)
         return head_loss(logits, labels, alpha=self.alpha, gamma=self.gamma, loss=self.loss, auc_kind=self.auc_kind,
                          loss_options=self.loss_options, auc_options=self.auc_options, auc_rows=self.auc_rows)

@@ -64,8 +64,8 @@ class BatchedAdamW(torch.optim.Optimizer):
             group[key] = _per_model(group[key], k, group["params"][0])
 
     @torch.no_grad()
-    def step(self, lr_scale: float = 1.0) -> None:
-        """One AdamW update of every parameter that has a gradient, with lr multiplied by lr_scale."""
+    def step(self, lr_scale: float | Tensor = 1.0) -> None:
+        """One AdamW update of every parameter that has a gradient, lr multiplied by lr_scale (float or [K])."""
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             lr = group["lr"] * lr_scale  # [K]
@@ -144,16 +144,16 @@ class SAM:
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = True, lr_scale: float = 1.0) -> None:
+    def second_step(self, zero_grad: bool = True, lr_scale: float | Tensor = 1.0) -> None:
         """Restore theta and take the base optimizer's step with the gradient from theta + eps.
 
-        lr_scale (a Python float) is forwarded to the base step, e.g. BatchedAdamW.step.
+        lr_scale (a Python float, or a [K] tensor) is forwarded to the base step, e.g. BatchedAdamW.step.
         """
         for p in self.perturbed:
             p.copy_(self.saved[p])
         self.perturbed = []
         # Base optimizers without lr_scale (e.g. torch.optim.SGD) work with lr_scale=1.
-        if lr_scale != 1.0:
+        if isinstance(lr_scale, Tensor) or lr_scale != 1.0:
             self.base_optimizer.step(lr_scale=lr_scale)
         else:
             self.base_optimizer.step()

@@ -35,6 +35,8 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 def default_run_name(cfg: RunConfig) -> str:
     parts = [cfg.head, f"a{cfg.cvar_alpha:g}", f"g{cfg.auc_gamma:g}"]
+    if cfg.objective != "dfclip":  # sp_cup:dag -> mlp-sp_cup-dag-a0.9-...
+        parts[1:1] = cfg.objective.split(":")
     if cfg.sam_rho:
         parts.append(f"rho{cfg.sam_rho:g}")
     parts.append(f"s{cfg.seed}")

@@ -51,10 +51,35 @@ def _per_model(cfgs: list[RunConfig], name: str, device) -> torch.Tensor:
 
 
 def _lr_scale(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 0 over the remaining steps."""
+    """The cosine schedule, per step: linear warmup, then cosine decay to 0 over the remaining steps."""
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def sp_cup_lr(epoch: int, epochs: int, lr, min_lr: float):
+    """The sp_cup schedule: the lr of 0-based `epoch` under the reference's scheduler.
+
+    The reference builds CosineAnnealingLR(T_max=epochs/4, eta_min=min_lr) and steps it once
+    at the end of every epoch, so epoch e trains with its closed form
+        min_lr + (lr - min_lr) * (1 + cos(pi * e / T_max)) / 2,
+    a cosine wave (lr -> min_lr at epoch T_max -> lr at 2 T_max -> ...), not warm restarts.
+    lr: a float or a [K] tensor (one lr per model).
+    """
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * epoch / (epochs / 4))) / 2
+
+
+def _batches_per_epoch(cfg: RunConfig, n: int, batch_size: int) -> tuple[int, bool]:
+    """(steps per epoch, whether the last short batch is kept) for n training rows.
+
+    --no-drop-last keeps it, as the reference's DataLoader does, unless it would hand the mlp's
+    BatchNorm a single row (one row and no feature noise to double it): the reference would
+    stop with an error there; we drop that one row instead.
+    """
+    short = n % batch_size
+    rows_in_step = short * (2 if cfg.feature_noise else 1)
+    keep = not cfg.drop_last and short > 0 and (cfg.head != "mlp" or rows_in_step >= 2)
+    return n // batch_size + keep, keep
 
 
 @torch.no_grad()
@@ -161,8 +186,11 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
     batch_size = min(c0.batch_size, data.y.numel())
     if batch_size < c0.batch_size:
         log(f"note: only {data.y.numel()} training rows, so batches are {batch_size} rows, not {c0.batch_size}")
-    steps = data.y.numel() // batch_size  # drop_last, also for balanced batches
+    steps, keep_last = _batches_per_epoch(c0, data.y.numel(), batch_size)
+    if not c0.drop_last and not keep_last and data.y.numel() % batch_size:
+        log("note: the last batch of each epoch has one row, which BatchNorm cannot normalise: it is dropped")
     total, warmup = c0.epochs * steps, int(c0.warmup_epochs * steps)
+    lrs = _per_model(cfgs, "lr", device)
     best = BestStates(head, c0.select, c0.patience)
     rows, step, t0 = [], 0, time.perf_counter()
     bar = StepProgress(total, f"{k} head{'s' if k > 1 else ''}") if progress else None
@@ -170,8 +198,10 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
         te = time.perf_counter()
         head.train()
         train_loss = torch.zeros(k, device=device)
-        batches = epoch_batches(data.y, 1, batch_size, [batch_gen],
+        batches = epoch_batches(data.y, 1, batch_size, [batch_gen], drop_last=not keep_last,
                                 balanced_fake_rate=c0.fake_rate if c0.balanced else None)
+        if c0.schedule == "sp_cup":  # one lr per epoch; a [K] scale, as min_lr is absolute
+            epoch_scale = sp_cup_lr(epoch - 1, c0.epochs, lrs, c0.min_lr) / lrs
         for idx in batches:
             xb, yb = data.x[idx[0]].float(), data.y[idx[0]]  # [B, D], [B]: shared by the K heads
             if c0.l2_normalize:
@@ -179,7 +209,7 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
             if c0.feature_noise:
                 xb, yb = augment_with_noise(xb, yb, rng)
             yb = yb.expand(k, -1)  # [K, B] view for the per-head losses
-            scale = _lr_scale(step, total, warmup)
+            scale = epoch_scale if c0.schedule == "sp_cup" else _lr_scale(step, total, warmup)
             loss = loss_fn(head(xb, generator=rng), yb)
             loss.sum().backward()  # models are independent: the sum gives each its own gradient
             if sam is not None:

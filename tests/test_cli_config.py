@@ -75,8 +75,10 @@ def test_generated_signature_is_what_typer_reads(command):
 
 
 def test_choices_and_errors_come_from_the_fields():
-    assert C.CHOICES == {"head": ("mlp", "linear"), "auc_kind": ("logistic", "squared_hinge"), "loss": ("bce", "vs"),
-                         "select": ("auc", "loss", "last")}
+    assert C.CHOICES == {"head": ("mlp", "linear"), "auc_kind": ("logistic", "squared_hinge", "clamped_logistic"),
+                         "loss": ("bce", "vs"), "select": ("auc", "loss", "last"), "schedule": ("cosine", "sp_cup"),
+                         "objective": ("dfclip", "sp_cup:erm", "sp_cup:dag", "sp_cup:auc", "sp_cup:vs",
+                                       "sp_cup:vs_cvar_auc")}
     assert C.option_name("holdout_sources") == "--holdout-source"
     assert C.option_name("cvar_alpha") == "--cvar-alpha"
     assert C.value_type("hidden") is int and C.value_type("holdout_sources") is str
@@ -107,13 +109,14 @@ def test_options_reach_runconfig(dfhead, monkeypatch, tmp_path):
 
     monkeypatch.setattr(run_mod, "fit", fake_fit)
     monkeypatch.setattr(run_mod, "sweep", fake_sweep)
-    code, _, err = dfhead("fit", tmp_path, "--cvar-alpha", "0.3", "--no-balanced", "--feature-noise", "--loss", "vs",
-                          "--hidden", "64", "--holdout-source", "a", "--holdout-source", "b", "--preset", "sp_cup")
+    code, _, err = dfhead("fit", tmp_path, "--cvar-alpha", "0.3", "--no-balanced", "--no-feature-noise",
+                          "--objective", "sp_cup:dag", "--hidden", "64", "--holdout-source", "a", "--holdout-source", "b",
+                          "--preset", "sp_cup")
     assert code == 0, err
     cfg = seen["fit"]
     sp_cup = C.load_preset("sp_cup")
-    assert cfg == dataclasses.replace(C.RunConfig(**sp_cup), cvar_alpha=0.3, balanced=False, feature_noise=True,
-                                      loss="vs", hidden=64, holdout_sources=("a", "b"))
+    assert cfg == dataclasses.replace(C.RunConfig(**sp_cup), cvar_alpha=0.3, balanced=False, feature_noise=False,
+                                      objective="sp_cup:dag", hidden=64, holdout_sources=("a", "b"))
 
     code, _, err = dfhead("sweep", tmp_path, "--cvar-alpha", "0.1,0.5", "--loss", "bce,vs", "--seed", "7",
                           "--seeds", "2", "--balanced", "true", "--holdout-source", "a")
@@ -125,13 +128,30 @@ def test_options_reach_runconfig(dfhead, monkeypatch, tmp_path):
     assert cfgs[0].epochs == C.RunConfig().epochs  # not given: RunConfig's default
 
 
-def test_sp_cup_preset_doc_names_real_options():
+def test_sp_cup_preset_is_the_references_main():
+    """train_test_clipv1.py's __main__ and argparse defaults, field by field."""
+    cfg = C.make_config("sp_cup")
+    assert (cfg.objective, cfg.cvar_alpha, cfg.auc_gamma, cfg.feature_noise) == ("sp_cup:vs_cvar_auc", 0.9, 0.6, True)
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (1e-5, 6e-5, 256, 100)
+    assert (cfg.schedule, cfg.min_lr, cfg.drop_last, cfg.select, cfg.seed) == ("sp_cup", 1e-6, False, "last", 8079)
+    assert cfg.threshold == "0.5"  # its evaluate(): predicted = sigmoid >= 0.5
+    assert (cfg.head, cfg.depth, cfg.hidden, cfg.dropout, cfg.sam_rho, cfg.balanced, cfg.l2_normalize) == (
+        "mlp", 3, None, 0.335, 0.0, False, False)
+
+
+def test_sp_cup_objectives_refuse_dfclip_loss_options(dfhead, tmp_path):
+    code, _, err = dfhead("fit", tmp_path, "--preset", "sp_cup", "--loss", "vs")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--loss applies to --objective dfclip only" in err, err
+
+
+def test_preset_docs_name_real_options():
     doc = json.loads((C.PRESET_DIR / "sp_cup.json").read_text())["_doc"]
-    assert "--loss vs" in doc
+    assert "--objective sp_cup:erm" in doc and "--target-means real" in doc
     options = {C.option_name(n) for n in C.FIELDS}
     for preset in C.PRESET_DIR.glob("*.json"):
         for option in re.findall(r"--[a-z][\w-]*", json.loads(preset.read_text()).get("_doc", "")):
-            assert option in options | {"--preset"}, (preset.name, option)
+            assert option in options | {"--preset", "--target-means"}, (preset.name, option)  # last: import-h5's
 
 
 def test_legacy_per_sample_still_loads(tmp_path):
