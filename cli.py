@@ -122,6 +122,8 @@ def import_h5(
               f"of dim {rep['dim']} into {rep['store']} ({rep['shards']} shards)", highlight=False)
     if rep["duplicate_paths"]:
         console.print(f"[yellow]note[/]: {rep['duplicate_paths']} paths appear more than once; the last row of each is kept")
+    if rep["non_finite_message"]:
+        console.print(f"warning: {rep['non_finite_message']}", highlight=False, markup=False, soft_wrap=True)
 
 
 EXTRACT_EPILOG = (
