@@ -205,11 +205,10 @@ class ShardWriter:
 
     def _disk_full_message(self, n: int) -> str:
         row_bytes = self.dim * self.dtype.itemsize + 200  # the embedding plus its metadata, roughly
-        shard_mib = max(n, 1) * row_bytes / 2**20
         left = max(n, (self.expected_rows or 0) - self.rows_written)
-        free = shutil.disk_usage(self.root).free / 2**20
-        return (f"no space left on the device of store {self.root}: this shard needs about {shard_mib:.1f} MiB and "
-                f"the {left} rows still to write about {left * row_bytes / 2**20:.1f} MiB ({free:.1f} MiB free); "
+        free = shutil.disk_usage(self.root).free
+        return (f"no space left on the device of store {self.root}: this shard needs about {_size(n * row_bytes)} and "
+                f"the {left} rows still to write about {_size(left * row_bytes)} ({_size(free)} free); "
                 "free some space and re-run the same command to resume (completed shards are kept)")
 
     def _write_shard(self, tmp: Path, created_ns: int, n: int, nf: int) -> None:
@@ -264,6 +263,13 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("KiB", "MiB", "GiB"):
+        n_bytes /= 1024
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.1f} {unit}"
 
 
 def _remove_shard(shard: Path) -> None:
