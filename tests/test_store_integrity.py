@@ -365,3 +365,51 @@ def test_symlink_loops_are_skipped_and_logged(tmp_path, capsys):
     assert rows["path"].to_list() == ["real/a.png"]
     err = " ".join(capsys.readouterr().err.split())
     assert "skipped 4 symlink loops" in err and "real/loop" in err
+
+
+# ---------------------------------------------------------------- item 19: killed predicts
+
+
+def test_temp_store_of_a_killed_predict_is_removed_by_the_next(tmp_path, monkeypatch):
+    import tempfile
+
+    from dfclip import pipeline
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    killed = tmp_path / f"{pipeline.TEMP_PREFIX}{dead.pid}-abc"
+    (killed / "store").mkdir(parents=True)
+    running = tmp_path / f"{pipeline.TEMP_PREFIX}{os.getpid()}-def"
+    running.mkdir()
+    other = tmp_path / "something-else"
+    other.mkdir()
+    assert pipeline.remove_dead_temps() == [killed]
+    assert not killed.exists() and running.exists() and other.exists()
+
+
+# ---------------------------------------------------------------- the documented plain-h5py reading
+
+
+def test_the_documented_plain_h5py_reading_matches_the_reader(tmp_path, monkeypatch):
+    """docs/store-format.md's recipe, run as written, on a store with every rule in play."""
+    root = tmp_path / "embeddings"
+    rng = np.random.default_rng(0)
+    x = lambda n: rng.standard_normal((n, 4)).astype(np.float32)
+    with store.ShardWriter(root, PROV, dim=4, shard_size=3) as w:
+        w.add(x(5), rows_of(["a", "b", "c", "d", "e"]))
+        w.add_failure("f", 1, 1, "truncated", "cut")
+    with store.ShardWriter(root, PROV, dim=4, rank=1) as w:
+        w.add(x(2), rows_of(["b", "g"], label=0))  # b re-embedded (and relabelled) by rank 1
+        w.add_failure("c", -1, -1, fmt.REMOVED, "pruned")  # c dropped
+    with store.ShardWriter(root, PROV, dim=4, import_id="killed", import_shards=3) as w:
+        w.add(x(2), rows_of(["a", "h"], label=-1))  # one of three shards: an unfinished import
+    doc = (REPO / "docs" / "store-format.md").read_text()
+    recipe = doc.split("## Reading a store with plain h5py")[1].split("```python\n")[1].split("```")[0]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(recipe, scope)
+    want_x, meta = store.open(root).load()
+    np.testing.assert_array_equal(scope["X"], want_x)
+    np.testing.assert_array_equal(scope["y"], meta["label"].to_numpy())
+    assert sorted(meta["path"]) == ["a", "b", "d", "e", "g"] and store.open(root).failures["path"].to_list() == ["f"]
