@@ -334,7 +334,9 @@ def extract(
             "feature": feature, "dim": backbone.dim, "inputs": mine.height, "embedded": embedded,
             "failed": failed, "non_finite": writer.non_finite if writer else 0, "skipped": plan.skipped,
             "skipped_failures": plan.skipped_failures, "relabelled": copied, "pruned": pruned,
-            "missing": plan.missing.height - pruned, "missing_examples": plan.missing["path"].head(3).to_list(),
+            # with --prune-missing, rank 0 prunes for every rank: none is left to report
+            "missing": 0 if prune_missing and writer else plan.missing.height,
+            "missing_examples": plan.missing["path"].head(3).to_list(),
             "wall_s": round(time.perf_counter() - t_start, 3),
             "images_per_s": round((embedded + failed) / loop_s, 2) if embedded + failed and loop_s else 0.0,
             "batch_size": batch_size, "workers": workers, "shards_written": len(writer.written) if writer else 0,
