@@ -67,9 +67,12 @@ class ShardWriter:
         self._lock.enter_context(writer_lock(self.root, int(rank)))
         try:
             self._check_store()
+            self._start(dim, dtype, shard_size, rank, import_id, import_shards, expected_rows)
         except BaseException:
             self._lock.close()
             raise
+
+    def _start(self, dim, dtype, shard_size, rank, import_id, import_shards, expected_rows) -> None:
         self.import_id, self.import_shards, self.expected_rows = import_id, import_shards, expected_rows
         self._broken = False  # a failed flush (disk full): close() must not try again
         self.non_finite = 0  # rows logged as failures for NaN/inf embeddings
