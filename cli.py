@@ -90,10 +90,25 @@ def info(
     t = Table(title=f"store {rep['store']}", show_header=False)
     for k in ("rows", "dim", "dtype", "model", "pretrained", "feature", "shards", "failures"):
         t.add_row(k, str(rep[k]))
-    t.add_row("labels", ", ".join(f"{ {'1': 'fake', '0': 'real', '-1': 'unknown'}[k]}={v}" for k, v in rep["labels"].items()))
+    names = {"1": "fake", "0": "real", "-1": "unknown"}
+    t.add_row("labels", ", ".join(f"{names.get(k, k)}={v}" for k, v in rep["labels"].items()))
     t.add_row("sources", ", ".join(f"{k or '(none)'}={v}" for k, v in rep["sources"].items()))
     t.add_row("size on disk", f"{rep['bytes_on_disk'] / 2**20:.1f} MiB")
     out.print(t)
+    notes = []
+    if rep["rows"] == 0:
+        notes.append("the store has 0 rows (every input failed or was pruned)")
+    if rep["non_finite"]:
+        notes.append(f"{rep['non_finite']} rows have NaN or inf embeddings (written by another tool); "
+                     "training and scoring refuse them")
+    if rep["missing_inputs"]:
+        notes.append(f"{rep['missing_inputs']} rows are missing: their images are gone from {rep['input_root']}; "
+                     "`dfembed extract ... --prune-missing` drops them")
+    if rep["unfinished_import_shards"]:
+        notes.append(f"{rep['unfinished_import_shards']} shards of an interrupted import are ignored; "
+                     "re-run the import (the next writer deletes them)")
+    for note in notes:
+        out.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
 
 
 @embed_app.command("import-h5")
@@ -122,6 +137,8 @@ def import_h5(
               f"of dim {rep['dim']} into {rep['store']} ({rep['shards']} shards)", highlight=False)
     if rep["duplicate_paths"]:
         console.print(f"[yellow]note[/]: {rep['duplicate_paths']} paths appear more than once; the last row of each is kept")
+    if rep["non_finite_message"]:
+        console.print(f"warning: {rep['non_finite_message']}", highlight=False, markup=False, soft_wrap=True)
 
 
 EXTRACT_EPILOG = (
@@ -163,6 +180,8 @@ def extract_cmd(
     shard_size: Annotated[int, typer.Option(help="Rows per HDF5 shard (a killed run redoes at most one shard).")] = 16384,
     dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try images logged as failures again.")] = False,
+    prune_missing: Annotated[bool, typer.Option(
+        "--prune-missing", help="Drop stored images that are gone from the input (listed by `dfembed info`).")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
     """Embed every image of IMAGES_DIR (or --manifest) with a frozen CLIP image tower into a resumable store."""
@@ -173,19 +192,28 @@ def extract_cmd(
                          cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
                          workers=workers, shard_size=shard_size, dtype=dtype)
     rep = extract(images_dir, out_dir, config, manifest=manifest, root=root, columns=parse_column_map(column or []),
-                  target_means=target_means, retry_failed=retry_failed, progress=progress)
+                  target_means=target_means, retry_failed=retry_failed, prune_missing=prune_missing, progress=progress)
     from rich.markup import escape
 
     tag = f"[rank {rep['rank']}/{rep['world_size']}] " if rep["world_size"] > 1 else ""
     skipped = f"{rep['skipped']} skipped as already done"
     if rep["skipped_failures"]:
         skipped += f" ({rep['skipped_failures']} logged failures; --retry-failed tries them again)"
+    if rep["relabelled"]:
+        skipped += f", {rep['relabelled']} relabelled to match the inputs"
+    if rep["pruned"]:
+        skipped += f", {rep['pruned']} gone from the input pruned"
     out.print(f"{tag}done: {rep['embedded']} embedded, {rep['failed']} failed, {skipped} "
               f"| {rep['wall_s']:.1f} s, {rep['images_per_s']:.1f} images/s on {rep['device']} ({rep['precision']}) "
               f"| store {rep['store']}", markup=False, highlight=False)
     if rep["failed"]:
-        console.print(f"{escape(tag)}[yellow]{rep['failed']} images could not be read[/]; "
+        console.print(f"{escape(tag)}[yellow]{rep['failed']} images could not be embedded[/]"
+                      f"{f' ({n} with NaN or inf values)' if (n := rep['non_finite']) else ''}; "
                       f"reasons in {escape(str(rep['failures_file']))}", highlight=False)
+    if rep["missing"]:
+        console.print(f"{escape(tag)}[yellow]{rep['missing']} stored images are gone from the input[/] "
+                      f"(e.g. {escape(', '.join(rep['missing_examples']))}); they stay in the store until "
+                      "`--prune-missing` drops them", highlight=False, soft_wrap=True)
 
 
 @embed_app.command()

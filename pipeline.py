@@ -11,9 +11,37 @@ heads.run.predict_store scores.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import polars as pl
+
+TEMP_PREFIX = "dfclip-predict-"  # + "<pid>-": whose temporary store it is
+
+
+def remove_dead_temps() -> list[Path]:
+    """Delete the temporary stores of predicts that were killed (SIGKILL leaves no chance to clean up).
+
+    Each temporary folder carries its process id; a folder whose process is gone is garbage."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-")[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",
@@ -32,6 +60,7 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     from dfclip.heads.run import predict_store
 
     provenance = load_run_config(run_dir)["provenance"]
-    with tempfile.TemporaryDirectory(prefix="dfclip-predict-") as tmp:
+    remove_dead_temps()
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         summary = extract_like(provenance, images, tmp, device=device, workers=workers, progress=progress)
         return predict_store(run_dir, summary["store"], device=device)

@@ -167,10 +167,25 @@ def partition(rows: pl.DataFrame, rank: int, world: int) -> pl.DataFrame:
     return rows.sort("path").gather_every(world, offset=rank)
 
 
-def _split_done(mine: pl.DataFrame, out: Path, retry_failed: bool) -> tuple[pl.DataFrame, int, int]:
-    """(rows still to embed, rows skipped as done, of which logged failures)."""
+@dataclass
+class Plan:
+    """What one extract does to a store, worked out from the current inputs and the stored rows."""
+
+    todo: pl.DataFrame  # rows to embed (new or changed files, and retried failures)
+    skipped: int  # rows already done (as an embedding or a logged failure)
+    skipped_failures: int  # of which logged failures
+    relabel: pl.DataFrame  # unchanged files whose label/source/split/group changed: new metadata + stored shard, row
+    missing: pl.DataFrame  # live paths of the store gone from the input (all ranks' inputs)
+    stored: "store.Store | None"
+
+    def work(self, prune: bool) -> int:
+        return self.todo.height + self.relabel.height + (self.missing.height if prune else 0)
+
+
+def _plan(mine: pl.DataFrame, rows: pl.DataFrame, out: Path, retry_failed: bool) -> Plan:
     if not (out.is_dir() and store.list_shards(out)):
-        return mine, 0, 0
+        return Plan(mine, 0, 0, mine.clear().with_columns(shard=pl.lit(0, pl.Int32), row=pl.lit(0, pl.Int64)),
+                    pl.DataFrame(schema={"path": pl.Utf8}), None)
     s = store.open(out)
     failed = s.failures.select(RESUME_KEY)
     done = s.meta.select(RESUME_KEY)
@@ -178,7 +193,30 @@ def _split_done(mine: pl.DataFrame, out: Path, retry_failed: bool) -> tuple[pl.D
         done = pl.concat([done, failed])
     todo = mine.join(done, on=RESUME_KEY, how="anti").sort("path")
     skipped_failures = 0 if retry_failed else mine.join(failed, on=RESUME_KEY, how="semi").height
-    return todo, mine.height - todo.height, skipped_failures
+    # An unchanged file (same resume key) whose labels changed in the inputs: its stored embedding is
+    # copied into a new row with the current labels, which wins by the newest-shard rule.
+    labels = [c for c in fmt.INPUT_COLUMNS if c != "path"]
+    stored = s.meta.select(*RESUME_KEY, *[pl.col(c).alias(f"{c}_stored") for c in labels], "shard", "row")
+    relabel = (mine.join(stored, on=RESUME_KEY, how="inner")
+               .filter(pl.any_horizontal([pl.col(c) != pl.col(f"{c}_stored") for c in labels]))
+               .select(*fmt.ROW_COLUMNS, "shard", "row"))
+    missing = s.meta.select("path").join(rows.select("path"), on="path", how="anti")
+    return Plan(todo, mine.height - todo.height, skipped_failures, relabel, missing, s)
+
+
+def _copy_relabelled(plan: Plan, writer: store.ShardWriter, block: int) -> None:
+    """Write the stored embeddings of plan.relabel again with their current metadata (no re-embedding)."""
+    for a in range(0, plan.relabel.height, block):
+        x, part = plan.stored.load(rows=plan.relabel.slice(a, block))  # part in storage order, aligned with x
+        writer.add(x, {c: part[c].to_list() if part[c].dtype == pl.Utf8 else part[c].to_numpy()
+                       for c in fmt.ROW_COLUMNS})
+
+
+def _prune(missing: pl.DataFrame, writer: store.ShardWriter) -> None:
+    # A tombstone: a failure of the path newer than its rows hides them (newest wins); size and mtime -1
+    # never match a file, so the image is embedded again if it comes back.
+    for path in missing["path"].to_list():
+        writer.add_failure(path, -1, -1, fmt.REMOVED, "gone from the input; dropped by --prune-missing")
 
 
 class _ImagesPerSecond(ProgressColumn):
@@ -242,6 +280,7 @@ def extract(
     columns: dict[str, str] | None = None,
     target_means: str = "fake",
     retry_failed: bool = False,
+    prune_missing: bool = False,
     progress: bool = True,
 ) -> dict:
     """Embed the images of a folder (`inputs`) or of a `manifest` into the store `out`, as `config` says.
@@ -250,7 +289,11 @@ def extract(
         recorded in the store's provenance. Resumable and torchrun-aware (module docstring).
     manifest, root, columns, target_means: the inputs (embed.sources.load_inputs).
     retry_failed: embed inputs logged as failures again; progress: show the progress bar.
-    Returns this rank's summary: counts (inputs, embedded, failed, skipped), wall time,
+    Labels follow the inputs: an unchanged file whose label, source, split or group changed gets
+    its stored embedding copied into a new row with the current values (no re-embedding).
+    Stored paths gone from the inputs are counted ("missing"); prune_missing drops them.
+    A store already holding another input folder is refused (paths are relative to their folder).
+    Returns this rank's summary: counts (inputs, embedded, failed, skipped, relabelled, missing, pruned), wall time,
     images/s, device, precision and the store path. Raises UserError on bad input.
     """
     t_start = time.perf_counter()
@@ -278,48 +321,73 @@ def extract(
                   "embed_config": config.to_dict()}
 
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
+    prune = prune_missing and rank.rank == 0  # tombstones once, not once per rank
 
-    with store.writer_lock(out, rank.rank):
-        fmt.require_compatible(store.stored_provenance(out), provenance, what=f"store {out}",
-                               fix="use another --out for this model", exact=True)
-        todo, skipped, skipped_failures = _split_done(mine, out, retry_failed)
-        if dev.type == "cpu":
+    def summary(plan: Plan, writer: store.ShardWriter | None, loop_s: float, failures_file: str | None) -> dict:
+        copied = plan.relabel.height if writer else 0
+        pruned = plan.missing.height if writer and prune else 0
+        embedded = writer.rows_written - copied if writer else 0
+        failed = writer.failures_written - pruned if writer else 0
+        return {
+            "store": str(out), "rank": rank.rank, "world_size": rank.world,
+            "device": where, "precision": precision, "model": backbone.provenance["model"],
+            "feature": feature, "dim": backbone.dim, "inputs": mine.height, "embedded": embedded,
+            "failed": failed, "non_finite": writer.non_finite if writer else 0, "skipped": plan.skipped,
+            "skipped_failures": plan.skipped_failures, "relabelled": copied, "pruned": pruned,
+            # with --prune-missing, rank 0 prunes for every rank: none is left to report
+            "missing": 0 if prune_missing and writer else plan.missing.height,
+            "missing_examples": plan.missing["path"].head(3).to_list(),
+            "wall_s": round(time.perf_counter() - t_start, 3),
+            "images_per_s": round((embedded + failed) / loop_s, 2) if embedded + failed and loop_s else 0.0,
+            "batch_size": batch_size, "workers": workers, "shards_written": len(writer.written) if writer else 0,
+            "failures_file": failures_file,
+        }
+
+    try:  # takes the rank's lock; refuses another model or another input folder
+        writer = store.ShardWriter(out, provenance, dim=backbone.dim, dtype=config.dtype,
+                                   shard_size=config.shard_size, rank=rank.rank)
+    except store.ReadOnlyStore as e:
+        plan = _plan(mine, rows, out, retry_failed)  # reading needs no lock: shards appear atomically
+        if plan.work(prune):
+            raise UserError(f"{e} ({plan.todo.height} images to embed, {plan.relabel.height} to relabel"
+                            f"{f', {plan.missing.height} to prune' if prune else ''})") from None
+        return summary(plan, None, 0.0, None)  # nothing to do: a read-only store is fine
+
+    with writer:
+        plan = _plan(mine, rows, out, retry_failed)
+        todo = plan.todo
+        writer.expected_rows = plan.work(prune)
+        if dev.type == "cpu" and todo.height:
             log.print(f"{escape(rank.tag)}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
                       "(fine for the tiny model; use a CUDA machine for real runs)")
         log.print(escape(rank.tag) + escape(
-            f"extracting {todo.height} of {mine.height} images ({skipped} already in the store) -> {out} | "
+            f"extracting {todo.height} of {mine.height} images ({plan.skipped} already in the store"
+            f"{f', {plan.relabel.height} of them relabelled' if plan.relabel.height else ''}) -> {out} | "
             f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim} | "
             f"batch {batch_size}, {workers} workers"))
+        _copy_relabelled(plan, writer, config.shard_size)
+        if prune:
+            _prune(plan.missing, writer)
         t_loop = time.perf_counter()
-        with store.ShardWriter(out, provenance, dim=backbone.dim, dtype=config.dtype, shard_size=config.shard_size,
-                               rank=rank.rank) as writer:
-            if todo.height:
-                # Workers decode and resize to uint8; ToTensor + Normalize run on the device.
-                split = split_preprocess(backbone.preprocess)
-                host, on_device = split if split else (backbone.preprocess, None)
-                dataset = ImageFiles(input_root, todo["path"].to_list(), host)
-                loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
-                with _progress_bar(progress and rank.rank == 0) as bar:
-                    task = bar.add_task(f"{escape(rank.tag)}embedding", total=todo.height)
-                    _embed_all(loader, backbone, precision, writer, todo, lambda n: bar.advance(task, n),
-                               on_device=on_device)
-                del loader  # stop the workers now, not at garbage collection
-        embedded, failed = writer.rows_written, writer.failures_written
+        if todo.height:
+            # Workers decode and resize to uint8; ToTensor + Normalize run on the device.
+            split = split_preprocess(backbone.preprocess)
+            host, on_device = split if split else (backbone.preprocess, None)
+            dataset = ImageFiles(input_root, todo["path"].to_list(), host)
+            loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
+            with _progress_bar(progress and rank.rank == 0) as bar:
+                task = bar.add_task(f"{escape(rank.tag)}embedding", total=todo.height)
+                _embed_all(loader, backbone, precision, writer, todo, lambda n: bar.advance(task, n),
+                           on_device=on_device)
+            del loader  # stop the workers now, not at garbage collection
+        writer.flush()
         loop_s = time.perf_counter() - t_loop
         failures_file = None
-        if store.list_shards(out):
+        if writer.written:  # the view changes only when shards were added
             failures_file = str(store.open(out).write_failures_view())
-
-    return {
-        "store": str(out), "rank": rank.rank, "world_size": rank.world,
-        "device": where, "precision": precision, "model": backbone.provenance["model"],
-        "feature": feature, "dim": backbone.dim, "inputs": mine.height, "embedded": embedded,
-        "failed": failed, "skipped": skipped, "skipped_failures": skipped_failures,
-        "wall_s": round(time.perf_counter() - t_start, 3),
-        "images_per_s": round((embedded + failed) / loop_s, 2) if embedded + failed else 0.0,
-        "batch_size": batch_size, "workers": workers, "shards_written": len(writer.written),
-        "failures_file": failures_file,
-    }
+        elif (out / fmt.FAILURES_FILE).is_file():
+            failures_file = str(out / fmt.FAILURES_FILE)
+        return summary(plan, writer, loop_s, failures_file)
 
 
 def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",

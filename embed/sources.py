@@ -16,11 +16,13 @@ Folder rules (`scan_folder`), all case-insensitive and applied to directory name
 - group: always "" (a folder does not say which frames belong together; manifests can).
 """
 
+import errno
 import os
 import stat
 from pathlib import Path
 
 import polars as pl
+from rich.console import Console
 
 from dfclip.embed.images import IMAGE_EXTENSIONS  # the one list of file types dfclip decodes
 from dfclip.errors import UserError
@@ -32,6 +34,8 @@ SPLIT_FOLDERS: dict[str, str] = {
 }
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+
+log = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _accepted_extensions() -> str:
@@ -106,6 +110,7 @@ def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
     sizes: list[int] = []
     mtimes: list[int] = []
 
+    loops: list[str] = []  # symlinks that point at themselves or at each other (ELOOP)
     seen_dirs: set[tuple[int, int]] = set()
     # Stack of (absolute dir, relative prefix ending in "/" or "", dir components below root).
     stack: list[tuple[str, str, list[str]]] = [(str(root_path), "", [])]
@@ -143,6 +148,11 @@ def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
                 file_stat = entry.stat()  # follows symlinks: size/mtime of the target image
             except FileNotFoundError:  # dangling symlink
                 continue
+            except OSError as e:
+                if e.errno != errno.ELOOP:
+                    raise
+                loops.append(prefix + name)
+                continue
             paths.append(prefix + name)
             labels.append(label)
             sources.append(source)
@@ -150,6 +160,9 @@ def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
             sizes.append(file_stat.st_size)
             mtimes.append(file_stat.st_mtime_ns)
 
+    if loops:
+        log.print(f"skipped {len(loops)} symlink loops under {root_path} (first: {', '.join(loops[:3])})",
+                  markup=False)
     if not paths:
         raise UserError(
             f"no images found under {root_path} (accepted extensions: {_accepted_extensions()}); "

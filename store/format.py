@@ -56,6 +56,10 @@ FAILURES_GROUP = "failures"
 FAILURE_SCHEMA: dict[str, pl.DataType] = {"path": pl.Utf8, "error": pl.Utf8, "message": pl.Utf8,
                                           "size": pl.Int64, "mtime_ns": pl.Int64}
 FAILURE_STRING_COLUMNS = tuple(c for c, t in FAILURE_SCHEMA.items() if t == pl.Utf8)
+NON_FINITE = "non_finite"  # failure error: the embedding had NaN or inf values (never stored)
+# Failure error of a tombstone: the path was dropped on purpose (`dfembed extract --prune-missing`, its file
+# left the input). Like any failure it hides earlier rows of the path; unlike one it is not listed as failed.
+REMOVED = "removed"
 
 # Label spellings besides the numbers; words say what they mean, so target_means never flips them.
 LABEL_WORDS: dict[str, int] = {
@@ -142,6 +146,22 @@ def require_compatible(have: dict | None, want: dict, *, what: str, fix: str, ex
     if have is None or (identity(have) == identity(want) if exact else compatible(have, want)):
         return
     raise UserError(f"{what} holds {describe_identity(have)}, not {describe_identity(want)}; {fix}")
+
+
+def require_same_input_root(stored: list[dict], provenance: dict, store: os.PathLike) -> None:
+    """UserError unless rows read from provenance["input_root"] may join shards of provenances `stored`.
+
+    Paths are stored relative to their input root, so rows of two roots would collide on equal
+    relative paths (newest wins would silently replace one image by another). One store therefore
+    holds one input root. Shards without "input_root" (imports) and writers without one are not checked.
+    """
+    new = provenance.get("input_root")
+    roots = {p["input_root"] for p in stored if p.get("input_root")}
+    if new is None or not roots or any(os.path.realpath(r) == os.path.realpath(new) for r in roots):
+        return
+    raise UserError(f"store {store} holds images of {sorted(roots)[0]}, not {new}; paths are stored relative to "
+                    "their folder, so two folders in one store could replace each other's rows: use another --out "
+                    "for this folder (or extract a folder that holds both into a new --out)")
 
 
 def parse_column_map(items: list[str]) -> dict[str, str]:

@@ -13,6 +13,7 @@ recorded as the user declared them, with `declared: true` and the source file's 
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import h5py
@@ -21,8 +22,7 @@ import polars as pl
 
 from dfclip.store import format as fmt
 from dfclip.errors import UserError
-from dfclip.store.reader import stored_provenance
-from dfclip.store.writer import ShardWriter, writer_lock
+from dfclip.store.writer import ShardWriter
 
 # Our column -> the SP_CUP CSV's column; --column path=NAME etc. override.
 DEFAULT_COLUMNS = {"path": "Image Path", "label": "Target"}
@@ -119,27 +119,37 @@ def import_h5(
             "imported_from": {"file": h5_path.name, "sha256": fmt.sha256_file(h5_path), "dataset": dataset,
                               "source_dtype": str(ds.dtype), "csv": csv_path.name},
         }
-        with writer_lock(out, 0):
-            # Before writing anything: a store holds one model's embeddings.
-            fmt.require_compatible(stored_provenance(out), {**provenance, "dim": dim}, what=f"store {out}",
-                                   fix="import into a different --out", exact=True)
-            w = ShardWriter(out, provenance, dim=dim, dtype=dtype, shard_size=shard_size)
-            try:
-                for a in range(0, n, shard_size):
-                    b = min(a + shard_size, n)
-                    block = ds[a:b]  # one block in memory at a time, not the whole matrix
-                    with np.errstate(over="ignore"):  # overflow is exactly what is checked here
-                        finite = np.isfinite(block.astype(dtype, copy=False)).all()
-                    if not finite:
-                        raise UserError(f"dataset {dataset!r} has non-finite values in rows {a}..{b - 1} as {dtype}; "
-                                        "fix the features or use --dtype float32")
-                    w.add(block, {c: v[a:b] for c, v in meta.items()})
-                w.close()
-            except BaseException:
-                w.remove_written()  # all or nothing: a half import would look like a whole one
-                raise
+        # All or nothing: every shard carries the import's id and shard count, and readers ignore the
+        # import until its last shard has landed, so a killed import never looks complete.
+        blocks = -(-n // shard_size)
+        w = ShardWriter(out, provenance, dim=dim, dtype=dtype, shard_size=shard_size, import_id=uuid.uuid4().hex,
+                        import_shards=blocks, expected_rows=n)  # refuses a store of another model
+        non_finite: list[int] = []
+        try:
+            for a in range(0, n, shard_size):
+                b = min(a + shard_size, n)
+                block = ds[a:b]  # one block in memory at a time, not the whole matrix
+                bad = w.add(block, {c: v[a:b] for c, v in meta.items()})  # NaN/inf rows become failures
+                non_finite.extend((a + np.flatnonzero(bad)).tolist())
+                w.flush()  # one shard per block, so the shard count is known up front
+            w.close()
+        except BaseException:
+            w.abort()  # a failed import leaves nothing behind
+            raise
     unique_paths = pl.Series(meta["path"]).n_unique()
-    return {"store": str(out), "rows": n, "dim": dim, "dtype": dtype, "shards": len(w.written),
-            "duplicate_paths": n - unique_paths, "labels": {str(k): int((labels == k).sum()) for k in (1, 0, -1)},
-            "sha256": provenance["imported_from"]["sha256"]}
+    return {"store": str(out), "rows": n - len(non_finite), "dim": dim, "dtype": dtype, "shards": len(w.written),
+            "duplicate_paths": n - unique_paths, "labels": {str(k): int((np.delete(labels, non_finite) == k).sum()) for k in (1, 0, -1)},
+            "sha256": provenance["imported_from"]["sha256"], "non_finite_rows": non_finite,
+            "non_finite_message": _non_finite_message(non_finite, dataset, dtype, w)}
+
+
+def _non_finite_message(rows: list[int], dataset: str, dtype: str, writer: ShardWriter) -> str:
+    """One line naming the rows that were logged as failures instead of stored, and the fix that applies."""
+    if not rows:
+        return ""
+    shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+    text = f"{len(rows)} rows of dataset {dataset!r} have NaN or inf values (rows {shown}) and were logged as failures"
+    if dtype == "float16" and writer.non_finite_overflow == len(rows):
+        return text + ": they only overflow float16; re-import with --dtype float32 to keep them"
+    return text + ": fix those rows in the features file to keep them"
 

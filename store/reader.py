@@ -30,26 +30,54 @@ class Shard:
     created_ns: int
     n_rows: int
     provenance: dict
+    all_finite: bool = False  # written by a dfclip writer that refuses NaN/inf rows
+    import_id: str | None = None  # shards of one all-or-nothing import share it
+    import_shards: int = 0  # how many shards that import writes
+
+
+def _read_shard(p: Path, rank: int, seq: int) -> Shard:
+    try:
+        with h5py.File(p, "r") as f:
+            if f.attrs["format"] != fmt.FORMAT_VERSION:  # never guess at a layout we don't know
+                raise UserError(f"{p} is in format {f.attrs['format']!r} but this dfclip reads "
+                                f"{fmt.FORMAT_VERSION!r}; upgrade dfclip or move the shard out of the store")
+            prov = json.loads(f.attrs["provenance"])
+            shape = f[fmt.EMBEDDINGS].shape
+            a = f.attrs
+            shard = Shard(p, rank, seq, int(a["created_ns"]), int(shape[0]), prov, bool(a.get("all_finite", False)),
+                          str(a["import_id"]) if "import_id" in a else None, int(a.get("import_shards", 0)))
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise _unreadable(p, e) from None
+    if len(shape) != 2 or shape[1] != prov.get("dim"):  # a shard from other tools: refuse it before anything reads it
+        raise UserError(f"{p} holds embeddings of shape {shape} but its provenance says dim {prov.get('dim')}; "
+                        "fix the shard's provenance (or its embeddings), or move it out of the store")
+    return shard
+
+
+def _all_shards(root: str | os.PathLike) -> tuple[list[Shard], list[Shard]]:
+    """(committed shards oldest first, shards of imports that never finished)."""
+    shards = []
+    for p in Path(root).glob(fmt.SHARD_GLOB):
+        if m := fmt.SHARD_RE.match(p.name):
+            shards.append(_read_shard(p, int(m.group(1)), int(m.group(2))))
+    # An import is all or nothing: its shards count once every one of them exists.
+    landed: dict[str, int] = {}
+    for s in shards:
+        if s.import_id is not None:
+            landed[s.import_id] = landed.get(s.import_id, 0) + 1
+    done = [s for s in shards if s.import_id is None or landed[s.import_id] >= s.import_shards]
+    unfinished = [s for s in shards if s.import_id is not None and landed[s.import_id] < s.import_shards]
+    return sorted(done, key=lambda s: (s.created_ns, s.rank, s.seq)), unfinished
 
 
 def list_shards(root: str | os.PathLike) -> list[Shard]:
-    """Every committed shard, oldest first (temp files and other names are ignored)."""
-    shards = []
-    for p in Path(root).glob(fmt.SHARD_GLOB):
-        m = fmt.SHARD_RE.match(p.name)
-        if not m:
-            continue
-        try:
-            with h5py.File(p, "r") as f:
-                if f.attrs["format"] != fmt.FORMAT_VERSION:  # never guess at a layout we don't know
-                    raise UserError(f"{p} is in format {f.attrs['format']!r} but this dfclip reads "
-                                    f"{fmt.FORMAT_VERSION!r}; upgrade dfclip or move the shard out of the store")
-                prov = json.loads(f.attrs["provenance"])
-                shards.append(Shard(p, int(m.group(1)), int(m.group(2)), int(f.attrs["created_ns"]),
-                                    int(f[fmt.EMBEDDINGS].shape[0]), prov))
-        except (OSError, KeyError, ValueError) as e:
-            raise _unreadable(p, e) from None
-    return sorted(shards, key=lambda s: (s.created_ns, s.rank, s.seq))
+    """Every committed shard, oldest first (temp files, other names and unfinished imports are ignored)."""
+    return _all_shards(root)[0]
+
+
+def incomplete_import_shards(root: str | os.PathLike) -> list[Path]:
+    """Shards of an import that was killed before writing its last shard (readers ignore them)."""
+    return [s.path for s in _all_shards(root)[1]] if Path(root).is_dir() else []
 
 
 def stored_provenance(root: str | os.PathLike) -> dict | None:
@@ -66,6 +94,32 @@ def _strings(ds) -> np.ndarray:
     return ds.asstr()[:] if len(ds) else np.array([], dtype=object)
 
 
+def _read_cache(cache: Path) -> pl.DataFrame:
+    """A shard's metadata cache; a bad one is named as the cache (deleting it is safe), never as the shard."""
+    try:
+        cached = pl.read_parquet(cache)
+        if cached.schema != pl.Schema(fmt.ROW_SCHEMA):
+            raise ValueError(f"columns {dict(cached.schema)} are not {dict(fmt.ROW_SCHEMA)}")
+        return cached
+    except PermissionError:
+        raise UserError(f"cannot read metadata cache {cache}: permission denied; fix its permissions or delete it "
+                        "(safe: it is only a copy of its shard's metadata)") from None
+    except (OSError, ValueError, pl.exceptions.PolarsError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"metadata cache {cache} is damaged ({first}); delete it "
+                        "(safe: it is only a copy of its shard's metadata, which the shard still holds)") from None
+
+
+def _check_labels(rows: list[pl.DataFrame], shards: list[Shard]) -> None:
+    """Labels are 1, 0 or -1; a shard written by other tools may hold anything else."""
+    for frame, s in zip(rows, shards):
+        bad = frame.filter(~pl.col("label").is_in([1, 0, -1]))
+        if bad.height:
+            values = ", ".join(str(v) for v in bad["label"].unique().sort().head(5).to_list())
+            raise UserError(f"{s.path} has {bad.height} rows with label {values} (labels are 1 fake, 0 real, "
+                            "-1 unknown); fix the shard's label dataset or move it out of the store")
+
+
 class Store:
     """A read-only view of a store directory. Build it with `store.open(dir)`.
 
@@ -75,9 +129,12 @@ class Store:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        if self.root.is_file():
+            raise UserError(f"{self.root} is a file, not a store folder; pass the folder that holds the shard-*.h5 files")
         if not self.root.is_dir():
             raise UserError(f"store {self.root} does not exist; create it with `dfembed extract IMAGES --out {self.root}`")
-        self.shards = list_shards(self.root)
+        self.shards, unfinished = _all_shards(self.root)
+        self.unfinished_imports = [s.path for s in unfinished]
         if not self.shards:
             raise UserError(f"store {self.root} has no shards; run `dfembed extract IMAGES --out {self.root}` first")
         self.provenance = self.shards[0].provenance
@@ -99,9 +156,9 @@ class Store:
     def _scan(self) -> None:
         rows, fails = [], []
         for i, s in enumerate(self.shards):
+            cache = s.path.with_name(fmt.meta_cache_name(s.path.name, s.created_ns))
+            cached = _read_cache(cache) if cache.is_file() else None
             try:  # a file named like a shard but missing datasets is the user's to move, not a crash
-                cache = s.path.with_name(fmt.meta_cache_name(s.path.name, s.created_ns))
-                cached = pl.read_parquet(cache) if cache.is_file() else None
                 with h5py.File(s.path, "r") as f:
                     if cached is not None and cached.height == s.n_rows:
                         cols = {c: cached[c] for c in fmt.ROW_COLUMNS}
@@ -116,6 +173,7 @@ class Store:
                     fails.append(pl.DataFrame(fcols, schema=fmt.FAILURE_SCHEMA).with_columns(shard=pl.lit(i, pl.Int32)))
             except (OSError, KeyError, ValueError, pl.exceptions.PolarsError) as e:
                 raise _unreadable(s.path, e) from None
+        _check_labels(rows, self.shards)
         events = pl.concat([
             pl.concat(rows).select("path", "shard").with_columns(ok=pl.lit(True)),
             pl.concat(fails).select("path", "shard").with_columns(ok=pl.lit(False)),
@@ -128,7 +186,8 @@ class Store:
                       .sort(["shard", "row"]).unique("path", keep="last", maintain_order=True))
         failed = last.filter(~pl.col("ok")).select("path", "shard")
         self._failures = (pl.concat(fails).join(failed, on=["path", "shard"], how="semi")
-                          .unique(["path", "shard"], keep="last").sort("path").drop("shard"))
+                          .unique(["path", "shard"], keep="last").sort("path").drop("shard")
+                          .filter(pl.col("error") != fmt.REMOVED))  # tombstones drop a path, they are no failure
 
     @property
     def meta(self) -> pl.DataFrame:
@@ -213,9 +272,37 @@ class Store:
             "store": str(self.root), "rows": m.height, "dim": self.dim, "dtype": p.get("dtype"),
             "model": p.get("model"), "pretrained": fmt.weights_name(p), "feature": p.get("feature"),
             "shards": len(self.shards), "labels": by("label"), "sources": by("source"), "splits": by("split"),
-            "failures": self.failures.height,
+            "failures": self.failures.height, "non_finite": self.non_finite_rows(),
+            "missing_inputs": self.missing_inputs().height, "input_root": p.get("input_root"),
+            "unfinished_import_shards": len(self.unfinished_imports),
             "bytes_on_disk": sum(f.stat().st_size for f in self.root.iterdir() if f.is_file()),
         }
+
+    def non_finite_rows(self) -> int:
+        """Live rows whose embedding has NaN or inf. Shards of a dfclip writer are finite by construction
+        (attribute all_finite); others (written by other tools, or by dfclip before it checked) are read."""
+        bad = []
+        for i, s in enumerate(self.shards):
+            if s.all_finite or s.n_rows == 0:
+                continue
+            with h5py.File(s.path, "r") as f:
+                ds = f[fmt.EMBEDDINGS]
+                for a in range(0, s.n_rows, 65536):  # bounded memory on any shard size
+                    block = ds[a:a + 65536]
+                    rows = a + np.flatnonzero(~np.isfinite(block).all(axis=1))
+                    bad.append(pl.DataFrame({"shard": np.full(len(rows), i, np.int32), "row": rows.astype(np.int64)}))
+        if not bad:
+            return 0
+        return self.meta.join(pl.concat(bad), on=["shard", "row"], how="semi").height
+
+    def missing_inputs(self) -> pl.DataFrame:
+        """Live rows whose image file is gone from the store's input folder (provenance input_root);
+        empty for imported stores, which read no image files. `dfembed extract --prune-missing` drops them."""
+        root = self.provenance.get("input_root")
+        if not root:
+            return self.meta.clear()
+        gone = [not os.path.isfile(os.path.join(root, p)) for p in self.meta["path"].to_list()]
+        return self.meta.filter(pl.Series(gone, dtype=pl.Boolean))
 
     def write_failures_view(self) -> Path:
         """Rebuild failures.parquet (atomically) from the shards, the source of truth."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +26,10 @@ def _chunk_rows(dim: int, itemsize: int) -> int:
     return max(1, (1 << 20) // max(1, dim * itemsize))
 
 
+class ReadOnlyStore(UserError):
+    """The store folder cannot be written (permissions, read-only file system)."""
+
+
 class ShardWriter:
     """Buffers rows and writes them as immutable HDF5 shards of at most `shard_size` rows.
 
@@ -31,6 +37,14 @@ class ShardWriter:
     so a reader (or a resumed run) never sees a half-written shard. A killed writer loses at
     most its unflushed buffer, which a resumed run recomputes; it never duplicates a row.
     Leaving the context (normally or by an exception) flushes the completed rows.
+
+    The writer trusts no caller: it takes the writer lock of its rank for its whole life
+    (UserError if another writer holds it), refuses a store holding another model's
+    embeddings or rows of another input root (provenance "input_root"), and turns rows whose
+    embedding is NaN or inf once stored in `dtype` into failures (error "non_finite").
+    import_id / import_shards mark the shards of one all-or-nothing import: readers ignore
+    them until all import_shards shards of that id exist (docs/store-format.md).
+    expected_rows (optional) is how many rows the caller means to add, for the disk-full message.
     """
 
     def __init__(
@@ -42,11 +56,27 @@ class ShardWriter:
         dtype: str = "float16",
         shard_size: int = 16384,
         rank: int = 0,
+        import_id: str | None = None,
+        import_shards: int | None = None,
+        expected_rows: int | None = None,
     ) -> None:
         fmt.check_layout(dtype, shard_size)
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self.provenance = {**provenance, "dim": int(dim), "dtype": dtype}
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(writer_lock(self.root, int(rank)))
+        try:
+            self._check_store()
+            self._start(dim, dtype, shard_size, rank, import_id, import_shards, expected_rows)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _start(self, dim, dtype, shard_size, rank, import_id, import_shards, expected_rows) -> None:
+        self.import_id, self.import_shards, self.expected_rows = import_id, import_shards, expected_rows
+        self._broken = False  # a failed flush (disk full): close() must not try again
+        self.non_finite = 0  # rows logged as failures for NaN/inf embeddings
+        self.non_finite_overflow = 0  # of which finite as given, infinite only in the stored dtype
         self.dim, self.dtype, self.shard_size, self.rank = int(dim), np.dtype(dtype), int(shard_size), int(rank)
         self._emb = np.empty((self.shard_size, self.dim), dtype=self.dtype)
         self._n = 0
@@ -59,11 +89,26 @@ class ShardWriter:
         self.rows_written = 0
         self.failures_written = 0
 
+    def _check_store(self) -> None:
+        """Refuse rows that may not join this store: another model, or another input root."""
+        from dfclip.store.reader import list_shards  # the reader knows which shards count
+
+        shards = list_shards(self.root)
+        fmt.require_compatible(shards[0].provenance if shards else None, self.provenance,
+                               what=f"store {self.root}", fix="use another --out for this model", exact=True)
+        fmt.require_same_input_root([s.provenance for s in shards], self.provenance, self.root)
+
     def _remove_stale_temps(self) -> None:
         # Temps of this rank can only come from a dead writer: the lock excludes live ones. So can
-        # a metadata cache whose shard never made it into place.
+        # a metadata cache whose shard never made it into place, and the shards of an import that
+        # was killed before it wrote its last one (readers ignore them).
+        from dfclip.store.reader import incomplete_import_shards
+
         for p in self.root.glob(f".shard-r{self.rank:03d}-*.tmp*"):
             p.unlink(missing_ok=True)
+        for p in incomplete_import_shards(self.root):
+            if (m := fmt.SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank:
+                _remove_shard(p)
         for p in self.root.glob(f"shard-r{self.rank:03d}-*.h5.meta-*.parquet"):
             if not (self.root / p.name.split(".meta-")[0]).exists():
                 p.unlink(missing_ok=True)
@@ -75,8 +120,12 @@ class ShardWriter:
         pl.DataFrame(columns, height=n).write_parquet(tmp)
         os.replace(tmp, cache)
 
-    def add(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray]) -> None:
-        """Append rows. `rows` has every column of fmt.ROW_SCHEMA, one entry per row."""
+    def add(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray]) -> np.ndarray:
+        """Append rows. `rows` has every column of fmt.ROW_SCHEMA, one entry per row.
+
+        Rows whose embedding is not finite in the stored dtype are recorded as failures instead
+        (error fmt.NON_FINITE). Returns the boolean mask of those rows.
+        """
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must be (n, {self.dim}), got {embeddings.shape}")
@@ -85,6 +134,29 @@ class ShardWriter:
         bad = [c for c in self._meta if c not in rows or len(rows[c]) != len(embeddings)]
         if bad:
             raise ValueError(f"rows must have {len(embeddings)} entries in each of {list(self._meta)}; check {bad}")
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is exactly what is checked
+            stored = embeddings.astype(self.dtype, copy=False)
+            non_finite = ~np.isfinite(stored).all(axis=1)
+        if non_finite.any():
+            embeddings, rows = self._divert_non_finite(embeddings, rows, non_finite)
+        self._buffer(embeddings, rows)
+        return non_finite
+
+    def _divert_non_finite(self, embeddings: np.ndarray, rows: dict, non_finite: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Log rows with NaN/inf embeddings as failures; return the other rows."""
+        source_finite = np.isfinite(embeddings[non_finite]).all(axis=1)
+        for i, overflow in zip(np.flatnonzero(non_finite), source_finite):
+            message = (f"embedding overflows {self.dtype} (a value beyond +-65504); --dtype float32 stores it"
+                       if overflow else "embedding has NaN or inf values")
+            self.add_failure(str(rows["path"][i]), int(rows["size"][i]), int(rows["mtime_ns"][i]), fmt.NON_FINITE,
+                             message)
+        self.non_finite += int(non_finite.sum())
+        self.non_finite_overflow += int(source_finite.sum())
+        keep = np.flatnonzero(~non_finite)
+        return embeddings[keep], {c: [rows[c][i] for i in keep] if isinstance(rows[c], list) else np.asarray(rows[c])[keep]
+                                  for c in self._meta}
+
+    def _buffer(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray]) -> None:
         n, start = len(embeddings), 0
         while start < n:
             take = min(n - start, self.shard_size - self._n)
@@ -109,11 +181,49 @@ class ShardWriter:
         name = fmt.shard_name(self.rank, self._seq)
         tmp = self.root / f".{name}.tmp{os.getpid()}"
         created_ns = time.time_ns()
+        try:
+            self._write_shard(tmp, created_ns, n, nf)
+            self._write_meta_cache(name, created_ns, n)  # before the shard: a live shard never lacks it
+            os.replace(tmp, self.root / name)
+        except BaseException as e:
+            # Nothing of a shard that did not land may stay: not its temp, not its cache.
+            self._broken = True
+            tmp.unlink(missing_ok=True)
+            for p in self.root.glob(f".{name}.meta-*.tmp*"):
+                p.unlink(missing_ok=True)
+            (self.root / fmt.meta_cache_name(name, created_ns)).unlink(missing_ok=True)
+            if isinstance(e, Exception) and _is_disk_full(e):
+                raise UserError(self._disk_full_message(n)) from None
+            raise
+        _fsync_dir(self.root)
+        self.written.append(self.root / name)
+        self.rows_written += n
+        self.failures_written += nf
+        self._seq += 1
+        self._n = 0
+        for d in (self._meta, self._fail):
+            for c in d:
+                d[c].clear()
+        return self.root / name
+
+    def _disk_full_message(self, n: int) -> str:
+        row_bytes = self.dim * self.dtype.itemsize + 200  # the embedding plus its metadata, roughly
+        left = max(n, (self.expected_rows or 0) - self.rows_written)
+        free = shutil.disk_usage(self.root).free
+        return (f"no space left on the device of store {self.root}: this shard needs about {_size(n * row_bytes)} and "
+                f"the {left} rows still to write about {_size(left * row_bytes)} ({_size(free)} free); "
+                "free some space and re-run the same command to resume (completed shards are kept)")
+
+    def _write_shard(self, tmp: Path, created_ns: int, n: int, nf: int) -> None:
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = fmt.FORMAT_VERSION
             f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True, default=str)
             f.attrs["created_ns"] = created_ns
             f.attrs["rank"] = self.rank
+            f.attrs["all_finite"] = True  # add() diverted non-finite rows to failures
+            if self.import_id is not None:
+                f.attrs["import_id"] = self.import_id
+                f.attrs["import_shards"] = int(self.import_shards)
             chunks = (min(n, _chunk_rows(self.dim, self.dtype.itemsize)), self.dim) if n else None
             f.create_dataset(fmt.EMBEDDINGS, data=self._emb[:n], chunks=chunks)
             for c in fmt.STRING_COLUMNS:
@@ -128,35 +238,53 @@ class ShardWriter:
                 g.create_dataset(c, data=np.array(self._fail[c], dtype=np.int64), shape=(nf,))
             f.flush()
             os.fsync(f.id.get_vfd_handle())
-        self._write_meta_cache(name, created_ns, n)  # before the shard: a live shard never lacks it
-        os.replace(tmp, self.root / name)
-        _fsync_dir(self.root)
-        self.written.append(self.root / name)
-        self.rows_written += n
-        self.failures_written += nf
-        self._seq += 1
-        self._n = 0
-        for d in (self._meta, self._fail):
-            for c in d:
-                d[c].clear()
-        return self.root / name
 
     def remove_written(self) -> None:
         """Delete every shard (and its metadata cache) this writer committed, e.g. to undo an import."""
         for shard in self.written:
-            shard.unlink(missing_ok=True)
-            for cache in shard.parent.glob(f"{shard.name}.meta-*.parquet"):
-                cache.unlink(missing_ok=True)
+            _remove_shard(shard)
         self.written.clear()
 
+    def abort(self) -> None:
+        """Drop the buffer, delete every shard this writer committed and release the lock (undo an import)."""
+        self._broken = True
+        self.remove_written()
+        self.close()
+
     def close(self) -> None:
-        self.flush()
+        """Flush the buffer and release the lock (once; later calls do nothing)."""
+        try:
+            if not self._broken and self._lock is not None:
+                self.flush()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
 
     def __enter__(self) -> "ShardWriter":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("KiB", "MiB", "GiB"):
+        n_bytes /= 1024
+        if n_bytes < 1024 or unit == "GiB":
+            return f"{n_bytes:.1f} {unit}"
+
+
+def _remove_shard(shard: Path) -> None:
+    shard.unlink(missing_ok=True)
+    for cache in shard.parent.glob(f"{shard.name}.meta-*.parquet"):
+        cache.unlink(missing_ok=True)
+
+
+def _is_disk_full(e: Exception) -> bool:
+    """h5py and polars report ENOSPC in their own words, not always with errno set."""
+    text = str(e)
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "errno = 28" in text
 
 
 def _fsync_dir(path: Path) -> None:
@@ -192,9 +320,17 @@ def writer_lock(root: str | os.PathLike, rank: int = 0):
     torchrun ranks lock different files; two plain runs on one store collide on rank 0.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     path = root / f".lock-r{rank:03d}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if root.exists() and not root.is_dir():
+            raise UserError(f"--out {root} is a file; pass a store directory (new or from an earlier run)")
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ReadOnlyStore(f"store {root} is read-only ({e.strerror}: {e.filename}); "
+                                "give write permission, or use another --out") from None
+        raise
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

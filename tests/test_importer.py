@@ -1,6 +1,8 @@
 """`dfembed import-h5`: SP_CUP-style features + labels CSV -> a store, and every user error."""
 
 import hashlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -107,18 +109,78 @@ def test_train_and_val_files_share_one_store(tmp_path, cup):
     assert store.open(out).select(split="train").height == N
 
 
-def test_non_finite_block_rolls_back_the_whole_import(tmp_path, cup):
+def _features(tmp_path, feats, name="bad.h5"):
+    path = tmp_path / name
+    with h5py.File(path, "w") as f:
+        f.create_dataset("train_features", data=feats)
+    return path
+
+
+def test_non_finite_rows_become_failures_named_by_row(tmp_path, cup):
+    """Issue 9 items 5 and 17: NaN/inf rows are never stored; the message names them and advises
+    --dtype float32 only when that would keep them."""
     h5, csv, feats, _ = cup
-    bad = tmp_path / "bad.h5"
     big = feats.copy()
-    big[40, 3] = 1e6  # overflows float16 to inf, in the last block
-    with h5py.File(bad, "w") as f:
-        f.create_dataset("train_features", data=big)
-    with pytest.raises(UserError, match="non-finite.*rows 40..44.*float32"):
-        import_h5(bad, csv, out=tmp_path / "emb", shard_size=10)
-    assert not list((tmp_path / "emb").glob("shard-*"))  # the 4 earlier shards were removed
-    import_h5(bad, csv, out=tmp_path / "emb", shard_size=10, dtype="float32")  # the suggested fix works
-    assert len(store.open(tmp_path / "emb")) == N
+    big[40, 3] = 1e6  # overflows float16 to inf
+    rep = import_h5(_features(tmp_path, big), csv, out=tmp_path / "a", shard_size=10)
+    s = store.open(tmp_path / "a")
+    assert len(s) == N - 1 and rep["non_finite_rows"] == [40]
+    assert s.failures["error"].to_list() == ["non_finite"] and s.failures["path"].to_list() == [f"/data/cup/train/0040.jpg"]
+    assert "rows 40)" in rep["non_finite_message"] and "--dtype float32" in rep["non_finite_message"]
+    assert np.isfinite(s.load()[0]).all()
+
+    big[7, 0] = np.nan  # a real NaN: float32 would not help
+    rep = import_h5(_features(tmp_path, big, "nan.h5"), csv, out=tmp_path / "b", shard_size=10)
+    assert rep["non_finite_rows"] == [7, 40] and "rows 7, 40)" in rep["non_finite_message"]
+    assert "float32" not in rep["non_finite_message"]
+    rep = import_h5(_features(tmp_path, big, "nan.h5"), csv, out=tmp_path / "c", dtype="float32")
+    assert rep["non_finite_rows"] == [7] and "float32" not in rep["non_finite_message"]  # already float32
+    assert len(store.open(tmp_path / "c")) == N - 1
+
+    r = invoke("import-h5", _features(tmp_path, big, "nan.h5"), "--csv", csv, "--out", tmp_path / "d")
+    assert r.exit_code == 0 and "2 rows of dataset 'train_features' have NaN or inf values (rows 7, 40)" in r.output
+
+
+KILL_AFTER_TWO_SHARDS = """
+import os, signal, sys
+from dfclip.store import writer
+from dfclip.store.importer import import_h5
+real, done = writer.ShardWriter.flush, []
+def flush(self):
+    path = real(self)
+    if path is not None:
+        done.append(path)
+        if len(done) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return path
+writer.ShardWriter.flush = flush
+import_h5(sys.argv[1], sys.argv[2], out=sys.argv[3], shard_size=10, split=sys.argv[4])
+"""
+
+
+def test_killed_import_is_invisible_and_cleaned_by_the_next_writer(tmp_path, cup):
+    """Issue 9 item 3: after SIGKILL half-way, readers see none of the import (alone or beside an
+    earlier import), and a re-run imports everything once."""
+    h5, csv, feats, _ = cup
+    out = tmp_path / "emb"
+
+    def killed(split):
+        r = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO_SHARDS, h5, csv, out, split],
+                           capture_output=True, text=True, env={**os.environ})
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        assert len(list(out.glob("shard-*.h5"))) >= 2  # two of the five shards landed ...
+
+    killed("train")
+    with pytest.raises(UserError, match="has no shards"):  # ... and count for nothing
+        store.open(out)
+    import_h5(h5, csv, out=out, shard_size=10, split="val")
+    s = store.open(out)
+    assert len(s) == N and set(s.meta["split"]) == {"val"} and len(s.shards) == 5
+    assert len(list(out.glob("shard-*.h5"))) == 5  # the killed import's shards were deleted
+
+    killed("train")  # a killed import beside a complete one hides nothing and adds nothing
+    s = store.open(out)
+    assert len(s) == N and set(s.meta["split"]) == {"val"} and s.info()["unfinished_import_shards"] == 2
 
 
 def _fails(tmp_path, args, *must_contain):
