@@ -11,13 +11,21 @@ heads.run.predict_store scores.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from pathlib import Path
+from typing import Callable
 
 import polars as pl
 
+from dfclip.errors import UserError
+
+TEMP_PREFIX = "dfclip-predict-"
+
 
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",
-                   workers: int = 2, progress: bool = True) -> pl.DataFrame:
+                   workers: int = 2, progress: bool = True, failures_csv: str | os.PathLike | None = None,
+                   log: Callable[[str], None] = print) -> pl.DataFrame:
     """Score a folder of images (or one image file) with a trained run.
 
     The images are embedded exactly as the run's training store was (same model, weights,
@@ -25,13 +33,44 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     `workers` decode processes, and scored with the threshold chosen at fit time.
     Returns path (relative to `images`; the file name for one image), score (probability of
     fake), pred (1 fake, 0 real) and label (from real/fake folder names, -1 when none), sorted by
-    path. Raises UserError when the run cannot rebuild its backbone (e.g. imported embeddings).
+    path. Images that cannot be read get no row: they are written with their reason to
+    `failures_csv` (path, error, message) when given. Raises UserError when the run cannot
+    rebuild its backbone (e.g. imported embeddings) or when no image could be read.
     """
+    from dfclip import store
     from dfclip.embed.extract import extract_like
     from dfclip.heads.report import load_run_config
     from dfclip.heads.run import predict_store
 
     provenance = load_run_config(run_dir)["provenance"]
-    with tempfile.TemporaryDirectory(prefix="dfclip-predict-") as tmp:
+    _remove_stale_temp_folders()
+    # The pid in the name lets a later predict remove this folder if the process is killed (SIGKILL).
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         summary = extract_like(provenance, images, tmp, device=device, workers=workers, progress=progress)
-        return predict_store(run_dir, summary["store"], device=device)
+        failures = store.open(summary["store"]).failures if summary["failed"] else None
+        if failures is not None and failures_csv is not None:
+            failures.select("path", "error", "message").sort("path").write_csv(failures_csv)
+        if summary["embedded"] == 0:
+            reasons = ", ".join(f"{n} {k}" for k, n in failures["error"].value_counts(sort=True).iter_rows()) \
+                if failures is not None else "no images found"
+            where = f"; listed in {failures_csv}" if failures is not None and failures_csv is not None else ""
+            raise UserError(f"none of the images in {images} could be scored ({reasons}){where}")
+        return predict_store(run_dir, summary["store"], device=device, log=log)
+
+
+def _remove_stale_temp_folders() -> None:
+    """Remove temporary folders of earlier predicts whose process is gone (killed before cleaning up)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        pid = folder.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
