@@ -180,7 +180,10 @@ def config_from_dict(values: dict, *, source: str = "settings") -> RunConfig:
     before `per_sample` became `loss` still load) and fields missing from old files take their defaults.
     """
     values = _known_fields(values, source)
-    if "holdout_sources" in values:
+    t = values.get("threshold")
+    if isinstance(t, (int, float)) and not isinstance(t, bool):  # "threshold": 0.5 in a preset means "0.5"
+        values["threshold"] = str(t)
+    if isinstance(values.get("holdout_sources"), list):  # anything else is left for validate() to name
         values["holdout_sources"] = tuple(values["holdout_sources"])
     return RunConfig(**values)
 

@@ -142,8 +142,9 @@ def _log_epoch(log: Callable[[str], None], epoch: int, epochs: int, values: list
         log(f"epoch {epoch:3d}/{epochs}  loss {tl[0]:.4f}  val_loss {vl[0]:.4f}  val_auc {va[0]:.4f}  "
             f"val_eer {ve[0]:.4f}  {seconds:.1f}s")
     else:
-        log(f"epoch {epoch:3d}/{epochs}  {len(tl)} heads  val_auc best {np.nanmax(va):.4f} mean {np.nanmean(va):.4f}  "
-            f"{seconds:.1f}s")
+        finite = [v for v in va if math.isfinite(v)]  # diverged heads score NaN
+        auc = f"val_auc best {max(finite):.4f} mean {sum(finite) / len(finite):.4f}" if finite else "no finite val_auc"
+        log(f"epoch {epoch:3d}/{epochs}  {len(tl)} heads  {auc}  {seconds:.1f}s")
 
 
 def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None] = print,
