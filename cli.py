@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,11 +40,15 @@ def _main(app: typer.Typer, interrupted: str) -> None:
     if not sys.argv[1:]:  # no command: the help page, and exit 2 like any other usage error
         app(["--help"], standalone_mode=False)
         sys.exit(2)
+    # SIGTERM (kill, a scheduler's timeout) becomes SystemExit, so `finally` blocks and context
+    # managers still run: temporary folders go and no half-written file stays behind.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         # standalone_mode=False hands usage errors to us, so they print as one line like every other error.
         code = app(standalone_mode=False)
     except UserError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        for line in str(e).splitlines() or [""]:  # several problems (a hand-edited config.json): one line each
+            console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.TyperException as e:
         # Public API only: typer.TyperException (typer >= 0.27.2, hence the floor in pyproject.toml)
@@ -60,6 +65,10 @@ def _main(app: typer.Typer, interrupted: str) -> None:
     if code == 130:
         console.print(f"[yellow]interrupted[/]: {interrupted}")
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def dfembed_main() -> None:
@@ -366,7 +375,7 @@ def eval_(
     """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video)."""
     from dfclip.heads.run import evaluate_run
 
-    rep = evaluate_run(run, store_dir, device=device)
+    rep = evaluate_run(run, store_dir, device=device, log=_warn)
     if as_json:
         out.print_json(json.dumps(rep))
         return
@@ -387,20 +396,49 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding workers when embedding images.")] = 2,
 ) -> None:
-    """Score a store or images with a trained run, using the threshold chosen at fit time."""
+    """Score a store or images with a trained run, using the threshold chosen at fit time.
+
+    Images that cannot be read are listed with their reason in OUT's sibling NAME.failures.csv;
+    when none can be scored the command fails.
+    """
+    from dfclip.heads.report import check_writable_file
+
     if (images is None) == (store_dir is None):
         raise UserError("give either IMAGES (a folder or file) or --store STORE, not both")
+    check_writable_file(out_csv, "--out")
+    failures_csv = out_csv.with_name(f"{out_csv.stem}.failures.csv")
+    failures_csv.unlink(missing_ok=True)  # never leave an earlier run's failures beside new scores
     if images is not None:
         from dfclip.pipeline import predict_images
 
-        df = predict_images(run, images, device=device, workers=workers)
+        df = predict_images(run, images, device=device, workers=workers, failures_csv=failures_csv, log=_warn)
     else:
         from dfclip.heads.run import predict_store
 
-        df = predict_store(run, store_dir, device=device)
+        df = predict_store(run, store_dir, device=device, log=_warn)
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())
-    out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real")
+    out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real",
+              highlight=False)
+    if failures_csv.is_file():
+        import polars as pl
+
+        failed = pl.read_csv(failures_csv)
+        reasons = ", ".join(f"{n} {k}" for k, n in failed["error"].value_counts(sort=True).iter_rows())
+        _warn(f"{failed.height} images could not be read ({reasons}): not scored, listed in {failures_csv}")
+
+
+def _warn(line: str) -> None:
+    """A warning from the library (dropped rows, unreadable images) on stderr, one line."""
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _full_floats(df, columns):
+    """Settings columns as text in full (alpha 1e-05, not 0.0000 at the table's 4 decimals)."""
+    import polars as pl
+
+    return df.with_columns(pl.col(c).map_elements(lambda v: f"{v:g}", return_dtype=pl.Utf8)
+                           for c in columns if c in df.columns and df[c].dtype.is_float())
 
 
 @head_app.command()
@@ -413,7 +451,7 @@ def runs(
     import polars as pl
 
     with pl.Config(tbl_rows=200, tbl_cols=20, float_precision=4, tbl_width_chars=160):
-        out.print(list_runs(runs_dir))
+        out.print(_full_floats(list_runs(runs_dir), ("alpha", "gamma", "rho", "lr")))
 
 
 @head_app.command(epilog="Memory: the embeddings once plus, per head, about 6x its weights and a batch of "
@@ -454,11 +492,12 @@ def sweep(
 
         import polars as pl
 
-        show = [c for c in varying_columns(board) if c != "seed"] + ["seeds"] + [
+        settings = [c for c in varying_columns(board) if c != "seed"]
+        show = settings + ["seeds"] + (["diverged"] if "diverged" in board.columns and board["diverged"].sum() else []) + [
             c for c in ("val_auc_mean", "val_auc_std", "val_loss_mean", "val_eer_mean", "holdout_auc_mean")
             if c in board.columns]
         with pl.Config(tbl_rows=50, float_precision=4, tbl_width_chars=160):
-            out.print(board.select(show))
+            out.print(_full_floats(board.select(show), settings))
         out.print(f"leaderboard: {out_dir / 'leaderboard.parquet'}   best run: {out_dir / 'best'}")
 
 

@@ -15,7 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from typing import Callable
+
 import polars as pl
+
+from dfclip.errors import UserError
 
 TEMP_PREFIX = "dfclip-predict-"  # + "<pid>-": whose temporary store it is
 
@@ -45,7 +49,8 @@ def _alive(pid: int) -> bool:
 
 
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",
-                   workers: int = 2, progress: bool = True) -> pl.DataFrame:
+                   workers: int = 2, progress: bool = True, failures_csv: str | os.PathLike | None = None,
+                   log: Callable[[str], None] = print) -> pl.DataFrame:
     """Score a folder of images (or one image file) with a trained run.
 
     The images are embedded exactly as the run's training store was (same model, weights,
@@ -53,8 +58,11 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     `workers` decode processes, and scored with the threshold chosen at fit time.
     Returns path (relative to `images`; the file name for one image), score (probability of
     fake), pred (1 fake, 0 real) and label (from real/fake folder names, -1 when none), sorted by
-    path. Raises UserError when the run cannot rebuild its backbone (e.g. imported embeddings).
+    path. Images that cannot be read get no row: they are written with their reason to
+    `failures_csv` (path, error, message) when given. Raises UserError when the run cannot
+    rebuild its backbone (e.g. imported embeddings) or when no image could be read.
     """
+    from dfclip import store
     from dfclip.embed.extract import extract_like
     from dfclip.heads.report import load_run_config
     from dfclip.heads.run import predict_store
@@ -63,4 +71,13 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     remove_dead_temps()
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         summary = extract_like(provenance, images, tmp, device=device, workers=workers, progress=progress)
-        return predict_store(run_dir, summary["store"], device=device)
+        failures = store.open(summary["store"]).failures if summary["failed"] else None
+        if failures is not None and failures_csv is not None:
+            failures.select("path", "error", "message").sort("path").write_csv(failures_csv)
+        if summary["embedded"] == 0:
+            reasons = ", ".join(f"{n} {k}" for k, n in failures["error"].value_counts(sort=True).iter_rows()) \
+                if failures is not None else "no images found"
+            where = f"; listed in {failures_csv}" if failures is not None and failures_csv is not None else ""
+            raise UserError(f"none of the images in {images} could be scored ({reasons}){where}")
+        return predict_store(run_dir, summary["store"], device=device, log=log)
+

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +194,10 @@ def config_from_dict(values: dict, *, source: str = "settings") -> RunConfig:
     before `per_sample` became `loss` still load) and fields missing from old files take their defaults.
     """
     values = _known_fields(values, source)
-    if "holdout_sources" in values:
+    t = values.get("threshold")
+    if isinstance(t, (int, float)) and not isinstance(t, bool):  # "threshold": 0.5 in a preset means "0.5"
+        values["threshold"] = str(t)
+    if isinstance(values.get("holdout_sources"), list):  # anything else is left for validate() to name
         values["holdout_sources"] = tuple(values["holdout_sources"])
     return RunConfig(**values)
 
@@ -206,41 +210,86 @@ def make_config(preset: str | None = None, **overrides) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> RunConfig:
-    """Raise UserError naming the bad option and its valid range."""
-    def bad(opt: str, why: str) -> UserError:
-        return UserError(f"{option_name(opt)} {why}")
+    """Raise UserError naming every bad setting and its valid range, one line per problem.
+
+    Types and finiteness come first, for every field at once (a preset or a hand-edited
+    config.json can hold "abc", null or NaN, and `nan < 0` is False, so a range check alone
+    would let NaN through); the range checks then only see real, finite numbers.
+    """
+    problems = _type_problems(cfg)
+    if not problems:
+        problems = _range_problems(cfg)
+    if problems:
+        raise UserError("\n".join(problems))
+    return cfg
+
+
+def _type_problems(cfg: RunConfig) -> list[str]:
+    """One line per field whose value is not of its type (or not finite, for numbers)."""
+    problems = []
+    for name in FIELDS:
+        v, kind = getattr(cfg, name), value_type(name)
+        if v is None and name == "hidden":
+            continue
+        values = v if is_list(name) else (v,)
+        if is_list(name) and not isinstance(v, (list, tuple)):
+            ok = False
+        elif kind is bool:
+            ok = all(isinstance(x, bool) for x in values)
+        elif kind is int:
+            ok = all(isinstance(x, int) and not isinstance(x, bool) for x in values)
+        elif kind is float:
+            ok = all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in values)
+        else:
+            ok = all(isinstance(x, str) for x in values)
+        if not ok:
+            what = {float: "a finite number", int: "a whole number", bool: "true or false"}.get(kind, "text")
+            problems.append(f"{option_name(name)} must be {what}, got {v!r}")
+    return problems
+
+
+def _range_problems(cfg: RunConfig) -> list[str]:
+    problems = []
+
+    def bad(opt: str, why: str) -> None:
+        problems.append(f"{option_name(opt)} {why}")
 
     if not 0 < cfg.cvar_alpha <= 1:
-        raise bad("cvar_alpha", f"must be in (0, 1] (1 = plain mean), got {cfg.cvar_alpha}")
+        bad("cvar_alpha", f"must be in (0, 1] (1 = plain mean), got {cfg.cvar_alpha}")
     for name in ("auc_gamma", "sam_rho", "weight_decay", "auc_margin", "min_lr"):
         if getattr(cfg, name) < 0:
-            raise bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+            bad(name, f"must be >= 0, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
-        raise bad("lr", f"must be > 0, got {cfg.lr}")
+        bad("lr", f"must be > 0, got {cfg.lr}")
     for name in ("batch_size", "epochs", "depth"):
         if getattr(cfg, name) < 1:
-            raise bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+            bad(name, f"must be >= 1, got {getattr(cfg, name)}")
+    if cfg.hidden is not None and cfg.hidden < 1:
+        bad("hidden", f"must be >= 1, got {cfg.hidden}")
     if cfg.head == "mlp" and cfg.batch_size < 2:  # BatchNorm needs two rows per batch to normalise
-        raise bad("batch_size", f"must be >= 2 for the mlp head (BatchNorm), got {cfg.batch_size}; or use --head linear")
+        bad("batch_size", f"must be >= 2 for the mlp head (BatchNorm), got {cfg.batch_size}; or use --head linear")
     for name in ("warmup_epochs", "patience"):
         if getattr(cfg, name) < 0:
-            raise bad(name, f"must be >= 0, got {getattr(cfg, name)}")
+            bad(name, f"must be >= 0, got {getattr(cfg, name)}")
     if not 0 <= cfg.dropout < 1:
-        raise bad("dropout", f"must be in [0, 1), got {cfg.dropout}")
+        bad("dropout", f"must be in [0, 1), got {cfg.dropout}")
     if not 0 < cfg.val_frac < 1:
-        raise bad("val_frac", f"must be in (0, 1), got {cfg.val_frac}")
+        bad("val_frac", f"must be in (0, 1), got {cfg.val_frac}")
     if not 0 < cfg.fake_rate < 1:
-        raise bad("fake_rate", f"must be in (0, 1), got {cfg.fake_rate}")
+        bad("fake_rate", f"must be in (0, 1), got {cfg.fake_rate}")
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
-            raise bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+            bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     if cfg.objective != "dfclip":
         for name in ("loss", "auc_kind"):
             if getattr(cfg, name) != FIELDS[name].default:
-                raise bad(name, f"applies to --objective dfclip only: {cfg.objective} fixes its own losses; "
-                                f"drop {option_name(name)} or use --objective dfclip")
-    parse_threshold(cfg.threshold)
-    return cfg
+                bad(name, f"applies to --objective dfclip only: {cfg.objective} fixes its own losses; "
+                          f"drop {option_name(name)} or use --objective dfclip")
+    try:
+        parse_threshold(cfg.threshold)
+    except UserError as e:
+        problems.append(str(e))
+    return problems
 
 
 def parse_threshold(spec: str) -> tuple[str, float]:

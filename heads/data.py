@@ -93,6 +93,8 @@ def split_rows(
     if odd:
         raise UserError(f"labels must be 1 (fake), 0 (real) or -1 (unknown), found {odd}; fix the store's labels")
     labelled = labels >= 0
+    if n == 0:
+        raise UserError("the store has no rows; embed images into it with `dfembed extract` first")
     if not labelled.any():
         raise UserError("the store has no labelled rows (every label is -1); label rows 1 (fake) or 0 (real) to train")
 
@@ -270,6 +272,7 @@ class Data:
     provenance: dict
     dim: int
     counts: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # warning lines for the log (dropped rows, overlaps)
 
 
 def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -278,34 +281,77 @@ def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.float() if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
+def finite_rows(x: np.ndarray, rows: pl.DataFrame) -> tuple[np.ndarray, pl.DataFrame, int]:
+    """(x, rows) without the rows whose embedding holds NaN or inf, and how many were dropped.
+
+    Stores written by dfembed never hold such rows; other tools' shards may, and one NaN row
+    would turn every loss and score it touches into NaN.
+    """
+    keep = np.isfinite(x).all(axis=1) if x.size else np.ones(len(x), dtype=bool)
+    if keep.all():
+        return x, rows, 0
+    return x[keep], rows.filter(pl.Series(keep)), int((~keep).sum())
+
+
+def non_finite_note(dropped: dict[str, int]) -> str | None:
+    """The one warning line for rows dropped by finite_rows, {store: count}; None when none were."""
+    dropped = {k: v for k, v in dropped.items() if v}
+    if not dropped:
+        return None
+    where = ", ".join(f"{n} in {k}" for k, v in dropped.items() for n in [v])
+    return (f"warning: dropped {sum(dropped.values())} rows whose embeddings hold NaN or inf ({where}); "
+            "re-extract them to use them")
+
+
+def _check_val_store(tr: store.Store, va: store.Store, notes: list[str]) -> None:
+    """Refuse the train store itself as --val-store; warn when the two share image paths."""
+    if va.root.resolve() == tr.root.resolve():
+        raise UserError(f"--val-store {va.root} is the training store itself, so validation would score rows the "
+                        "heads trained on; give a store of other images, or leave --val-store out to split the store")
+    shared = tr.meta.select("path").join(va.meta.select("path"), on="path", how="semi").height
+    if shared:
+        notes.append(f"warning: {shared} of the {len(va)} --val-store rows have paths that are also in the training "
+                     f"store {tr.root}; if they are the same images, validation scores training rows")
+
+
 def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data:
-    """Load train/val/holdout rows once, on `device`, as cfg (a RunConfig) splits them (see split_rows)."""
+    """Load train/val/holdout rows once, on `device`, as cfg (a RunConfig) splits them (see split_rows).
+
+    Rows whose embeddings are not finite are dropped, with one warning line in Data.notes.
+    """
     tr = store.open(train_store) if not isinstance(train_store, store.Store) else train_store
-    va = None
+    va, notes = None, []
     if val_store is not None:
         va = store.open(val_store) if not isinstance(val_store, store.Store) else val_store
         store.format.require_compatible(va.provenance, tr.provenance, what=f"--val-store {va.root}",
                                         fix="extract the train and validation stores with the same model")
+        _check_val_store(tr, va, notes)
     meta = tr.meta
     parts = split_rows(meta, val_frac=cfg.val_frac, seed=cfg.split_seed, holdout_sources=cfg.holdout_sources,
                        has_val_store=va is not None)
-    ys = torch.from_numpy(meta["label"].to_numpy().astype(np.int64))
+
+    dropped = {str(tr.root): 0} | ({str(va.root): 0} if va is not None else {})
 
     def subset(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, pl.DataFrame]:
         # Each part is read straight from the shards (idx is sorted, so meta[idx] is in storage
         # order, as load returns it): no full copy of the store sits in memory beside the parts.
         x, rows = tr.load(meta[idx])
-        return _to_device(x, device), ys[idx].to(device), rows
+        x, rows, n = finite_rows(x, rows)
+        dropped[str(tr.root)] += n
+        return _to_device(x, device), _labels(rows, device), rows
 
     x, y, _ = subset(parts["train"])
     if va is not None:
         # Held-out sources are unseen: they leave the validation store too, not only the train store.
         vmeta = va.select(label=[0, 1], where=~pl.col("source").is_in(list(cfg.holdout_sources)))
-        vx, vmeta = va.load(vmeta)
-        val = EvalSet("val", _to_device(vx, device),
-                      torch.from_numpy(vmeta["label"].to_numpy().astype(np.int64)).to(device), vmeta)
+        vx, vmeta, dropped[str(va.root)] = finite_rows(*va.load(vmeta))
+        val = EvalSet("val", _to_device(vx, device), _labels(vmeta, device), vmeta)
     else:
         val = EvalSet("val", *subset(parts["val"]))
+    if (note := non_finite_note(dropped)) is not None:
+        notes.append(note)
+    if y.numel() == 0:
+        raise UserError(f"store {tr.root} has no finite training rows left; re-extract it")
     if val.y.numel() == 0 or val.y.min() == val.y.max():
         if va is not None:
             fix = f"give a --val-store with both classes ({va.root} has one, after any --holdout-source)"
@@ -325,7 +371,11 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
     counts = {"train": int(y.numel()), "train_fake": int(y.sum()), "val": int(val.y.numel()),
               "holdout": int(holdout.y.numel()) if holdout else 0,
               "store": str(tr.root), "val_store": str(va.root) if va is not None else None}
-    return Data(x, y, val, holdout, tr.provenance, tr.dim, counts)
+    return Data(x, y, val, holdout, tr.provenance, tr.dim, counts, notes)
+
+
+def _labels(rows: pl.DataFrame, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(device)
 
 
 def describe_data(data: Data, cfg) -> str:

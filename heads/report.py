@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -31,6 +32,39 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _first_existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path: str | os.PathLike, option: str) -> None:
+    """UserError unless `path` is a folder we can write in, or can be created as one.
+
+    Run before training, so a long fit never ends in a PermissionError on its first write.
+    """
+    path = Path(path)
+    base = _first_existing(path)
+    if not base.is_dir():
+        what = "is" if base == Path(os.path.abspath(path)) else f"is inside {base}, which is"
+        raise UserError(f"{option} {path} {what} a file, not a folder; give a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: no permission to write in {base}; give a folder you can write to")
+
+
+def check_writable_file(path: str | os.PathLike, option: str) -> None:
+    """UserError unless a file can be written at `path` (its folder exists and is writable; it is no folder)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name, e.g. {path / 'scores.csv'}")
+    parent = Path(os.path.abspath(path)).parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"{option} {path}: no permission to write there; give a path you can write to")
 
 
 def default_run_name(cfg: RunConfig) -> str:
@@ -68,17 +102,104 @@ def save_run(result, run_dir: str | os.PathLike, *, provenance: dict, counts: di
 
 
 def load_run_config(run_dir: str | os.PathLike) -> dict:
-    """config.json of a run directory (settings, head, threshold, store provenance)."""
+    """config.json of a run directory (settings, head, threshold, store provenance), validated.
+
+    A hand-edited or damaged config.json is checked before anything is built from it: one line
+    per problem, and a head whose size disagrees with head.safetensors (say `depth: 1000000`)
+    is refused from the file's shapes alone, without allocating it.
+    """
     run_dir = Path(run_dir)
     cfg_path, weights = run_dir / "config.json", run_dir / "head.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise UserError(f"{run_dir} is not a dfclip run directory (needs config.json and head.safetensors); "
                         "pass a directory written by `dfhead fit` or `dfhead sweep`")
-    config = json.loads(cfg_path.read_text())
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{cfg_path} cannot be read as JSON ({e}); restore it or re-run `dfhead fit`") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{cfg_path} must hold a JSON object; restore it or re-run `dfhead fit`")
     if config.get("format") != RUN_FORMAT:
         raise UserError(f"{run_dir} is a run of format {config.get('format')!r}; this dfclip reads {RUN_FORMAT!r}")
-    config["run"] = config_from_dict(config["run"], source=str(cfg_path)).to_dict()  # older runs: per_sample -> loss
+    problems = [f"{cfg_path}: {p}" for p in _run_config_problems(config, weights)]
+    if problems:
+        raise UserError("\n".join(problems))
     return config
+
+
+def _run_config_problems(config: dict, weights: Path) -> list[str]:
+    """Every problem of a loaded config.json, one line each; on success config["run"] is normalised."""
+    from dfclip.heads.config import validate
+
+    missing = [k for k in ("run", "head", "threshold", "provenance") if k not in config]
+    if missing:
+        return [f"missing field(s) {', '.join(missing)}"]
+    problems = []
+    if not isinstance(config["run"], dict):
+        problems.append(f'"run" must be an object of settings, got {config["run"]!r}')
+    else:
+        try:  # older runs: per_sample -> loss
+            config["run"] = validate(config_from_dict(config["run"], source='"run"')).to_dict()
+        except UserError as e:
+            problems += [f'"run": {line}' for line in str(e).splitlines()]
+    t = config["threshold"]
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1:  # NaN fails 0 <= t
+        problems.append(f'"threshold" must be a probability in [0, 1], got {t!r}')
+    if not isinstance(config["provenance"], dict):
+        problems.append(f'"provenance" must be an object, got {config["provenance"]!r}')
+    head = config["head"]
+    head_problems = _head_problems(head, config["provenance"] if isinstance(config["provenance"], dict) else {})
+    problems += head_problems
+    if not head_problems:
+        problems += _weights_problems(head, weights)
+    return problems
+
+
+def _head_problems(head, provenance: dict) -> list[str]:
+    """Types and ranges of config.json's "head" (its kind's options are RunConfig fields: their types)."""
+    from dfclip.heads.config import value_type
+    from dfclip.heads.models import HEAD_KINDS
+
+    if not isinstance(head, dict):
+        return [f'"head" must be an object, got {head!r}']
+    kind = head.get("kind")
+    if kind not in HEAD_KINDS:
+        return [f'"head": "kind" must be one of {", ".join(HEAD_KINDS)}, got {kind!r}']
+    problems = []
+    dim = head.get("dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        problems.append(f'"head": "dim" must be a whole number >= 1, got {dim!r}')
+    elif isinstance(provenance.get("dim"), int) and provenance["dim"] != dim:
+        problems.append(f'"head": "dim" is {dim} but the run\'s embeddings ("provenance") have dim {provenance["dim"]}')
+    for name in set(head) - {"kind", "dim"} - set(HEAD_KINDS[kind].options):
+        problems.append(f'"head": unknown option {name!r} for the {kind} head')
+    for name in HEAD_KINDS[kind].options:
+        v, t = head.get(name), value_type(name)
+        if t is int and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            problems.append(f'"head": {name!r} must be a whole number >= 1, got {v!r}')
+        elif t is float and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1):
+            problems.append(f'"head": {name!r} must be a number in [0, 1), got {v!r}')
+    return problems
+
+
+def _weights_problems(head: dict, weights: Path) -> list[str]:
+    """Compare the size config.json's head would have with head.safetensors, reading only the file's header."""
+    from safetensors import safe_open
+
+    from dfclip.heads.models import HEAD_KINDS
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
+    except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
+        return [f"{weights.name} is damaged or not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                "re-run `dfhead fit` to write it again"]
+    options = {k: v for k, v in head.items() if k not in ("kind", "dim")}
+    expected = HEAD_KINDS[head["kind"]].params(head["dim"], **options)
+    if expected != stored:
+        return [f'"head" describes {expected:,} weights but {weights.name} holds {stored:,}; '
+                "config.json and the weights are from different heads: restore config.json or re-run `dfhead fit`"]
+    return []
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Head, dict]:
@@ -86,7 +207,11 @@ def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
     config = load_run_config(run_dir)
     weights = Path(run_dir) / "head.safetensors"
     head = head_from_config(config["head"], 1, seeds=[config["run"].get("seed", 0)])
-    head.load_state_dict(load_file(str(weights)))
+    try:
+        head.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # same size, other layout (names or shapes); or the data part is damaged
+        raise UserError(f"{weights} does not fit the head config.json describes "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); re-run `dfhead fit`") from None
     return head.to(device).eval(), config
 
 
@@ -142,6 +267,10 @@ def result_row(result) -> dict:
     row["val_loss"] = float(at_best["val_loss"][0]) if at_best.height else None
     for name, rep in result.reports.items():
         row.update(flat_metrics(rep, name))
+    # A diverged config has no usable head: no metrics (so it ranks last), and the epoch it diverged at.
+    row["diverged"] = result.diverged
+    if result.diverged is not None:
+        row.update({k: None for k in row if k.startswith(("val_", "holdout_"))})
     return row
 
 
@@ -159,6 +288,7 @@ def leaderboard(rows: pl.DataFrame, select: str = "auc") -> tuple[pl.DataFrame, 
     sort_col, desc = selection_order(select)
     summary = (rows.group_by(cfg_cols, maintain_order=True)
                .agg(pl.len().alias("seeds"),
+                    *([pl.col("diverged").is_not_null().sum().alias("diverged")] if "diverged" in rows.columns else []),
                     *[pl.col(c).mean().alias(f"{c}_mean") for c in metric_cols],
                     *[pl.col(c).std().alias(f"{c}_std") for c in metric_cols])
                .sort(f"{sort_col}_mean", descending=desc, nulls_last=True))

@@ -27,8 +27,9 @@ import torch
 from dfclip import store
 from dfclip.heads import metrics
 from dfclip.heads.config import RunConfig, validate
-from dfclip.heads.report import (default_run_name, leaderboard, load_run, plot_heatmap, result_row, safe_name, save_run,
-                          selection_order, varying_columns)
+from dfclip.heads.data import finite_rows, non_finite_note
+from dfclip.heads.report import (check_writable_dir, default_run_name, leaderboard, load_run, plot_heatmap, result_row,
+                                 safe_name, save_run, selection_order, varying_columns)
 from dfclip.heads.models import HEAD_KINDS, head_options
 from dfclip.heads.train import EVAL_CHUNK, predict_logits, train
 from dfclip.runtime import rank_from_env, resolve_device
@@ -38,9 +39,19 @@ from dfclip.errors import UserError
 def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs_dir: str | os.PathLike = "runs",
         name: str | None = None, device: str = "auto", log: Callable[[str], None] = print,
         progress: bool = False) -> Path:
-    """Train one head and write its run directory; returns the directory."""
-    results, data = train(store_dir, [validate(config)], val_store=val_store, device=device, log=log,
-                          progress=progress)
+    """Train one head and write its run directory; returns the directory.
+
+    Refused before training: a --runs-dir that cannot be written, a head too big for memory.
+    A head whose loss goes NaN or infinite is an error naming the epoch (nothing is written).
+    """
+    config = validate(config)
+    check_writable_dir(runs_dir, "--runs-dir")
+    s, vs = _open_stores(store_dir, val_store)
+    _check_memory([s] + ([vs] if vs is not None else []), [config], resolve_device(device))
+    results, data = train(s, [config], val_store=vs, device=device, log=log, progress=progress)
+    if results[0].diverged:
+        raise UserError(f"training diverged at epoch {results[0].diverged}: the loss became NaN or infinite "
+                        f"({_divergence_hint(config)}); nothing was saved")
     run_dir = Path(runs_dir) / safe_name(name or default_run_name(config))
     if name is None:  # the default name omits most settings: never let it replace an earlier run
         base, n = run_dir, 2
@@ -104,14 +115,39 @@ def free_memory_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def _divergence_hint(cfg: RunConfig) -> str:
+    hint = f"lower --lr (now {cfg.lr:g})"
+    if cfg.sam_rho > 0:
+        hint += f" or --sam-rho (now {cfg.sam_rho:g})"
+    return hint
+
+
+def _open_stores(store_dir, val_store) -> tuple[store.Store, store.Store | None]:
+    return store.open(store_dir), (store.open(val_store) if val_store is not None else None)
+
+
 def _check_memory(stores: list[store.Store], cfgs: list[RunConfig], device: torch.device) -> None:
+    """UserError when training `cfgs` on these stores would not fit in `device`'s free memory.
+
+    When even the largest head alone does not fit, the fix is a smaller head, not a smaller grid.
+    """
     # load_data keeps the store's dtype on a GPU and converts to float32 on the CPU (data._to_device).
     itemsize = 4 if device.type == "cpu" else np.dtype(stores[0].provenance.get("dtype", "float32")).itemsize
-    need = sweep_memory_bytes(sum(len(s) for s in stores), stores[0].dim, cfgs, itemsize=itemsize)
+    rows, dim = sum(len(s) for s in stores), stores[0].dim
+    need = sweep_memory_bytes(rows, dim, cfgs, itemsize=itemsize)
     free = free_memory_bytes(device)
-    if need > 0.9 * free:
-        raise UserError(f"this sweep needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
-                        f"{device}; split the grid into smaller sweeps (fewer values per option or --seeds)")
+    if need <= 0.9 * free:
+        return
+    largest = max(cfgs, key=lambda c: sweep_memory_bytes(rows, dim, [c], itemsize=itemsize))
+    alone = sweep_memory_bytes(rows, dim, [largest], itemsize=itemsize)
+    what = "this head" if len(cfgs) == 1 else "this sweep"
+    if alone > 0.9 * free:
+        size = f"--head {largest.head}" + (f" --hidden {largest.hidden or dim} --depth {largest.depth}"
+                                           if largest.head == "mlp" else "")
+        fix = f"lower --hidden or --depth ({size}), or --batch-size {largest.batch_size}"
+    else:
+        fix = "split the grid into smaller sweeps (fewer values per option or --seeds)"
+    raise UserError(f"{what} needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on {device}; {fix}")
 
 
 BARRIER_TIMEOUT = datetime.timedelta(days=2)
@@ -129,27 +165,34 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     rank, world = me.rank, me.world
     out = Path(runs_dir) / safe_name(name)
     parts = out / "parts"
+    check_writable_dir(runs_dir, "--runs-dir")
+    mine = cfgs[rank::world]
+    if mine:  # refused sweeps leave nothing behind: check before the first folder is made
+        dev = resolve_device(device)
+        s, vs = _open_stores(store_dir, val_store)
+        _check_memory([s] + ([vs] if vs is not None else []), mine, dev)
     parts.mkdir(parents=True, exist_ok=True)
     # Rows of an earlier sweep of this name (maybe with more ranks) must not leak into this leaderboard.
     (parts / f"rows-r{rank:03d}.parquet").unlink(missing_ok=True)
-    mine = cfgs[rank::world]
     select = cfgs[0].select if len({c.select for c in cfgs}) == 1 else "auc"  # ranks runs and picks best/
     if world > 1 and torch.distributed.is_available() and not torch.distributed.is_initialized():
         # Ranks finish their slices at different times; gloo's default 30-minute timeout would
         # kill the early ones at the barrier and lose the merge, so wait as long as a sweep can take.
         torch.distributed.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     if mine:
-        dev = resolve_device(device)
-        s = store.open(store_dir)
-        vs = store.open(val_store) if val_store is not None else None
-        _check_memory([s] + ([vs] if vs is not None else []), mine, dev)
         t0 = time.perf_counter()
         results, data = train(s, mine, val_store=vs, device=device, log=log, progress=progress)
         log(f"rank {rank}: trained {len(mine)} heads in {time.perf_counter() - t0:.1f}s")
-        rows = pl.DataFrame([result_row(r) | {"rank": rank, "index": i} for i, r in enumerate(results)])
+        diverged = sum(r.diverged is not None for r in results)
+        if diverged:
+            log(f"{diverged} of {len(mine)} configs diverged (NaN or infinite loss); the leaderboard ranks them "
+                "last, with the epoch in its `diverged` column")
+        rows = pl.DataFrame([result_row(r) | {"rank": rank, "index": i} for i, r in enumerate(results)],
+                            infer_schema_length=None)
         col, desc = selection_order(select)
         best_i = int(rows.with_row_index("i").sort(col, descending=desc, nulls_last=True)["i"][0])
-        save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts)
+        if results[best_i].diverged is None:  # no best run from a rank whose every config diverged
+            save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts)
         tmp = parts / f".rows-r{rank:03d}.parquet.tmp"
         rows.write_parquet(tmp)
         os.replace(tmp, parts / f"rows-r{rank:03d}.parquet")
@@ -167,6 +210,9 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     best_dir = out / "best"
     if best_dir.exists():
         shutil.rmtree(best_dir)
+    if best["diverged"] is not None:
+        raise UserError(f"every config of the sweep diverged (NaN or infinite loss; leaderboard in {out}); "
+                        f"lower --lr (lowest now {min(c.lr for c in cfgs):g})")
     shutil.copytree(parts / f"best-r{best['rank']:03d}", best_dir)
     (out / "sweep.json").write_text(json.dumps({"configs": len(cfgs), "world_size": world, "best": best,
                                                 "varying": varying_columns(rows)}, indent=2, default=str))
@@ -174,8 +220,11 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
 
 
 def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
-                 device: str = "auto") -> dict:
-    """Metrics of a trained run on a store (default: its validation numbers from report.json)."""
+                 device: str = "auto", log: Callable[[str], None] = print) -> dict:
+    """Metrics of a trained run on a store (default: its validation numbers from report.json).
+
+    Rows whose embeddings are NaN or inf are left out, with one warning line through `log`.
+    """
     run_dir = Path(run_dir)
     if store_dir is None:
         if not (run_dir / "report.json").is_file():
@@ -189,7 +238,7 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     rows = s.select(label=[0, 1])
     if rows.height == 0:
         raise UserError(f"store {store_dir} has no labelled rows to evaluate on; use `dfhead predict` for unlabelled data")
-    x, rows = s.load(rows)
+    x, rows = _finite(*s.load(rows), s, log)
     scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
@@ -201,13 +250,26 @@ def _check_same_model(config: dict, s: store.Store) -> None:
                                     fix="the run was trained on the latter: embed with the run's model")
 
 
-def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto") -> pl.DataFrame:
-    """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store."""
+def _finite(x: np.ndarray, rows: pl.DataFrame, s: store.Store, log: Callable[[str], None]):
+    x, rows, dropped = finite_rows(x, rows)
+    if (note := non_finite_note({str(s.root): dropped})) is not None:
+        log(note)
+    if rows.height == 0:
+        raise UserError(f"store {s.root} has no rows with finite embeddings to score; re-extract it")
+    return x, rows
+
+
+def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto",
+                  log: Callable[[str], None] = print) -> pl.DataFrame:
+    """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store.
+
+    Rows whose embeddings are NaN or inf get no score: they are left out, with one warning line through `log`.
+    """
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
     s = store.open(store_dir)
     _check_same_model(config, s)
-    x, rows = s.load()
+    x, rows = _finite(*s.load(), s, log)
     scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))[0]
     scores = scores.cpu().numpy()
     return pl.DataFrame({"path": rows["path"], "score": scores,
@@ -215,21 +277,27 @@ def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, d
 
 
 def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:
-    """One row per run directory under runs_dir (sweeps' best runs included), newest first."""
+    """One row per run directory under runs_dir (sweeps' best runs included), newest first.
+
+    `status` is "ok", "no weights" (head.safetensors is missing: predict and eval will refuse
+    the run) or "bad config.json" (unreadable: its settings columns are empty).
+    """
     rows = []
     for cfg_path in sorted(Path(runs_dir).glob("**/config.json")):
         if "parts" in cfg_path.parts:
             continue
         run = cfg_path.parent
-        c = json.loads(cfg_path.read_text())
-        rep = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
-        r = c["run"]
-        rows.append({"run": str(run.relative_to(runs_dir)), "head": r["head"], "alpha": r["cvar_alpha"],
-                     "gamma": r["auc_gamma"], "rho": r["sam_rho"], "lr": r["lr"], "epochs": r["epochs"],
-                     "seed": r["seed"], "val_auc": (rep.get("val") or {}).get("auc"),
-                     "val_eer": (rep.get("val") or {}).get("eer"),
-                     "holdout_auc": (rep.get("holdout") or {}).get("auc"),
-                     "modified": cfg_path.stat().st_mtime})
+        try:
+            r = json.loads(cfg_path.read_text())["run"]
+            rep = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
+            status = "ok" if (run / "head.safetensors").is_file() else "no weights"
+        except (OSError, ValueError, KeyError, TypeError):
+            r, rep, status = {}, {}, "bad config.json"
+        rows.append({"run": str(run.relative_to(runs_dir)), "status": status, "head": r.get("head"),
+                     "alpha": r.get("cvar_alpha"), "gamma": r.get("auc_gamma"), "rho": r.get("sam_rho"),
+                     "lr": r.get("lr"), "epochs": r.get("epochs"), "seed": r.get("seed"),
+                     "val_auc": (rep.get("val") or {}).get("auc"), "val_eer": (rep.get("val") or {}).get("eer"),
+                     "holdout_auc": (rep.get("holdout") or {}).get("auc"), "modified": cfg_path.stat().st_mtime})
     if not rows:
         raise UserError(f"no runs under {runs_dir}; train one with `dfhead fit`")
-    return pl.DataFrame(rows).sort("modified", descending=True).drop("modified")
+    return pl.DataFrame(rows, infer_schema_length=None).sort("modified", descending=True).drop("modified")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from dfclip.errors import UserError
 from dfclip.heads import losses, metrics
-from dfclip.heads.config import RunConfig, group_key
+from dfclip.heads.config import PER_MODEL, RunConfig, group_key
 from dfclip.heads.data import Data, EvalSet, augment_with_noise, describe_data, epoch_batches, load_data
 from dfclip.heads.models import HEAD_KINDS, Head, build_head, head_options
 from dfclip.heads.optim import SAM, BatchedAdamW
@@ -44,6 +44,9 @@ class RunResult:
     seconds: float
     # {"val": (probabilities [N], labels [N]), "holdout": ...?} as numpy, of the kept weights: the ROC plot's input
     scores: dict = field(default_factory=dict)
+    # The epoch whose loss or validation logits went NaN or infinite (training of this config stopped
+    # there), or None. A diverged result is never a usable head: fit refuses it, a sweep ranks it last.
+    diverged: int | None = None
 
 
 def _per_model(cfgs: list[RunConfig], name: str, device) -> torch.Tensor:
@@ -125,6 +128,14 @@ class BestStates:
         self.epoch = torch.zeros(k, dtype=torch.long, device=device)
         self.stale = torch.zeros(k, dtype=torch.long, device=device)
         self.stopped = torch.zeros(k, dtype=torch.bool, device=device)
+        self.diverged = torch.zeros(k, dtype=torch.long, device=device)  # epoch of divergence, 0 = none
+
+    def mark_diverged(self, epoch: int, bad: torch.Tensor) -> list[int]:
+        """Stop the running models flagged in `bad` [K] for good; returns their indices."""
+        new = bad & ~self.stopped
+        self.diverged = torch.where(new, torch.full_like(self.diverged, epoch), self.diverged)
+        self.stopped |= new
+        return new.nonzero().flatten().tolist()
 
     def update(self, head: Head, epoch: int, val_loss: torch.Tensor, val_auc: torch.Tensor,
                finite: torch.Tensor) -> None:
@@ -145,9 +156,8 @@ class BestStates:
 
     def all_stopped(self) -> bool:
         """Count this epoch against --patience; True once no model of the group is left running."""
-        if self.patience <= 0:
-            return False
-        self.stopped |= self.stale >= self.patience
+        if self.patience > 0:
+            self.stopped |= self.stale >= self.patience
         return bool(self.stopped.all())
 
 
@@ -157,8 +167,9 @@ def _log_epoch(log: Callable[[str], None], epoch: int, epochs: int, values: list
         log(f"epoch {epoch:3d}/{epochs}  loss {tl[0]:.4f}  val_loss {vl[0]:.4f}  val_auc {va[0]:.4f}  "
             f"val_eer {ve[0]:.4f}  {seconds:.1f}s")
     else:
-        log(f"epoch {epoch:3d}/{epochs}  {len(tl)} heads  val_auc best {np.nanmax(va):.4f} mean {np.nanmean(va):.4f}  "
-            f"{seconds:.1f}s")
+        finite = [v for v in va if math.isfinite(v)]  # diverged heads score NaN
+        auc = f"val_auc best {max(finite):.4f} mean {sum(finite) / len(finite):.4f}" if finite else "no finite val_auc"
+        log(f"epoch {epoch:3d}/{epochs}  {len(tl)} heads  {auc}  {seconds:.1f}s")
 
 
 def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None] = print,
@@ -183,9 +194,7 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
     # seeds set each head's initial weights, and dropout draws independent masks per head.
     batch_gen = torch.Generator(device).manual_seed(c0.seed if batch_seed is None else batch_seed)
     rng = torch.Generator(device).manual_seed(c0.seed + 1_000_003)
-    batch_size = min(c0.batch_size, data.y.numel())
-    if batch_size < c0.batch_size:
-        log(f"note: only {data.y.numel()} training rows, so batches are {batch_size} rows, not {c0.batch_size}")
+    batch_size = min(c0.batch_size, data.y.numel())  # train() says so once (note_small_batches)
     steps, keep_last = _batches_per_epoch(c0, data.y.numel(), batch_size)
     if not c0.drop_last and not keep_last and data.y.numel() % batch_size:
         log("note: the last batch of each epoch has one row, which BatchNorm cannot normalise: it is dropped")
@@ -232,13 +241,38 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
                 rows.append({"model": i, "epoch": epoch, "train_loss": values[0][i], "val_loss": values[1][i],
                              "val_auc": values[2][i], "val_eer": values[3][i], "seconds": seconds})
         _log_epoch(log, epoch, c0.epochs, values, seconds)
+        for i in best.mark_diverged(epoch, ~torch.isfinite(train_loss) | ~finite):
+            log(f"diverged at epoch {epoch} (loss {values[0][i]:g}): {_per_model_text(cfgs[i])}; stopped it")
         if best.all_stopped():
-            log(f"early stop: no model improved its val {c0.select} for {c0.patience} epochs")
+            if not (best.diverged > 0).all():
+                log(f"early stop: no model improved its val {c0.select} for {c0.patience} epochs")
             break
     if bar is not None:
         bar.close()
     head.load_state_dict(best.best)
-    return _finish(data, cfgs, head, pl.DataFrame(rows), best.epoch.tolist(), time.perf_counter() - t0)
+    # A model that never had a finite validation epoch kept its initial weights: diverged at epoch 1.
+    diverged = torch.where((best.diverged == 0) & (best.epoch == 0), 1, best.diverged).tolist()
+    results = _finish(data, cfgs, head, pl.DataFrame(rows), best.epoch.tolist(), time.perf_counter() - t0)
+    for r, epoch in zip(results, diverged):
+        r.diverged = epoch or None
+    return results
+
+
+def _per_model_text(cfg: RunConfig) -> str:
+    """The settings that may differ inside a group (lr, alpha, ...), as options: what tells its heads apart."""
+    from dfclip.heads.config import option_name
+
+    defaults = RunConfig()
+    shown = [n for n in PER_MODEL if n in ("lr", "seed") or getattr(cfg, n) != getattr(defaults, n)]
+    return " ".join(f"{option_name(n)} {getattr(cfg, n):g}" for n in shown)
+
+
+def note_small_batches(data: Data, cfgs: list[RunConfig], log: Callable[[str], None]) -> None:
+    """One line, once per fit or sweep, when the training set is smaller than a batch."""
+    n = data.y.numel()
+    sizes = sorted({c.batch_size for c in cfgs if c.batch_size > n})
+    if sizes:
+        log(f"note: only {n} training rows, so batches are {n} rows, not {', '.join(map(str, sizes))}")
 
 
 def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame, best_epoch: list[int],
@@ -281,6 +315,9 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
     elif val_store is not None:
         raise ValueError("val_store is for loading a store: loaded Data already holds its validation set")
     log(describe_data(data, cfgs[0]))
+    for note in data.notes:
+        log(note)
+    note_small_batches(data, cfgs, log)
     # TF32 tensor cores for the heads' matmuls on GPUs (inputs rounded to 10 mantissa bits, fp32
     # accumulation), as is usual for training; the flag is restored afterwards. CPUs are unaffected.
     tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -162,8 +162,14 @@ def test_legacy_per_sample_still_loads(tmp_path):
     old = C.RunConfig().to_dict()
     del old["loss"]
     old["per_sample"] = "vs"
-    (run / "config.json").write_text(json.dumps({"format": "dfclip-run/1", "run": old, "head": {}, "threshold": 0.5}))
-    (run / "head.safetensors").write_bytes(b"")
+    from safetensors.torch import save_file
+
+    from dfclip.heads.models import build_head
+
+    head = build_head("linear", 1, 4)
+    (run / "config.json").write_text(json.dumps({"format": "dfclip-run/1", "run": old, "head": head.config,
+                                                 "threshold": 0.5, "provenance": {}}))
+    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(run / "head.safetensors"))
     assert load_run_config(run)["run"]["loss"] == "vs"
     preset = tmp_path / "mine.json"
     preset.write_text(json.dumps({"per_sample": "vs"}))

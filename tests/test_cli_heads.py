@@ -129,15 +129,37 @@ def test_ctrl_c_exits_130_and_says_so(env, monkeypatch, capsys):
     assert err.strip().startswith("interrupted:")
 
 
-def test_sweep_too_big_is_refused_in_one_line(env, monkeypatch, capsys, tmp_path):
-    from dfclip import heads
+def _free_memory_for(env, monkeypatch, heads: float, **settings) -> None:
+    """Pretend the CPU has room for `heads` heads of these settings (plus the data) and no more."""
+    from dfclip import heads as heads_pkg
     import dfclip.heads.run  # noqa: F401
+    from dfclip.heads.config import make_config
 
-    monkeypatch.setattr(heads.run, "free_memory_bytes", lambda device: 1024)
+    s = store.open(env["good"])
+    one = heads_pkg.run.sweep_memory_bytes(len(s), s.dim, [make_config(batch_size=64, **settings)])
+    data = heads_pkg.run.sweep_memory_bytes(len(s), s.dim, [])
+    monkeypatch.setattr(heads_pkg.run, "free_memory_bytes", lambda device: int((data + heads * (one - data)) / 0.9))
+
+
+def test_sweep_too_big_is_refused_in_one_line(env, monkeypatch, capsys, tmp_path):
+    _free_memory_for(env, monkeypatch, 1.5)
     code, out, err = dfhead(monkeypatch, capsys, "sweep", env["good"], "--cvar-alpha", "0.5,1", *FAST,
                             "--runs-dir", tmp_path)
     assert code == 2 and "Traceback" not in out + err
     assert len(err.strip().splitlines()) == 1 and "split the grid into smaller sweeps" in err
+    assert list(tmp_path.iterdir()) == []  # a refused sweep leaves no empty parts/
+
+
+@pytest.mark.parametrize("command", [["fit"], ["sweep", "--cvar-alpha", "0.5,1"]])
+def test_a_head_too_big_for_memory_says_to_make_it_smaller(env, monkeypatch, capsys, tmp_path, command):
+    """`fit --hidden 100000` is checked like a sweep; one head that cannot fit asks for a smaller head."""
+    _free_memory_for(env, monkeypatch, 10)
+    code, out, err = dfhead(monkeypatch, capsys, command[0], env["good"], *command[1:], *FAST, "--hidden", "4096",
+                            "--runs-dir", tmp_path)
+    assert code == 2 and "Traceback" not in out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "lower --hidden or --depth" in lines[0] and "--hidden 4096" in lines[0], err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_installed_dfhead_prints_one_line_without_traceback(tmp_path):

@@ -120,3 +120,43 @@ def test_predict_images_refuses_a_run_without_a_backbone(tmp_path):
               log=lambda *_: None)
     with pytest.raises(UserError, match="not an open_clip name"):
         predict_images(run, tmp_path, device="cpu", workers=0, progress=False)
+
+
+def test_predict_on_images_reports_unreadable_files(tmp_path, demo_images, tiny_checkpoint, dfembed, dfhead):
+    """Issue 9 item 7: unreadable images are counted, listed with their reason beside the CSV, and
+    a folder where nothing could be read fails instead of writing an empty CSV with exit 0."""
+    import shutil
+
+    assert dfembed("extract", demo_images, "--out", tmp_path / "all", "--model", "dfclip-tiny",
+                   "--pretrained", tiny_checkpoint, "--workers", "0")[0] == 0
+    assert dfhead("fit", tmp_path / "all", "--runs-dir", tmp_path / "runs", "--name", "r", "--epochs", "1")[0] == 0
+    run = tmp_path / "runs" / "r"
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    good = sorted((demo_images / "fake" / "sd15").iterdir())[:3]
+    for p in good:
+        shutil.copy(p, mixed / p.name)
+    (mixed / "broken.jpg").write_bytes(b"not an image")
+    (mixed / "empty.png").write_bytes(b"")
+    out_csv = tmp_path / "scores.csv"
+    code, out, err = dfhead("predict", run, mixed, "--out", out_csv, "--workers", "0")
+    assert code == 0, err
+    assert pl.read_csv(out_csv).height == 3
+    failures = pl.read_csv(tmp_path / "scores.failures.csv")
+    assert sorted(failures["path"]) == ["broken.jpg", "empty.png"] and failures["error"].null_count() == 0
+    assert "2 images could not be read" in err and "scores.failures.csv" in err and "Traceback" not in err
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.jpg").write_bytes(b"not an image")
+    code, out, err = dfhead("predict", run, broken, "--out", tmp_path / "none.csv", "--workers", "0")
+    assert code == 2 and "Traceback" not in out + err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]  # beside extract's progress lines
+    assert len(lines) == 1 and "none of the images" in lines[0] and "none.failures.csv" in lines[0]
+    assert not (tmp_path / "none.csv").exists()
+
+    # a later clean predict to the same CSV removes the stale failures file
+    code, _, err = dfhead("predict", run, demo_images / "fake" / "sd15", "--out", out_csv, "--workers", "0")
+    assert code == 0, err
+    assert not (tmp_path / "scores.failures.csv").exists()
