@@ -4,7 +4,8 @@ The data is loaded once (heads.data.load_data) into one tensor on the device. Ea
 one batch that all heads of a group share, so a sweep holds the embeddings once and pays for
 one gather, one noise draw and one first-layer matmul per step. Configs that share an
 architecture train as one batched module; their alpha, gamma, rho, lr, wd are [K] tensors.
-The loss is heads.losses.Objective, the metrics and thresholds heads.metrics.
+The loss is heads.losses.Objective, the metrics and thresholds heads.metrics. GroupRun holds
+one group in training, so successive halving (Halving) can stop it at a rung and drop models.
 """
 
 from __future__ import annotations

@@ -189,3 +189,16 @@ def test_bad_eta_and_min_epochs_are_one_line_errors(base, tmp_path, monkeypatch,
     code, err = dfhead(monkeypatch, capsys, "sweep", base, "--epochs", "3", "--runs-dir", tmp_path, *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "sweep").exists()  # refused before anything was trained or written
+
+
+def test_cpu_chunks_do_not_change_mlp_results_with_dropout_and_noise(data, monkeypatch):
+    """Per-seed streams make a config's result independent of the CPU chunk it lands in, dropout and
+    feature noise included (they used to be drawn per chunk), with two seeds in the group."""
+    cfgs = [make_config(**(FAST | dict(feature_noise=True, seed=s, cvar_alpha=a)))
+            for s, a in ((0, 1.0), (1, 0.5), (0, 0.3))]
+    whole = run(data, cfgs)
+    monkeypatch.setattr(T, "CPU_CHUNK_BYTES", 1)  # one head per chunk
+    chunked = run(data, cfgs)
+    for a, b in zip(whole, chunked):
+        assert effective_diff(a, b) < 1e-5
+        assert a.reports["val"]["auc"] == pytest.approx(b.reports["val"]["auc"], abs=1e-4)
