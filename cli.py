@@ -468,6 +468,9 @@ def sweep(
     runs_dir: Annotated[Path, typer.Option(help="Where sweep directories go.")] = Path("runs"),
     val_store: Annotated[Optional[Path], typer.Option(help="Validate on this store.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    halving: Annotated[bool, typer.Option("--halving", help="Successive halving: train all configs to --min-epochs, keep the best 1/eta by --select on val, go on at min_epochs x eta^k epochs up to --epochs. The leaderboard's stop_epoch says where each stopped; best/ is a full-length run. Under torchrun each rank halves its own slice.", rich_help_panel="Successive halving")] = False,
+    eta: Annotated[Optional[int], typer.Option(help="With --halving: keep the best 1/eta at each rung (>= 2).", show_default="3", rich_help_panel="Successive halving")] = None,
+    min_epochs: Annotated[Optional[int], typer.Option(help="With --halving: epochs of the first rung (1..--epochs).", show_default="1", rich_help_panel="Successive halving")] = None,
     *,
     settings: dict,
 ) -> None:
@@ -478,22 +481,30 @@ def sweep(
     from dfclip.heads.config import make_config, parse_grid_values
     from dfclip.heads.run import grid, sweep as sweep_run
 
+    if not halving and (eta is not None or min_epochs is not None):
+        raise UserError("--eta and --min-epochs set successive halving: add --halving")
     # comma lists become grid axes; the first seed and the holdout sources go into the base config
     lists = {k: settings.pop(k) for k in list(settings) if _sweep_takes_list(k)}
     cfgs = grid(make_config(preset, **settings), seeds=seeds, **parse_grid_values(lists))
     from dfclip.runtime import rank_from_env
 
+    if halving:
+        from dfclip.heads.train import Halving
+
+        Halving(3 if eta is None else eta, 1 if min_epochs is None else min_epochs).check(cfgs)
     if rank_from_env().rank == 0:
         out.print(f"sweep {name}: {len(cfgs)} heads")
     out_dir, board = sweep_run(store_dir, cfgs, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
-                               log=out.print, progress=True)
+                               log=out.print, progress=True, halving=halving,
+                               eta=3 if eta is None else eta, min_epochs=1 if min_epochs is None else min_epochs)
     if board.height:
         from dfclip.heads.report import varying_columns
 
         import polars as pl
 
         settings = [c for c in varying_columns(board) if c != "seed"]
-        show = settings + ["seeds"] + (["diverged"] if "diverged" in board.columns and board["diverged"].sum() else []) + [
+        show = settings + ["seeds"] + (["diverged"] if "diverged" in board.columns and board["diverged"].sum() else []) + (
+            ["stop_epoch"] if halving else []) + [
             c for c in ("val_auc_mean", "val_auc_std", "val_loss_mean", "val_eer_mean", "holdout_auc_mean")
             if c in board.columns]
         with pl.Config(tbl_rows=50, float_precision=4, tbl_width_chars=160):

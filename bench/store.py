@@ -1,7 +1,14 @@
 """Loading a multi-shard store into memory vs reading the same bytes from one contiguous dataset.
 
-    python bench/store.py                       # 200k x 768 float16 in 16k-row shards
+    python bench/store.py                       # 200k and 1M x 768 float16 in 16k-row shards (13 and 62)
     python bench/store.py --rows 50000 --json out.json --compression
+
+Each size is written under --dir (default: a temporary folder; 1M rows need ~3.1 GB there: the store
+and the contiguous copy), measured and deleted before the next. "store.open().load()" is what a
+training run does: open (list the shards, read the cached newest-wins index) and load every row.
+The first open of a new set of shards resolves newest-wins itself and writes that index; it is
+timed apart ("first open"). The baseline is one h5py read_direct of the same array from one
+contiguous dataset (the array alone, no metadata).
 
 Each reader runs once as a warm-up, then they take turns --repeats times and each keeps its best
 time (taking turns spreads noise from other processes over all of them). The page cache cannot be
@@ -101,9 +108,56 @@ def compression_table(x: np.ndarray, root: Path, repeats: int) -> list[dict]:
     return rows
 
 
+def drop_index(root: Path) -> None:
+    for p in root.glob("index-*.parquet"):
+        p.unlink()
+
+
+def measure(rows: int, args) -> dict:
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        t = time.perf_counter()
+        baseline = build(root, rows, args.dim, args.shard_size)
+        print(f"built {rows} x {args.dim} in {time.perf_counter() - t:.0f}s")
+        nbytes = rows * args.dim * 2
+        s = store.open(root / "store")
+        s.meta  # noqa: B018 - resolved (and its index cached) here, so "load" times the embeddings alone
+        t = best_of({"base": lambda: read_contiguous(baseline), "load": lambda: s.load(),
+                     "open_load": lambda: store.open(root / "store").load(),
+                     "first_open": lambda: (drop_index(root / "store"), store.open(root / "store").meta)},
+                    args.repeats)
+        X, _ = s.load()
+        assert np.array_equal(X, read_contiguous(baseline))  # same bytes, or the comparison is meaningless
+        del X
+        result = {
+            "rows": rows, "dim": args.dim, "shard_size": args.shard_size, "shards": len(s.shards),
+            "bytes": nbytes, "cache": "warm", "repeats": args.repeats, "read_threads": store.reader.READ_THREADS,
+            "contiguous_s": t["base"], "store_load_s": t["load"], "store_open_load_s": t["open_load"],
+            "first_open_meta_s": t["first_open"],
+            "ratio_load": t["base"] / t["load"], "ratio_open_load": t["base"] / t["open_load"],
+        }
+        print(f"\n{rows} x {args.dim} float16 = {nbytes / 1e6:.0f} MB, {len(s.shards)} shards of "
+              f"{args.shard_size} rows; warm page cache, best of {args.repeats}, {result['read_threads']} read threads")
+        print(f"{'reader':<40}{'seconds':>9}{'GB/s':>8}{'vs contiguous':>15}")
+        for name, sec in (("one contiguous dataset (h5py)", t["base"]), ("store.load() (meta resolved)", t["load"]),
+                          ("store.open().load()", t["open_load"])):
+            print(f"{name:<40}{sec:>9.3f}{nbytes / sec / 1e9:>8.2f}{t['base'] / sec:>15.2f}")
+        print(f"{'first open of new shards: resolve + index':<40}{t['first_open']:>9.3f}")
+        print(f"ratio store.open().load() / contiguous: {result['ratio_open_load']:.2f} (target >= 0.8); "
+              f"store.load() alone: {result['ratio_load']:.2f}")
+        if args.compression:
+            x = next(clip_like(min(rows, 32768), args.dim, block=32768))
+            result["compression"] = compression_table(x, root, args.repeats)
+            print(f"\ncompression of {len(x)} x {args.dim} CLIP-like float16 rows, 1 MiB chunks")
+            print(f"{'filter':<16}{'MB':>8}{'saved':>8}{'read s':>9}{'slowdown':>10}")
+            for r in result["compression"]:
+                print(f"{r['filter']:<16}{r['bytes'] / 1e6:>8.2f}{r['saved']:>8.1%}{r['seconds']:>9.4f}{r['slowdown']:>9.1f}x")
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--rows", default="200000,1000000", help="comma list of sizes, measured in turn")
     p.add_argument("--dim", type=int, default=768)
     p.add_argument("--shard-size", type=int, default=16384)
     p.add_argument("--repeats", type=int, default=3)
@@ -112,41 +166,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args()
 
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        root = Path(tmp)
-        baseline = build(root, args.rows, args.dim, args.shard_size)
-        nbytes = args.rows * args.dim * 2
-        s = store.open(root / "store")
-        s.meta  # noqa: B018 - scanned once here, so "load" times the embeddings alone
-        t = best_of({"base": lambda: read_contiguous(baseline), "load": lambda: s.load(),
-                     "open_load": lambda: store.open(root / "store").load()}, args.repeats)
-        t_base, t_load, t_open_load = t["base"], t["load"], t["open_load"]
-        X, _ = s.load()
-        assert np.array_equal(X, read_contiguous(baseline))  # same bytes, or the comparison is meaningless
-        result = {
-            "rows": args.rows, "dim": args.dim, "shard_size": args.shard_size, "shards": len(s.shards),
-            "bytes": nbytes, "cache": "warm", "repeats": args.repeats,
-            "contiguous_gbps": nbytes / t_base / 1e9, "store_load_gbps": nbytes / t_load / 1e9,
-            "store_open_load_gbps": nbytes / t_open_load / 1e9,
-            "ratio_load": t_base / t_load, "ratio_open_load": t_base / t_open_load,
-        }
-        print(f"{args.rows} x {args.dim} float16 = {nbytes / 1e6:.0f} MB, {len(s.shards)} shards of "
-              f"{args.shard_size} rows; warm page cache, best of {args.repeats}")
-        print(f"{'reader':<34}{'seconds':>9}{'GB/s':>8}{'vs contiguous':>15}")
-        for name, t in (("one contiguous dataset", t_base), ("store.load() (meta scanned)", t_load),
-                        ("store.open().load() (cold meta)", t_open_load)):
-            print(f"{name:<34}{t:>9.3f}{nbytes / t / 1e9:>8.2f}{t_base / t:>15.2f}")
-        print(f"ratio store.load() / contiguous: {result['ratio_load']:.2f} (target >= 0.8); "
-              f"with the metadata scan of a fresh open: {result['ratio_open_load']:.2f}")
-        if args.compression:
-            x = next(clip_like(min(args.rows, 32768), args.dim, block=32768))
-            result["compression"] = compression_table(x, root, args.repeats)
-            print(f"\ncompression of {len(x)} x {args.dim} CLIP-like float16 rows, 1 MiB chunks")
-            print(f"{'filter':<16}{'MB':>8}{'saved':>8}{'read s':>9}{'slowdown':>10}")
-            for r in result["compression"]:
-                print(f"{r['filter']:<16}{r['bytes'] / 1e6:>8.2f}{r['saved']:>8.1%}{r['seconds']:>9.4f}{r['slowdown']:>9.1f}x")
+    results = [measure(int(n), args) for n in str(args.rows).split(",")]
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
 
 
 if __name__ == "__main__":

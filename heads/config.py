@@ -157,9 +157,13 @@ def shown_default(name: str) -> str:
 
 
 def group_key(cfg: RunConfig) -> tuple:
-    """Configs with equal keys train together as one batched model."""
+    """Configs with equal keys train together as one batched model.
+
+    SAM on (rho > 0) or off splits groups too: a SAM step runs a second forward with fresh dropout
+    masks, which a rho = 0 model alone would not draw (nor pay for).
+    """
     return tuple((k, v) for k, v in sorted(cfg.to_dict().items()) if k not in PER_MODEL and not isinstance(v, list)) + (
-        ("holdout_sources", tuple(cfg.holdout_sources)),)
+        ("holdout_sources", tuple(cfg.holdout_sources)), ("sam", cfg.sam_rho > 0))
 
 
 def load_preset(name_or_path: str) -> dict:

@@ -22,7 +22,7 @@ from torch import nn
 from dfclip.errors import UserError
 
 # One generator for the whole [K, ...] draw, or one per model (model k's randomness then
-# does not depend on K or on the other models).
+# does not depend on K or on the other models; models given the same object share its draws).
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
@@ -103,8 +103,23 @@ def _dropout(x: torch.Tensor, p: float, training: bool, generator: Generators) -
     if isinstance(generator, torch.Generator):
         u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     else:
-        u = torch.stack([torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+        unique, which = distinct_generators(generator)
+        draws = [torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in unique]
+        u = draws[0].expand(x.shape) if len(draws) == 1 else torch.stack(draws)[which]
     return x * (u >= p) / (1.0 - p)
+
+
+def distinct_generators(generators: Sequence[torch.Generator]) -> tuple[list[torch.Generator], list[int]]:
+    """(the distinct generator objects in first-seen order, for each model the index of its own).
+
+    Models handed the SAME generator object share one draw per call: the trainer gives configs with
+    equal seeds one generator, so a model's masks and noise are those of its own fit whatever else
+    shares its group, and a grid of one seed pays for one draw instead of K.
+    """
+    unique: dict[int, int] = {}
+    which = [unique.setdefault(id(g), len(unique)) for g in generators]
+    objects = {id(g): g for g in generators}
+    return [objects[i] for i in unique], which
 
 
 def _check_seeds(k: int, seeds: Sequence[int] | None) -> list[int]:

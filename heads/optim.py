@@ -88,6 +88,28 @@ class BatchedAdamW(torch.optim.Optimizer):
                 denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
                 p.sub_(_along_dim0(lr / bias_correction1, p) * m / denom)
 
+    def select(self, indices: list[int], params: list[Tensor]) -> BatchedAdamW:
+        """A BatchedAdamW for models `indices` only, over `params`: the rows `indices` of this
+        optimizer's parameters (in order, e.g. head.select(indices).parameters()), with those rows'
+        moments, step counts, lr and weight decay, so the kept models continue exactly as before."""
+        old = [p for group in self.param_groups for p in group["params"]]
+        if len(old) != len(params):
+            raise ValueError(f"select needs one new parameter per old one: {len(old)} vs {len(params)}")
+        rows = torch.as_tensor(indices, dtype=torch.long, device=old[0].device)
+        groups, at = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            groups.append({**group, "params": params[at:at + n], "lr": group["lr"][rows],
+                           "weight_decay": group["weight_decay"][rows]})
+            at += n
+        new = BatchedAdamW(groups)
+        for p_old, p_new in zip(old, params):
+            state = self.state.get(p_old)
+            if state:
+                new.state[p_new] = {"step": state["step"], "exp_avg": state["exp_avg"][rows],
+                                    "exp_avg_sq": state["exp_avg_sq"][rows]}
+        return new
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict, moving the per-model lr / weight decay to the parameters' device."""
         super().load_state_dict(state_dict)

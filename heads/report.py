@@ -263,6 +263,8 @@ def flat_metrics(report: dict, prefix: str) -> dict:
 def result_row(result) -> dict:
     row = {k: (",".join(v) if isinstance(v, (list, tuple)) else v) for k, v in result.config.to_dict().items()}
     row.update({"best_epoch": result.best_epoch, "decision_threshold": result.threshold, "seconds": result.seconds})
+    # The last epoch it trained: --epochs, unless --patience or --halving stopped it earlier.
+    row["stop_epoch"] = int(result.history["epoch"].max()) if result.history.height else 0
     at_best = result.history.filter(pl.col("epoch") == result.best_epoch)  # for --select loss
     row["val_loss"] = float(at_best["val_loss"][0]) if at_best.height else None
     for name, rep in result.reports.items():
@@ -279,20 +281,27 @@ def selection_order(select: str) -> tuple[str, bool]:
     return ("val_loss", False) if select == "loss" else ("val_auc", True)
 
 
-def leaderboard(rows: pl.DataFrame, select: str = "auc") -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(per-run table, per-configuration mean and std over seeds), both sorted by the selection metric."""
+def leaderboard(rows: pl.DataFrame, select: str = "auc", *, halving: bool = False
+                ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(per-run table, per-configuration mean and std over seeds), both sorted by the selection metric.
+
+    halving: runs that went further come first (stop_epoch descending), then the metric, so the top
+    row, which becomes best/, is a full-length run.
+    """
     from dfclip.heads.config import FIELDS
 
     metric_cols = [c for c in rows.columns if c.startswith(("val_", "holdout_")) and c not in FIELDS]
     cfg_cols = [c for c in rows.columns if c in FIELDS and c != "seed"]
     sort_col, desc = selection_order(select)
+    stop = [pl.col("stop_epoch").max()] if "stop_epoch" in rows.columns else []
+    by, order = ([sort_col], [desc]) if not halving else (["stop_epoch", sort_col], [True, desc])
     summary = (rows.group_by(cfg_cols, maintain_order=True)
-               .agg(pl.len().alias("seeds"),
+               .agg(pl.len().alias("seeds"), *stop,
                     *([pl.col("diverged").is_not_null().sum().alias("diverged")] if "diverged" in rows.columns else []),
                     *[pl.col(c).mean().alias(f"{c}_mean") for c in metric_cols],
                     *[pl.col(c).std().alias(f"{c}_std") for c in metric_cols])
-               .sort(f"{sort_col}_mean", descending=desc, nulls_last=True))
-    return rows.sort(sort_col, descending=desc, nulls_last=True), summary
+               .sort([b if b == "stop_epoch" else f"{b}_mean" for b in by], descending=order, nulls_last=True))
+    return rows.sort(by, descending=order, nulls_last=True, maintain_order=True), summary
 
 
 def varying_columns(rows: pl.DataFrame) -> list[str]:

@@ -29,9 +29,9 @@ from dfclip.heads import metrics
 from dfclip.heads.config import RunConfig, validate
 from dfclip.heads.data import finite_rows, non_finite_note
 from dfclip.heads.report import (check_writable_dir, default_run_name, leaderboard, load_run, plot_heatmap, result_row,
-                                 safe_name, save_run, selection_order, varying_columns)
+                                 safe_name, save_run, varying_columns)
 from dfclip.heads.models import HEAD_KINDS, head_options
-from dfclip.heads.train import EVAL_CHUNK, predict_logits, train
+from dfclip.heads.train import EVAL_CHUNK, Halving, predict_logits, train
 from dfclip.runtime import rank_from_env, resolve_device
 from dfclip.errors import UserError
 
@@ -155,12 +155,20 @@ BARRIER_TIMEOUT = datetime.timedelta(days=2)
 
 def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None,
           runs_dir: str | os.PathLike = "runs", name: str = "sweep", device: str = "auto",
-          log: Callable[[str], None] = print, progress: bool = False) -> tuple[Path, pl.DataFrame]:
+          log: Callable[[str], None] = print, progress: bool = False, halving: bool = False, eta: int = 3,
+          min_epochs: int = 1) -> tuple[Path, pl.DataFrame]:
     """Train every config at once; write the leaderboard, a heatmap and the best run directory.
 
     Under torchrun each rank trains a disjoint slice of the grid (configs rank, rank+world, ...)
     and writes its rows; rank 0 waits for all ranks, merges the leaderboard and keeps the best.
+    halving: successive halving with `eta` and `min_epochs` (heads.train.Halving); the leaderboard's
+    stop_epoch says where each config stopped, and best/ is a full-length run. Under torchrun each
+    rank halves its own slice (no communication per rung), so every rank brings at least one
+    full-length run and the merged leaderboard ranks them; a single process ranks the whole grid.
     """
+    plan = Halving(eta, min_epochs) if halving else None
+    if plan is not None:
+        plan.check(cfgs)  # every rank refuses bad settings before any trains
     me = rank_from_env()
     rank, world = me.rank, me.world
     out = Path(runs_dir) / safe_name(name)
@@ -181,7 +189,7 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
         torch.distributed.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     if mine:
         t0 = time.perf_counter()
-        results, data = train(s, mine, val_store=vs, device=device, log=log, progress=progress)
+        results, data = train(s, mine, val_store=vs, device=device, log=log, progress=progress, halving=plan)
         log(f"rank {rank}: trained {len(mine)} heads in {time.perf_counter() - t0:.1f}s")
         diverged = sum(r.diverged is not None for r in results)
         if diverged:
@@ -189,8 +197,7 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
                 "last, with the epoch in its `diverged` column")
         rows = pl.DataFrame([result_row(r) | {"rank": rank, "index": i} for i, r in enumerate(results)],
                             infer_schema_length=None)
-        col, desc = selection_order(select)
-        best_i = int(rows.with_row_index("i").sort(col, descending=desc, nulls_last=True)["i"][0])
+        best_i = int(leaderboard(rows, select, halving=halving)[0]["index"][0])
         if results[best_i].diverged is None:  # no best run from a rank whose every config diverged
             save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts)
         tmp = parts / f".rows-r{rank:03d}.parquet.tmp"
@@ -202,7 +209,7 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
         return out, pl.DataFrame()
     files = [p for r in range(world) if (p := parts / f"rows-r{r:03d}.parquet").is_file()]
     rows = pl.concat([pl.read_parquet(p) for p in files], how="diagonal_relaxed")
-    runs, summary = leaderboard(rows, select)
+    runs, summary = leaderboard(rows, select, halving=halving)
     runs.write_parquet(out / "runs.parquet")
     summary.write_parquet(out / "leaderboard.parquet")
     plot_heatmap(summary, out / "heatmap_alpha_gamma.png")
@@ -214,8 +221,11 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
         raise UserError(f"every config of the sweep diverged (NaN or infinite loss; leaderboard in {out}); "
                         f"lower --lr (lowest now {min(c.lr for c in cfgs):g})")
     shutil.copytree(parts / f"best-r{best['rank']:03d}", best_dir)
+    halving_info = {"eta": eta, "min_epochs": min_epochs, "rungs": plan.rungs(cfgs[0].epochs),
+                    "per_rank": world > 1} if plan is not None else None
     (out / "sweep.json").write_text(json.dumps({"configs": len(cfgs), "world_size": world, "best": best,
-                                                "varying": varying_columns(rows)}, indent=2, default=str))
+                                                "varying": varying_columns(rows), "halving": halving_info},
+                                               indent=2, default=str))
     return out, summary
 
 

@@ -4,7 +4,8 @@ The data is loaded once (heads.data.load_data) into one tensor on the device. Ea
 one batch that all heads of a group share, so a sweep holds the embeddings once and pays for
 one gather, one noise draw and one first-layer matmul per step. Configs that share an
 architecture train as one batched module; their alpha, gamma, rho, lr, wd are [K] tensors.
-The loss is heads.losses.Objective, the metrics and thresholds heads.metrics.
+The loss is heads.losses.Objective, the metrics and thresholds heads.metrics. GroupRun holds
+one group in training, so successive halving (Halving) can stop it at a rung and drop models.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import torch.nn.functional as F
 from dfclip.errors import UserError
 from dfclip.heads import losses, metrics
 from dfclip.heads.config import PER_MODEL, RunConfig, group_key
-from dfclip.heads.data import Data, EvalSet, augment_with_noise, describe_data, epoch_batches, load_data
-from dfclip.heads.models import HEAD_KINDS, Head, build_head, head_options
+from dfclip.heads.data import (Data, EvalSet, augment_with_noise, describe_data, epoch_batches, feature_noise,
+                               load_data)
+from dfclip.heads.models import HEAD_KINDS, Head, build_head, distinct_generators, head_options
 from dfclip.heads.optim import SAM, BatchedAdamW
 from dfclip.heads.report import StepProgress
 from dfclip.runtime import resolve_device
@@ -154,6 +156,13 @@ class BestStates:
             mask = improved.view(-1, *([1] * (t.dim() - 1)))
             self.best[n] = torch.where(mask, t.detach(), self.best[n])
 
+    def keep(self, positions: list[int]) -> None:
+        """Keep the rows of models `positions` only (successive halving drops the rest)."""
+        rows = torch.tensor(positions, device=self.score.device)
+        self.best = {n: t.index_select(0, rows) for n, t in self.best.items()}
+        self.score, self.epoch, self.stale, self.stopped, self.diverged = (
+            t.index_select(0, rows) for t in (self.score, self.epoch, self.stale, self.stopped, self.diverged))
+
     def all_stopped(self) -> bool:
         """Count this epoch against --patience; True once no model of the group is left running."""
         if self.patience > 0:
@@ -172,91 +181,186 @@ def _log_epoch(log: Callable[[str], None], epoch: int, epochs: int, values: list
         log(f"epoch {epoch:3d}/{epochs}  {len(tl)} heads  {auc}  {seconds:.1f}s")
 
 
+# Each seed's random streams (tensor seeds offset from the init seed, so they never coincide).
+NOISE_STREAM, DROPOUT_STREAM = 1_000_003, 2_000_003
+
+
+def _seed_generators(cfgs: list[RunConfig], device: torch.device, offset: int) -> list[torch.Generator]:
+    """One generator per model, a single object per distinct seed: configs with equal seeds draw
+    the same masks and noise, which are those of their own fits (see models.distinct_generators)."""
+    by_seed: dict[int, torch.Generator] = {}
+    for c in cfgs:
+        if c.seed not in by_seed:
+            by_seed[c.seed] = torch.Generator(device).manual_seed(c.seed + offset)
+    return [by_seed[c.seed] for c in cfgs]
+
+
+def _noisy_batch(xb: torch.Tensor, yb: torch.Tensor, generators: list[torch.Generator]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature noise with one draw per distinct generator: [B, D] -> [2B, D] shared by the group
+    when every model has the same seed (the usual grid), else [K, 2B, D], each model its seed's copy."""
+    unique, which = distinct_generators(generators)
+    if len(unique) == 1:
+        return augment_with_noise(xb, yb, unique[0])
+    noisy = torch.stack([feature_noise(xb, g) for g in unique])  # [S, 2B, D]
+    return noisy[torch.tensor(which, device=xb.device)], torch.cat([yb, yb])
+
+
+class GroupRun:
+    """Configs that share group_key(...) in training as one batched head: run it to an epoch,
+    drop models (successive halving), and finish into one RunResult each.
+
+    One pass over the data per step: every head of the group sees the same batch, so a sweep
+    gathers each batch once and the first layer is one matmul for all K heads. The batch order
+    follows `batch_seed` (a fit: its own seed). Per-config seeds set each head's initial weights,
+    its dropout masks and its feature noise (one generator per distinct seed), so a model's
+    training does not depend on which other configs share its group or chunk, nor on when they
+    leave it; with --halving the batch order stays the group's first seed's throughout.
+    """
+
+    def __init__(self, data: Data, cfgs: list[RunConfig], *, ids: list[int] | None = None,
+                 log: Callable[[str], None] = print, progress: bool = False, batch_seed: int | None = None) -> None:
+        c0, k, device = cfgs[0], len(cfgs), data.x.device
+        assert all(group_key(c) == group_key(c0) for c in cfgs), "a GroupRun needs configs of one group"
+        self.data, self.cfgs, self.log, self.progress = data, list(cfgs), log, progress
+        self.ids = list(range(k)) if ids is None else list(ids)  # history's "model": stable across drops
+        self.head = build_head(c0.head, k, data.dim, seeds=[c.seed for c in cfgs], **head_options(c0)).to(device)
+        self.opt = BatchedAdamW(list(self.head.parameters()), lr=_per_model(cfgs, "lr", device),
+                                weight_decay=_per_model(cfgs, "weight_decay", device))
+        self.sam = self._sam()
+        self.loss_fn = losses.Objective(cfgs, device)  # [K, B] logits -> [K] losses
+        self.batch_gen = torch.Generator(device).manual_seed(c0.seed if batch_seed is None else batch_seed)
+        self.noise_gens = _seed_generators(cfgs, device, NOISE_STREAM)
+        self.dropout_gens = _seed_generators(cfgs, device, DROPOUT_STREAM)
+        self.batch_size = min(c0.batch_size, data.y.numel())  # train() says so once (note_small_batches)
+        self.steps, self.keep_last = _batches_per_epoch(c0, data.y.numel(), self.batch_size)
+        if not c0.drop_last and not self.keep_last and data.y.numel() % self.batch_size:
+            log("note: the last batch of each epoch has one row, which BatchNorm cannot normalise: it is dropped")
+        self.total, self.warmup = c0.epochs * self.steps, int(c0.warmup_epochs * self.steps)
+        self.best = BestStates(self.head, c0.select, c0.patience)
+        self.rows: list[dict] = []
+        self.step, self.epoch, self.done, self.seconds = 0, 0, False, 0.0
+
+    def _sam(self) -> SAM | None:
+        # group_key splits configs with and without SAM, so a group is all SAM or none.
+        if self.cfgs[0].sam_rho <= 0:
+            return None
+        return SAM(self.opt, _per_model(self.cfgs, "sam_rho", self.data.x.device), adaptive=self.cfgs[0].sam_adaptive)
+
+    def run_until(self, last_epoch: int) -> None:
+        """Train epochs self.epoch + 1 .. last_epoch (fewer if every model stopped early)."""
+        t0, c0, data, head, k = time.perf_counter(), self.cfgs[0], self.data, self.head, len(self.cfgs)
+        todo = max(0, min(last_epoch, c0.epochs) - self.epoch) if not self.done else 0
+        bar = StepProgress(todo * self.steps, f"{k} head{'s' if k > 1 else ''}") if self.progress and todo else None
+        for epoch in range(self.epoch + 1, self.epoch + 1 + todo):
+            te = time.perf_counter()
+            head.train()
+            train_loss = torch.zeros(k, device=data.x.device)
+            batches = epoch_batches(data.y, 1, self.batch_size, [self.batch_gen], drop_last=not self.keep_last,
+                                    balanced_fake_rate=c0.fake_rate if c0.balanced else None)
+            if c0.schedule == "sp_cup":  # one lr per epoch; a [K] scale, as min_lr is absolute
+                lrs = _per_model(self.cfgs, "lr", data.x.device)
+                epoch_scale = sp_cup_lr(epoch - 1, c0.epochs, lrs, c0.min_lr) / lrs
+            for idx in batches:
+                xb, yb = data.x[idx[0]].float(), data.y[idx[0]]  # [B, D], [B]: shared by the K heads
+                if c0.l2_normalize:
+                    xb = F.normalize(xb, dim=-1)
+                if c0.feature_noise:
+                    xb, yb = _noisy_batch(xb, yb, self.noise_gens)
+                yb = yb.expand(k, -1)  # [K, B] view for the per-head losses
+                scale = epoch_scale if c0.schedule == "sp_cup" else _lr_scale(self.step, self.total, self.warmup)
+                loss = self.loss_fn(head(xb, generator=self.dropout_gens), yb)
+                loss.sum().backward()  # models are independent: the sum gives each its own gradient
+                if self.sam is not None:
+                    self.sam.first_step(zero_grad=True)
+                    self.loss_fn(head(xb, update_stats=False, generator=self.dropout_gens), yb).sum().backward()
+                    self.sam.second_step(zero_grad=True, lr_scale=scale)
+                else:
+                    self.opt.step(lr_scale=scale)
+                    self.opt.zero_grad(set_to_none=True)
+                train_loss += loss.detach()
+                self.step += 1
+                if bar is not None:
+                    bar.advance()
+            val_loss, val_auc, val_eer, finite = validate_epoch(head, data.val, l2_normalize=c0.l2_normalize)
+            self.best.update(head, epoch, val_loss, val_auc, finite)
+            seconds = time.perf_counter() - te
+            values = [v.tolist() for v in (train_loss / max(1, len(batches)), val_loss, val_auc, val_eer)]
+            for i, active in enumerate((~self.best.stopped).tolist()):
+                if active:
+                    self.rows.append({"model": self.ids[i], "epoch": epoch, "train_loss": values[0][i],
+                                      "val_loss": values[1][i], "val_auc": values[2][i], "val_eer": values[3][i],
+                                      "seconds": seconds})
+            _log_epoch(self.log, epoch, c0.epochs, values, seconds)
+            for i in self.best.mark_diverged(epoch, ~torch.isfinite(train_loss) | ~finite):
+                self.log(f"diverged at epoch {epoch} (loss {values[0][i]:g}): {_per_model_text(self.cfgs[i])}; "
+                         "stopped it")
+            self.epoch = epoch
+            if self.best.all_stopped():
+                if not (self.best.diverged > 0).all():
+                    self.log(f"early stop: no model improved its val {c0.select} for {c0.patience} epochs")
+                self.done = True
+                break
+        if bar is not None:
+            bar.close()
+        self.seconds += time.perf_counter() - t0
+
+    def keep(self, positions: list[int]) -> list[tuple[int, RunResult]]:
+        """Go on with models `positions` only; the others finish now, at their best epoch so far.
+
+        Returns (id, result) of the dropped models. Everything per model (weights, BatchNorm
+        buffers, AdamW moments and lr, loss options, rho, best states, random streams) is cut to the
+        kept rows, so the compute shrinks with the group and the kept models continue unchanged.
+        """
+        dropped = [i for i in range(len(self.cfgs)) if i not in set(positions)]
+        out = self._results(dropped) if dropped else []
+        if positions:
+            device = self.data.x.device
+            self.head = self.head.select(positions)
+            self.opt = self.opt.select(positions, list(self.head.parameters()))
+            self.cfgs = [self.cfgs[i] for i in positions]
+            self.ids = [self.ids[i] for i in positions]
+            self.noise_gens = [self.noise_gens[i] for i in positions]
+            self.dropout_gens = [self.dropout_gens[i] for i in positions]
+            self.sam = self._sam()
+            self.loss_fn = losses.Objective(self.cfgs, device)
+            self.best.keep(positions)
+        return out
+
+    def finish(self) -> list[tuple[int, RunResult]]:
+        """(id, result) of every model still in the group, with its best weights."""
+        return self._results(list(range(len(self.cfgs))))
+
+    def _results(self, positions: list[int]) -> list[tuple[int, RunResult]]:
+        ids = [self.ids[i] for i in positions]
+        rows = torch.tensor(positions, device=self.data.x.device)
+        head = self.head.select(positions)
+        head.load_state_dict({n: t.index_select(0, rows) for n, t in self.best.best.items()})
+        history = pl.DataFrame(self.rows, schema=HISTORY_SCHEMA).filter(pl.col("model").is_in(ids))
+        history = history.with_columns(pl.col("model").replace_strict(ids, list(range(len(ids)))))
+        results = _finish(self.data, [self.cfgs[i] for i in positions], head, history,
+                          self.best.epoch[rows].tolist(), self.seconds * len(positions) / len(self.cfgs))
+        # A model that never had a finite validation epoch kept its initial weights: diverged at epoch 1.
+        never = (self.best.diverged[rows] == 0) & (self.best.epoch[rows] == 0)
+        for r, epoch in zip(results, torch.where(never, 1, self.best.diverged[rows]).tolist()):
+            r.diverged = epoch or None
+        return list(zip(ids, results))
+
+
+HISTORY_SCHEMA = {"model": pl.Int64, "epoch": pl.Int64, "train_loss": pl.Float64, "val_loss": pl.Float64,
+                  "val_auc": pl.Float64, "val_eer": pl.Float64, "seconds": pl.Float64}
+
+
 def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None] = print,
                 progress: bool = False, batch_seed: int | None = None) -> list[RunResult]:
-    """Train configs that share group_key(...) as one batched head; returns one RunResult each.
+    """Train configs that share group_key(...) as one batched head for their epochs; one RunResult each.
 
-    This is the whole training loop: gather a shared batch, optional feature noise, forward,
+    The whole training loop (GroupRun): gather a shared batch, optional feature noise, forward,
     CVaR + AUC loss, (SAM) AdamW step, then per-epoch validation and best-state tracking.
     """
-    c0, k, device = cfgs[0], len(cfgs), data.x.device
-    assert all(group_key(c) == group_key(c0) for c in cfgs), "train_group needs configs of one group"
-    head = build_head(c0.head, k, data.dim, seeds=[c.seed for c in cfgs], **head_options(c0)).to(device)
-    opt = BatchedAdamW(list(head.parameters()), lr=_per_model(cfgs, "lr", device),
-                       weight_decay=_per_model(cfgs, "weight_decay", device))
-    rho = _per_model(cfgs, "sam_rho", device)
-    sam = SAM(opt, rho, adaptive=c0.sam_adaptive) if any(c.sam_rho > 0 for c in cfgs) else None
-    loss_fn = losses.Objective(cfgs, device)  # [K, B] logits -> [K] losses
-
-    # One pass over the data per step: every head of the group sees the same batch (and the same
-    # noisy copies), so a sweep gathers each batch once and the first layer is one matmul for all
-    # K heads. The batch order follows the group's first seed (a fit: its own seed); per-head
-    # seeds set each head's initial weights, and dropout draws independent masks per head.
-    batch_gen = torch.Generator(device).manual_seed(c0.seed if batch_seed is None else batch_seed)
-    rng = torch.Generator(device).manual_seed(c0.seed + 1_000_003)
-    batch_size = min(c0.batch_size, data.y.numel())  # train() says so once (note_small_batches)
-    steps, keep_last = _batches_per_epoch(c0, data.y.numel(), batch_size)
-    if not c0.drop_last and not keep_last and data.y.numel() % batch_size:
-        log("note: the last batch of each epoch has one row, which BatchNorm cannot normalise: it is dropped")
-    total, warmup = c0.epochs * steps, int(c0.warmup_epochs * steps)
-    lrs = _per_model(cfgs, "lr", device)
-    best = BestStates(head, c0.select, c0.patience)
-    rows, step, t0 = [], 0, time.perf_counter()
-    bar = StepProgress(total, f"{k} head{'s' if k > 1 else ''}") if progress else None
-    for epoch in range(1, c0.epochs + 1):
-        te = time.perf_counter()
-        head.train()
-        train_loss = torch.zeros(k, device=device)
-        batches = epoch_batches(data.y, 1, batch_size, [batch_gen], drop_last=not keep_last,
-                                balanced_fake_rate=c0.fake_rate if c0.balanced else None)
-        if c0.schedule == "sp_cup":  # one lr per epoch; a [K] scale, as min_lr is absolute
-            epoch_scale = sp_cup_lr(epoch - 1, c0.epochs, lrs, c0.min_lr) / lrs
-        for idx in batches:
-            xb, yb = data.x[idx[0]].float(), data.y[idx[0]]  # [B, D], [B]: shared by the K heads
-            if c0.l2_normalize:
-                xb = F.normalize(xb, dim=-1)
-            if c0.feature_noise:
-                xb, yb = augment_with_noise(xb, yb, rng)
-            yb = yb.expand(k, -1)  # [K, B] view for the per-head losses
-            scale = epoch_scale if c0.schedule == "sp_cup" else _lr_scale(step, total, warmup)
-            loss = loss_fn(head(xb, generator=rng), yb)
-            loss.sum().backward()  # models are independent: the sum gives each its own gradient
-            if sam is not None:
-                sam.first_step(zero_grad=True)
-                loss_fn(head(xb, update_stats=False, generator=rng), yb).sum().backward()
-                sam.second_step(zero_grad=True, lr_scale=scale)
-            else:
-                opt.step(lr_scale=scale)
-                opt.zero_grad(set_to_none=True)
-            train_loss += loss.detach()
-            step += 1
-            if bar is not None:
-                bar.advance()
-        val_loss, val_auc, val_eer, finite = validate_epoch(head, data.val, l2_normalize=c0.l2_normalize)
-        best.update(head, epoch, val_loss, val_auc, finite)
-        seconds = time.perf_counter() - te
-        values = [v.tolist() for v in (train_loss / max(1, len(batches)), val_loss, val_auc, val_eer)]
-        for i, active in enumerate((~best.stopped).tolist()):
-            if active:
-                rows.append({"model": i, "epoch": epoch, "train_loss": values[0][i], "val_loss": values[1][i],
-                             "val_auc": values[2][i], "val_eer": values[3][i], "seconds": seconds})
-        _log_epoch(log, epoch, c0.epochs, values, seconds)
-        for i in best.mark_diverged(epoch, ~torch.isfinite(train_loss) | ~finite):
-            log(f"diverged at epoch {epoch} (loss {values[0][i]:g}): {_per_model_text(cfgs[i])}; stopped it")
-        if best.all_stopped():
-            if not (best.diverged > 0).all():
-                log(f"early stop: no model improved its val {c0.select} for {c0.patience} epochs")
-            break
-    if bar is not None:
-        bar.close()
-    head.load_state_dict(best.best)
-    # A model that never had a finite validation epoch kept its initial weights: diverged at epoch 1.
-    diverged = torch.where((best.diverged == 0) & (best.epoch == 0), 1, best.diverged).tolist()
-    results = _finish(data, cfgs, head, pl.DataFrame(rows), best.epoch.tolist(), time.perf_counter() - t0)
-    for r, epoch in zip(results, diverged):
-        r.diverged = epoch or None
-    return results
-
+    run = GroupRun(data, cfgs, log=log, progress=progress, batch_seed=batch_seed)
+    run.run_until(cfgs[0].epochs)
+    return [r for _, r in run.finish()]
 
 def _per_model_text(cfg: RunConfig) -> str:
     """The settings that may differ inside a group (lr, alpha, ...), as options: what tells its heads apart."""
@@ -298,11 +402,13 @@ def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame
 
 
 def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device: str = "auto",
-          log: Callable[[str], None] = print, progress: bool = False) -> tuple[list[RunResult], Data]:
+          log: Callable[[str], None] = print, progress: bool = False,
+          halving: Halving | None = None) -> tuple[list[RunResult], Data]:
     """Train every config (grouped into batched heads) on one resident copy of the data.
 
     `data` is a store (a path or store.Store, loaded here with heads.data.load_data onto
     `device`, with `val_store` if given) or an already loaded Data, used as it is.
+    halving: successive halving over the configs (see Halving); None trains every config fully.
     """
     if not cfgs:
         raise UserError("nothing to train: give at least one configuration")
@@ -310,6 +416,8 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
     for name in shared:
         if len({getattr(c, name) for c in cfgs}) > 1:
             raise UserError(f"--{name.replace('_', '-')} must be one value for a whole sweep (all heads share the data)")
+    if halving is not None:
+        halving.check(cfgs)
     if not isinstance(data, Data):
         data = load_data(data, cfgs[0], val_store=val_store, device=resolve_device(device))
     elif val_store is not None:
@@ -323,9 +431,48 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        return _train_groups(data, cfgs, log=log, progress=progress), data
+        return _train_groups(data, cfgs, log=log, progress=progress, halving=halving), data
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+@dataclass(frozen=True)
+class Halving:
+    """Successive halving (the ASHA / Hyperband rule): train every config to the first rung, keep
+    the best 1/eta by the --select metric on val (ties: the earlier config), go on to the next rung.
+
+    Rungs are at min_epochs * eta^k epochs below --epochs, then --epochs itself; at least one config
+    reaches it. A dropped config's result is its best epoch so far (RunResult.history ends at its rung).
+    """
+
+    eta: int = 3
+    min_epochs: int = 1
+
+    def check(self, cfgs: list[RunConfig]) -> None:
+        """UserError for an eta below 2, or a min_epochs outside 1..--epochs (which must be one value)."""
+        if self.eta < 2:
+            raise UserError(f"--eta must be an integer >= 2 (keep the best 1/eta at each rung), got {self.eta}")
+        epochs = {c.epochs for c in cfgs}
+        if len(epochs) > 1:
+            raise UserError(f"--halving needs one --epochs for the whole sweep, got {sorted(epochs)}")
+        if not 1 <= self.min_epochs <= cfgs[0].epochs:
+            raise UserError(f"--min-epochs must be between 1 and --epochs ({cfgs[0].epochs}), got {self.min_epochs}")
+
+    def rungs(self, epochs: int) -> list[int]:
+        """The epochs at which configs are ranked: [1, 3, 9, 10] for eta 3, min_epochs 1, 10 epochs."""
+        out, e = [], self.min_epochs
+        while e < epochs:
+            out.append(e)
+            e *= self.eta
+        return out + [epochs]
+
+    def survivors(self, scores: dict[int, float], select: str) -> list[int]:
+        """The best max(1, n // eta) config ids by score (--select), ties to the lower id; NaN last."""
+        def rank(i: int) -> tuple:
+            v = scores[i]
+            return (math.isnan(v), v if select == "loss" else -v, i)
+
+        return sorted(sorted(scores, key=rank)[:max(1, len(scores) // self.eta)])
 
 
 # On a CPU, K heads' activations of [K, B, hidden] floats stop fitting in cache long before
@@ -342,19 +489,49 @@ def _chunk_size(cfg: RunConfig, dim: int, device: torch.device) -> int:
     return max(1, CPU_CHUNK_BYTES // (rows * width * 4))
 
 
-def _train_groups(data: Data, cfgs: list[RunConfig], *, log, progress) -> list[RunResult]:
+def _chunks(data: Data, cfgs: list[RunConfig]) -> list[list[int]]:
+    """Config indices per batched run: the groups (group_key), cut into CPU chunks. Every chunk
+    follows its group's batch order; the other random streams are per seed, so a config's result
+    does not depend on its chunk."""
     groups: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
         groups.setdefault(group_key(c), []).append(i)
-    results: list[RunResult | None] = [None] * len(cfgs)
+    out = []
     for idx in groups.values():
-        first = cfgs[idx[0]]
-        size = _chunk_size(first, data.dim, data.x.device)
-        for a in range(0, len(idx), size):
-            chunk = idx[a:a + size]
-            # Every chunk follows the group's batch order; dropout masks and noise are drawn per chunk,
-            # so with dropout or feature noise a config's result depends on its chunk (CPU only).
-            trained = train_group(data, [cfgs[i] for i in chunk], log=log, progress=progress, batch_seed=first.seed)
+        size = _chunk_size(cfgs[idx[0]], data.dim, data.x.device)
+        out.extend(idx[a:a + size] for a in range(0, len(idx), size))
+    return out
+
+
+def _train_groups(data: Data, cfgs: list[RunConfig], *, log, progress, halving: Halving | None = None
+                  ) -> list[RunResult]:
+    results: list[RunResult | None] = [None] * len(cfgs)
+    first_seed = {group_key(c): c.seed for c in reversed(cfgs)}  # each group's batch order
+    if halving is None:
+        for chunk in _chunks(data, cfgs):
+            group = [cfgs[i] for i in chunk]
+            trained = train_group(data, group, log=log, progress=progress, batch_seed=first_seed[group_key(group[0])])
             for i, r in zip(chunk, trained):
                 results[i] = r
+        return results
+    # Every chunk stays resident (weights, moments, best states) until its models are dropped.
+    runs = [GroupRun(data, [cfgs[i] for i in chunk], ids=chunk, log=log, progress=progress,
+                     batch_seed=first_seed[group_key(cfgs[chunk[0]])]) for chunk in _chunks(data, cfgs)]
+    select = cfgs[0].select if len({c.select for c in cfgs}) == 1 else "auc"
+    rungs = halving.rungs(cfgs[0].epochs)
+    for n, rung in enumerate(rungs):
+        for run in runs:
+            run.run_until(rung)
+        if n == len(rungs) - 1:
+            break
+        scores = {i: s for run in runs for i, s in zip(run.ids, run.best.score.tolist())}
+        keep = set(halving.survivors(scores, select))
+        log(f"halving: rung {n + 1} at epoch {rung}: {len(keep)} of {len(scores)} configs go on to epoch {rungs[n + 1]}")
+        for run in runs:
+            for i, r in run.keep([p for p, i in enumerate(run.ids) if i in keep]):
+                results[i] = r
+        runs = [run for run in runs if run.cfgs and any(i in keep for i in run.ids)]
+    for run in runs:
+        for i, r in run.finish():
+            results[i] = r
     return results

@@ -97,6 +97,20 @@ def meta_cache_name(shard: str, created_ns: int) -> str:
     return f"{shard}.meta-{created_ns}.parquet"
 
 
+INDEX_CACHE_GLOB = "index-*.parquet"
+
+
+def index_cache_name(shards: list[tuple[str, int, int]]) -> str:
+    """The optional Parquet cache of a store's resolved rows (newest wins over every shard).
+
+    shards: (file name, created_ns, rows) of every shard, in the readers' order (oldest first).
+    The name is a digest of that list, so a cache only ever matches the exact set of shards it was
+    resolved from; adding or removing a shard makes readers resolve again (and write a new cache).
+    """
+    digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:20]
+    return f"index-{digest}.parquet"
+
+
 def identity(provenance: dict) -> str:
     """A canonical string of what makes two stores' embeddings comparable.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,11 @@ META_SCHEMA = {**fmt.ROW_SCHEMA, "shard": pl.Int32, "row": pl.Int64}  # the rows
 # (~0.1 ms each: a scattered half of 200k rows took 10 s that way). Spans are capped for memory.
 READ_CALL_BYTES = 1 << 19
 MAX_SPAN_BYTES = 64 << 20
+# Whole runs of rows of uncompressed shards are read straight from the files with os.preadv, by a
+# few threads at once (preadv releases the GIL; h5py holds one global lock, so its reads never
+# overlap). Runs are cut into pieces of at most READ_TASK_BYTES to spread them over the threads.
+READ_THREADS = min(4, os.cpu_count() or 1)
+READ_TASK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,64 @@ def _check_labels(rows: list[pl.DataFrame], shards: list[Shard]) -> None:
                             "-1 unknown); fix the shard's label dataset or move it out of the store")
 
 
+def _raw_extents(f: h5py.File, ds: h5py.Dataset) -> list[tuple[int, int, int]] | None:
+    """(first row, rows, byte offset in the file) of each stored piece of an (N, D) dataset, when
+    its bytes can be read straight from the file: no filters (the writer never compresses), whole-row
+    chunks or a contiguous layout, every chunk allocated, no user block. None: read through h5py."""
+    if f.userblock_size or ds.id.get_create_plist().get_nfilters() or not ds.dtype.isnative or ds.ndim != 2:
+        return None
+    n, row_bytes = ds.shape[0], ds.shape[1] * ds.dtype.itemsize
+    if ds.chunks is None:
+        offset = ds.id.get_offset()  # None while nothing was written
+        return [(0, n, offset)] if offset is not None else None
+    chunk_rows, chunk_cols = ds.chunks
+    if chunk_cols != ds.shape[1]:
+        return None
+    extents = []
+    for i in range(ds.id.get_num_chunks()):
+        info = ds.id.get_chunk_info(i)
+        if info.filter_mask or info.size != chunk_rows * row_bytes:
+            return None
+        first = info.chunk_offset[0]
+        extents.append((first, min(chunk_rows, n - first), info.byte_offset))
+    if sum(rows for _, rows, _ in extents) != n:  # unwritten chunks read as the fill value: h5py's job
+        return None
+    return sorted(extents)
+
+
+def _raw_pieces(extents: list[tuple[int, int, int]], lo: int, hi: int, row_bytes: int
+                ) -> list[tuple[int, int, int]]:
+    """(file offset, bytes, first row relative to lo) of rows lo..hi-1, one piece per stored extent,
+    neighbours that continue each other in the file and in memory merged up to READ_TASK_BYTES."""
+    pieces: list[list[int]] = []
+    for first, rows, offset in extents:
+        a, b = max(lo, first), min(hi, first + rows)
+        if a >= b:
+            continue
+        at, size = offset + (a - first) * row_bytes, (b - a) * row_bytes
+        last = pieces[-1] if pieces else None
+        if last and last[0] + last[1] == at and last[2] * row_bytes + last[1] == (a - lo) * row_bytes \
+                and last[1] + size <= READ_TASK_BYTES:
+            last[1] += size
+        else:
+            pieces.append([at, size, a - lo])
+    # Split large pieces so the threads share the work evenly.
+    out = []
+    for at, size, row in pieces:
+        step = max(row_bytes, READ_TASK_BYTES // row_bytes * row_bytes)
+        out.extend((at + k, min(step, size - k), row + k // row_bytes) for k in range(0, size, step))
+    return out
+
+
+def _pread_into(fd: int, dest: memoryview, offset: int) -> None:
+    """Fill dest with the file's bytes from offset (preadv may return fewer bytes than asked)."""
+    while len(dest):
+        n = os.preadv(fd, [dest], offset)
+        if n <= 0:
+            raise OSError(f"unexpected end of file at byte {offset}")
+        dest, offset = dest[n:], offset + n
+
+
 class Store:
     """A read-only view of a store directory. Build it with `store.open(dir)`.
 
@@ -189,11 +253,47 @@ class Store:
                           .unique(["path", "shard"], keep="last").sort("path").drop("shard")
                           .filter(pl.col("error") != fmt.REMOVED))  # tombstones drop a path, they are no failure
 
+    def _index_path(self) -> Path:
+        return self.root / fmt.index_cache_name([(s.path.name, s.created_ns, s.n_rows) for s in self.shards])
+
+    def _read_index(self) -> pl.DataFrame | None:
+        """The resolved rows cached for exactly this set of shards, or None (no usable cache).
+
+        Only what the shards say is cached; anything applied on top of the shards' rows must be
+        applied after this, to cached and freshly scanned rows alike.
+        """
+        path = self._index_path()
+        try:
+            index = pl.read_parquet(path) if path.is_file() else None
+        except (OSError, pl.exceptions.PolarsError):
+            return None
+        return index if index is not None and dict(index.schema) == META_SCHEMA else None
+
+    def _write_index(self) -> None:
+        """Cache the resolved rows (best effort: a read-only store is simply resolved every time)."""
+        dest = self._index_path()
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        try:
+            self._meta.write_parquet(tmp)
+            os.replace(tmp, dest)
+            for old in self.root.glob(fmt.INDEX_CACHE_GLOB):  # caches of earlier sets of shards
+                if old != dest:
+                    old.unlink(missing_ok=True)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
     @property
     def meta(self) -> pl.DataFrame:
-        """path, label, source, split, group, size, mtime_ns, shard, row — one row per live embedding."""
+        """path, label, source, split, group, size, mtime_ns, shard, row — one row per live embedding.
+
+        Resolving newest-wins over a million paths takes longer than reading the embeddings, so
+        the result is cached in the store (fmt.index_cache_name) for the next open of the same shards.
+        """
+        if self._meta is None:
+            self._meta = self._read_index()
         if self._meta is None:
             self._scan()
+            self._write_index()
         return self._meta
 
     @property
@@ -235,7 +335,9 @@ class Store:
         # Segments of sorted rows, one read call each: cut at a new shard or at a gap too wide to read through.
         cuts = np.flatnonzero((np.diff(shard_col) != 0) | (np.diff(row_col) > gap_rows)) + 1
         next_row = np.r_[np.diff(row_col) == 1, False]  # row i+1 follows row i in the same shard
-        f, open_shard, buf = None, -1, None
+        out_bytes = memoryview(out.reshape(-1).view(np.uint8))
+        tasks: list[tuple[int, memoryview, int]] = []  # (fd, destination, file offset): whole runs, read last
+        f, open_shard, buf, extents, fds = None, -1, None, None, []
         try:
             for a0, b0 in zip(np.r_[0, cuts], np.r_[cuts, len(row_col)]):
                 r = row_col[a0:b0]  # split spans longer than max_span so the scratch buffer stays bounded
@@ -250,17 +352,40 @@ class Store:
                         # No chunk cache: each chunk is read once, straight into the destination; the
                         # cache only adds a copy (whole-store loads 1.8x slower with it, bench/store.py).
                         f = h5py.File(self.shards[open_shard].path, "r", rdcc_nbytes=0)
+                        extents = _raw_extents(f, f[fmt.EMBEDDINGS]) if f[fmt.EMBEDDINGS].dtype == dtype else None
+                        if extents is not None:
+                            fds.append(os.open(self.shards[open_shard].path, os.O_RDONLY))
                     ds, lo, hi = f[fmt.EMBEDDINGS], row_col[a], row_col[b - 1] + 1
                     if next_row[a:b - 1].all():  # one contiguous run: straight into out
-                        ds.read_direct(out, np.s_[lo:hi], np.s_[a:b])
+                        if extents is None:
+                            ds.read_direct(out, np.s_[lo:hi], np.s_[a:b])
+                        for at, size, row in _raw_pieces(extents or [], lo, hi, row_bytes):
+                            start = (a + row) * row_bytes
+                            tasks.append((fds[-1], out_bytes[start:start + size], at))
                         continue
                     if buf is None or len(buf) < hi - lo:
                         buf = np.empty((hi - lo, self.dim), ds.dtype)
-                    ds.read_direct(buf, np.s_[lo:hi], np.s_[0:hi - lo])
+                    if extents is None:
+                        ds.read_direct(buf, np.s_[lo:hi], np.s_[0:hi - lo])
+                    else:
+                        span = memoryview(buf.reshape(-1).view(np.uint8))
+                        for at, size, row in _raw_pieces(extents, lo, hi, row_bytes):
+                            _pread_into(fds[-1], span[row * row_bytes:row * row_bytes + size], at)
                     out[a:b] = buf[row_col[a:b] - lo]
+            if f is not None:
+                f.close()
+                f = None
+            if len(tasks) > 1 and READ_THREADS > 1:
+                with ThreadPoolExecutor(READ_THREADS) as pool:
+                    list(pool.map(lambda t: _pread_into(*t), tasks))
+            else:
+                for t in tasks:
+                    _pread_into(*t)
         finally:
             if f is not None:
                 f.close()
+            for fd in fds:
+                os.close(fd)
         return out, rows
 
     def info(self) -> dict:
