@@ -90,6 +90,8 @@ def info(
     t = Table(title=f"store {rep['store']}", show_header=False)
     for k in ("rows", "dim", "dtype", "model", "pretrained", "feature", "shards", "failures"):
         t.add_row(k, str(rep[k]))
+    t.add_row("layers", ", ".join(f"block{b}" for b in rep["layers"]) or "none (only proj)")
+    t.add_row("perturb", rep["perturb"])
     t.add_row("labels", ", ".join(f"{ {'1': 'fake', '0': 'real', '-1': 'unknown'}[k]}={v}" for k, v in rep["labels"].items()))
     t.add_row("sources", ", ".join(f"{k or '(none)'}={v}" for k, v in rep["sources"].items()))
     t.add_row("size on disk", f"{rep['bytes_on_disk'] / 2**20:.1f} MiB")
@@ -162,6 +164,9 @@ def extract_cmd(
         help="Decode processes per rank, 0 = decode in the main process.", show_default="cores per rank - 1, max 16")] = None,
     shard_size: Annotated[int, typer.Option(help="Rows per HDF5 shard (a killed run redoes at most one shard).")] = 16384,
     dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
+    layers: Annotated[str, typer.Option(
+        help="Also store the class token after these transformer blocks (1-based) as features/block{i}: "
+             "8,16,24, all, or every:4. Part of the store's identity.", show_default="none")] = "",
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try images logged as failures again.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
@@ -171,7 +176,7 @@ def extract_cmd(
 
     config = EmbedConfig(model=model, pretrained=pretrained, feature=feature, quick_gelu=quick_gelu,
                          cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
-                         workers=workers, shard_size=shard_size, dtype=dtype)
+                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers)
     rep = extract(images_dir, out_dir, config, manifest=manifest, root=root, columns=parse_column_map(column or []),
                   target_means=target_means, retry_failed=retry_failed, progress=progress)
     from rich.markup import escape

@@ -204,10 +204,12 @@ def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: s
     amp = (torch.autocast(device.type, dtype=AMP_DTYPES[precision]) if precision in AMP_DTYPES
            else contextlib.nullcontext())
 
-    def write(features: torch.Tensor, done: torch.cuda.Event | None, index: np.ndarray) -> None:
+    def write(features: torch.Tensor, blocks: torch.Tensor | None, done: torch.cuda.Event | None,
+              index: np.ndarray) -> None:
         if done is not None:
             done.synchronize()
-        writer.add(features.numpy(), {c: v[index] for c, v in cols.items()})
+        writer.add(features.numpy(), {c: v[index] for c, v in cols.items()},
+                   None if blocks is None else blocks.numpy())
 
     # The previous batch's features travel to the host while the GPU runs the next batch:
     # waiting for them right away would idle the GPU during every HDF5 buffer copy.
@@ -218,15 +220,16 @@ def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: s
                 writer.add_failure(cols["path"][i], int(cols["size"][i]), int(cols["mtime_ns"][i]), kind, message)
             if batch.pixels is not None:
                 pixels = batch.pixels.to(device, non_blocking=True)
-                features = backbone.encode(on_device(pixels) if on_device is not None else pixels)
+                features, blocks = backbone.encode_with_layers(on_device(pixels) if on_device is not None else pixels)
                 done = None
                 if device.type == "cuda":
                     features = features.to("cpu", non_blocking=True)
+                    blocks = None if blocks is None else blocks.to("cpu", non_blocking=True)
                     done = torch.cuda.Event()
                     done.record()
                 if pending is not None:
                     write(*pending)
-                pending = (features, done, batch.index.numpy())
+                pending = (features, blocks, done, batch.index.numpy())
             on_batch(len(batch))
         if pending is not None:
             write(*pending)
@@ -273,7 +276,7 @@ def extract(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         backbone = load_backbone(config.model, config.pretrained, feature=feature, device=dev,
-                                 quick_gelu=config.quick_gelu, cache_dir=config.cache_dir)
+                                 quick_gelu=config.quick_gelu, cache_dir=config.cache_dir, layers=config.layers)
     provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root),
                   "embed_config": config.to_dict()}
 
@@ -281,14 +284,15 @@ def extract(
 
     with store.writer_lock(out, rank.rank):
         fmt.require_compatible(store.stored_provenance(out), provenance, what=f"store {out}",
-                               fix="use another --out for this model", exact=True)
+                               fix="use another --out for this model, --layers set or --perturb", exact=True)
         todo, skipped, skipped_failures = _split_done(mine, out, retry_failed)
         if dev.type == "cpu":
             log.print(f"{escape(rank.tag)}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
                       "(fine for the tiny model; use a CUDA machine for real runs)")
         log.print(escape(rank.tag) + escape(
             f"extracting {todo.height} of {mine.height} images ({skipped} already in the store) -> {out} | "
-            f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim} | "
+            f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim}"
+            f"{' layers ' + ','.join(map(str, backbone.layers)) if backbone.layers else ''} | "
             f"batch {batch_size}, {workers} workers"))
         t_loop = time.perf_counter()
         with store.ShardWriter(out, provenance, dim=backbone.dim, dtype=config.dtype, shard_size=config.shard_size,
@@ -323,9 +327,10 @@ def extract(
 
 
 def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",
-                 workers: int | None = None, progress: bool = True) -> dict:
+                 workers: int | None = None, progress: bool = True, layers: Sequence[int] | None = None) -> dict:
     """Embed `images` (a folder or one image file) into the store `out`/store exactly as the store of
-    `provenance` was embedded (embed.config.config_from_provenance), on `device` with `workers`."""
+    `provenance` was embedded (embed.config.config_from_provenance), on `device` with `workers`.
+    layers: the blocks to store (default: those of `provenance`)."""
     images = Path(images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,4 +342,6 @@ def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.Path
             link.symlink_to(images.resolve())
         images = folder
     config = dataclasses.replace(config_from_provenance(provenance, out), device=device, workers=workers)
+    if layers is not None:
+        config = dataclasses.replace(config, layers=",".join(map(str, layers)))
     return extract(images, out / "store", config, progress=progress)
