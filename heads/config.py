@@ -45,12 +45,15 @@ def setting(default, help: str, *, choices: tuple[str, ...] = (), default_text: 
 
 @dataclass(frozen=True)
 class RunConfig:
-    head: str = setting("mlp", "mlp (paper: 3 x [Linear, BN, ReLU, Dropout]) or linear (UniversalFakeDetect probe).",
-                        choices=("mlp", "linear"), section="Head")
+    head: str = setting("mlp", "mlp (paper: 3 x [Linear, BN, ReLU, Dropout]), linear (UniversalFakeDetect probe), or "
+                               "layermix (learned softmax weights over the blocks of --feature, then the mlp; RINE).",
+                        choices=("mlp", "linear", "layermix"), section="Head")
     depth: int = setting(3, "MLP hidden layers.")
     hidden: int | None = setting(None, "MLP width.", default_text="the embedding dim, as in the paper")
     dropout: float = setting(0.335, "MLP dropout (the default is the reference's).")
     l2_normalize: bool = setting(False, "Unit-normalise embeddings first.")
+    feature: str = setting("proj", "Stored feature to train on: proj (the store's embeddings), blockN (a block stored "
+                                   "with `dfembed extract --layers`), or a + list, concatenated: block8+block16.")
     # L = CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss
     cvar_alpha: float = setting(1.0, "CVaR: train on the worst alpha-fraction of each batch, in (0, 1]; 1 = plain mean.",
                                 section="Loss")
@@ -221,6 +224,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         if getattr(cfg, name) not in allowed:
             raise bad(name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     parse_threshold(cfg.threshold)
+    from dfclip.store.format import feature_parts
+
+    parts = feature_parts(cfg.feature)  # the spelling; whether the store holds it is checked when it is loaded
+    if cfg.head == "layermix" and len(parts) < 2:
+        raise bad("feature", f"must name two or more blocks for --head layermix, got {cfg.feature!r}; "
+                             "e.g. --feature block4+block8+block12")
     return cfg
 
 

@@ -270,6 +270,7 @@ class Data:
     provenance: dict
     dim: int
     counts: dict = field(default_factory=dict)
+    feature: str = "proj"  # the stored feature x holds (store.format.feature_parts)
 
 
 def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -279,7 +280,8 @@ def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data:
-    """Load train/val/holdout rows once, on `device`, as cfg (a RunConfig) splits them (see split_rows)."""
+    """Load train/val/holdout rows of cfg.feature once, on `device`, as cfg (a RunConfig) splits them (see
+    split_rows). Stores may be paths or open store.Store objects (whose metadata is then read only once)."""
     tr = store.open(train_store) if not isinstance(train_store, store.Store) else train_store
     va = None
     if val_store is not None:
@@ -294,14 +296,14 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
     def subset(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, pl.DataFrame]:
         # Each part is read straight from the shards (idx is sorted, so meta[idx] is in storage
         # order, as load returns it): no full copy of the store sits in memory beside the parts.
-        x, rows = tr.load(meta[idx])
+        x, rows = tr.load(meta[idx], feature=cfg.feature)
         return _to_device(x, device), ys[idx].to(device), rows
 
     x, y, _ = subset(parts["train"])
     if va is not None:
         # Held-out sources are unseen: they leave the validation store too, not only the train store.
         vmeta = va.select(label=[0, 1], where=~pl.col("source").is_in(list(cfg.holdout_sources)))
-        vx, vmeta = va.load(vmeta)
+        vx, vmeta = va.load(vmeta, feature=cfg.feature)
         val = EvalSet("val", _to_device(vx, device),
                       torch.from_numpy(vmeta["label"].to_numpy().astype(np.int64)).to(device), vmeta)
     else:
@@ -325,7 +327,7 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
     counts = {"train": int(y.numel()), "train_fake": int(y.sum()), "val": int(val.y.numel()),
               "holdout": int(holdout.y.numel()) if holdout else 0,
               "store": str(tr.root), "val_store": str(va.root) if va is not None else None}
-    return Data(x, y, val, holdout, tr.provenance, tr.dim, counts)
+    return Data(x, y, val, holdout, tr.provenance, tr.feature_dim(cfg.feature), counts, cfg.feature)
 
 
 def describe_data(data: Data, cfg) -> str:
@@ -336,7 +338,7 @@ def describe_data(data: Data, cfg) -> str:
         ratio = f"{fake / real:.1f}:1" if real else "no reals"
         return f"{name} {y.numel()} ({fake} fake : {real} real = {ratio})"
 
-    text = f"data on {data.x.device}: {part('train', data.y)}, {part('val', data.val.y)}"
+    text = f"data on {data.x.device}, feature {data.feature} ({data.dim}-d): {part('train', data.y)}, {part('val', data.val.y)}"
     if data.holdout is not None:
         text += f", unseen {', '.join(cfg.holdout_sources)}: {part('holdout', data.holdout.y)}"
     return text

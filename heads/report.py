@@ -37,6 +37,8 @@ def default_run_name(cfg: RunConfig) -> str:
     parts = [cfg.head, f"a{cfg.cvar_alpha:g}", f"g{cfg.auc_gamma:g}"]
     if cfg.sam_rho:
         parts.append(f"rho{cfg.sam_rho:g}")
+    if cfg.feature != "proj":
+        parts.append(cfg.feature)
     parts.append(f"s{cfg.seed}")
     return "-".join(parts)
 

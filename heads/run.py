@@ -107,7 +107,9 @@ def free_memory_bytes(device: torch.device) -> int:
 def _check_memory(stores: list[store.Store], cfgs: list[RunConfig], device: torch.device) -> None:
     # load_data keeps the store's dtype on a GPU and converts to float32 on the CPU (data._to_device).
     itemsize = 4 if device.type == "cpu" else np.dtype(stores[0].provenance.get("dtype", "float32")).itemsize
-    need = sweep_memory_bytes(sum(len(s) for s in stores), stores[0].dim, cfgs, itemsize=itemsize)
+    # One feature's rows are resident at a time: the widest one counts (the heads of every feature, to be safe).
+    dim = max(stores[0].feature_dim(c.feature) for c in cfgs)
+    need = sweep_memory_bytes(sum(len(s) for s in stores), dim, cfgs, itemsize=itemsize)
     free = free_memory_bytes(device)
     if need > 0.9 * free:
         raise UserError(f"this sweep needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on "
@@ -189,7 +191,7 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     rows = s.select(label=[0, 1])
     if rows.height == 0:
         raise UserError(f"store {store_dir} has no labelled rows to evaluate on; use `dfhead predict` for unlabelled data")
-    x, rows = s.load(rows)
+    x, rows = s.load(rows, feature=config["run"]["feature"])
     scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
@@ -207,7 +209,7 @@ def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, d
     head, config = load_run(run_dir, dev)
     s = store.open(store_dir)
     _check_same_model(config, s)
-    x, rows = s.load()
+    x, rows = s.load(feature=config["run"]["feature"])
     scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))[0]
     scores = scores.cpu().numpy()
     return pl.DataFrame({"path": rows["path"], "score": scores,
@@ -226,7 +228,7 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:
         r = c["run"]
         rows.append({"run": str(run.relative_to(runs_dir)), "head": r["head"], "alpha": r["cvar_alpha"],
                      "gamma": r["auc_gamma"], "rho": r["sam_rho"], "lr": r["lr"], "epochs": r["epochs"],
-                     "seed": r["seed"], "val_auc": (rep.get("val") or {}).get("auc"),
+                     "seed": r["seed"], "feature": r.get("feature", "proj"), "val_auc": (rep.get("val") or {}).get("auc"),
                      "val_eer": (rep.get("val") or {}).get("eer"),
                      "holdout_auc": (rep.get("holdout") or {}).get("auc"),
                      "modified": cfg_path.stat().st_mtime})

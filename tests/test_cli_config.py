@@ -75,7 +75,7 @@ def test_generated_signature_is_what_typer_reads(command):
 
 
 def test_choices_and_errors_come_from_the_fields():
-    assert C.CHOICES == {"head": ("mlp", "linear"), "auc_kind": ("logistic", "squared_hinge"), "loss": ("bce", "vs"),
+    assert C.CHOICES == {"head": ("mlp", "linear", "layermix"), "auc_kind": ("logistic", "squared_hinge"), "loss": ("bce", "vs"),
                          "select": ("auc", "loss", "last")}
     assert C.option_name("holdout_sources") == "--holdout-source"
     assert C.option_name("cvar_alpha") == "--cvar-alpha"

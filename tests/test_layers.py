@@ -142,3 +142,19 @@ def test_feature_parts(spec, parts):
 def test_feature_parts_refuses(spec):
     with pytest.raises(UserError, match="bad feature"):
         fmt.feature_parts(spec)
+
+
+def test_predict_on_images_re_embeds_exactly_the_runs_feature(tmp_path, folder, tiny_checkpoint, dfembed):
+    from dfclip.heads.config import make_config
+    from dfclip.heads.run import fit, predict_store
+    from dfclip.pipeline import predict_images
+
+    out = tmp_path / "store"
+    assert dfembed("extract", folder, "--out", out, *TINY, "--pretrained", tiny_checkpoint, "--layers", "all",
+                   "--workers", 0, "--no-progress")[0] == 0
+    run = fit(out, make_config(feature="block1+proj", epochs=2, batch_size=2, val_frac=0.4), runs_dir=tmp_path,
+              name="r", device="cpu", log=lambda _: None)
+    from_images = predict_images(run, folder, device="cpu", workers=0, progress=False)
+    from_store = predict_store(run, out, device="cpu")
+    assert from_images["path"].to_list() == from_store["path"].to_list()
+    np.testing.assert_allclose(from_images["score"].to_numpy(), from_store["score"].to_numpy(), atol=1e-6)
