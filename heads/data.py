@@ -338,7 +338,7 @@ def describe_data(data: Data, cfg) -> str:
         ratio = f"{fake / real:.1f}:1" if real else "no reals"
         return f"{name} {y.numel()} ({fake} fake : {real} real = {ratio})"
 
-    text = f"data on {data.x.device}, feature {data.feature} ({data.dim}-d): {part('train', data.y)}, {part('val', data.val.y)}"
+    text = f"data on {data.x.device}: {part('train', data.y)}, {part('val', data.val.y)}"
     if data.holdout is not None:
         text += f", unseen {', '.join(cfg.holdout_sources)}: {part('holdout', data.holdout.y)}"
-    return text
+    return text + f"; feature {data.feature} ({data.dim}-d)"
