@@ -167,6 +167,10 @@ def extract_cmd(
     layers: Annotated[str, typer.Option(
         help="Also store the class token after these transformer blocks (1-based) as features/block{i}: "
              "8,16,24, all, or every:4. Part of the store's identity.", show_default="none")] = "",
+    perturb: Annotated[str, typer.Option(
+        help="Degrade each decoded image before preprocessing, for a robustness store: jpeg:75, resize:0.5, "
+             "blur:1.0, noise:0.02, or composed: jpeg:75+resize:0.5. Deterministic per path; part of the "
+             "store's identity.", show_default="none")] = "",
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try images logged as failures again.")] = False,
     progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
 ) -> None:
@@ -176,7 +180,7 @@ def extract_cmd(
 
     config = EmbedConfig(model=model, pretrained=pretrained, feature=feature, quick_gelu=quick_gelu,
                          cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
-                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers)
+                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers, perturb=perturb)
     rep = extract(images_dir, out_dir, config, manifest=manifest, root=root, columns=parse_column_map(column or []),
                   target_means=target_means, retry_failed=retry_failed, progress=progress)
     from rich.markup import escape
@@ -336,14 +340,38 @@ def _print_report(run_dir: Path) -> None:
 @head_app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run directory written by `dfhead fit` or a sweep's best/.")],
-    store_dir: Annotated[Optional[Path], typer.Option("--store", help="Store to evaluate on (same model as the run). Default: the run's own validation report.")] = None,
+    store_dirs: Annotated[Optional[list[Path]], typer.Option("--store", help="Store to evaluate on (same model as the run); repeat it for a robustness table over clean and perturbed stores. Default: the run's own validation report.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    split: Annotated[Optional[str], typer.Option(help="Only the stores' rows of this split (e.g. test).", show_default="every labelled row")] = None,
 ) -> None:
-    """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video)."""
-    from dfclip.heads.run import evaluate_run
+    """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video).
 
-    rep = evaluate_run(run, store_dir, device=device)
+    With several --store (e.g. clean, jpeg75, blur1 from `dfembed extract --perturb`): one table of AUC, AP, EER and
+    accuracy per store, also written to RUN/robustness.parquet and RUN/robustness.png.
+    """
+    from dfclip.heads.run import evaluate_run, evaluate_stores
+
+    if store_dirs and len(store_dirs) > 1:
+        table = evaluate_stores(run, store_dirs, device=device, split=split)
+        if as_json:
+            out.print_json(json.dumps(table.to_dicts()))
+            return
+        from rich.table import Table
+
+        t = Table(title=f"{run}: robustness")
+        for c in ("store", "perturb", "n", "auc", "ap", "eer", "acc"):
+            t.add_column(c, justify="left" if c in ("store", "perturb") else "right")
+        for r in table.iter_rows(named=True):
+            t.add_row(r["store"], r["perturb"], str(r["n"]),
+                      *("-" if r[c] is None else f"{r[c]:.4f}" for c in ("auc", "ap", "eer", "acc")))
+        out.print(t)
+        out.print(f"wrote {run / 'robustness.parquet'} and {run / 'robustness.png'}", highlight=False)
+        return
+    store_dir = store_dirs[0] if store_dirs else None
+    if split is not None and store_dir is None:
+        raise UserError("--split selects rows of a --store; give --store STORE")
+    rep = evaluate_run(run, store_dir, device=device, split=split)
     if as_json:
         out.print_json(json.dumps(rep))
         return

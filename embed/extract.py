@@ -46,6 +46,7 @@ from dfclip import store
 from dfclip.embed.backbone import Backbone, load_backbone, split_preprocess
 from dfclip.embed.config import EmbedConfig, config_from_provenance
 from dfclip.embed.images import ImageError, load_rgb
+from dfclip.embed.perturb import Perturb
 from dfclip.embed.sources import load_inputs
 from dfclip.errors import UserError
 from dfclip.runtime import Rank, rank_from_env, resolve_device
@@ -92,8 +93,10 @@ class ImageFiles(Dataset):
     reference counts that make forked workers copy a big Python list page by page.
     """
 
-    def __init__(self, root: str | os.PathLike, paths: Sequence[str], transform: Callable) -> None:
+    def __init__(self, root: str | os.PathLike, paths: Sequence[str], transform: Callable,
+                 perturb: Callable | None = None) -> None:
         self.root = str(root)
+        self.perturb = perturb or None  # (image, path) -> image, before the transform (embed.perturb)
         encoded = [p.encode("utf-8") for p in paths]
         self._blob = b"".join(encoded)
         self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
@@ -108,7 +111,10 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
         try:
-            return i, self.transform(load_rgb(os.path.join(self.root, self.path(i)))), "", ""
+            image = load_rgb(os.path.join(self.root, self.path(i)))
+            if self.perturb is not None:
+                image = self.perturb(image, self.path(i))
+            return i, self.transform(image), "", ""
         except ImageError as e:
             return i, None, e.kind, e.message
         except Exception as e:  # noqa: BLE001 - one odd file must not end a million-image run
@@ -278,7 +284,7 @@ def extract(
         backbone = load_backbone(config.model, config.pretrained, feature=feature, device=dev,
                                  quick_gelu=config.quick_gelu, cache_dir=config.cache_dir, layers=config.layers)
     provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root),
-                  "embed_config": config.to_dict()}
+                  "perturb": config.perturb, "embed_config": config.to_dict()}
 
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
 
@@ -292,7 +298,8 @@ def extract(
         log.print(escape(rank.tag) + escape(
             f"extracting {todo.height} of {mine.height} images ({skipped} already in the store) -> {out} | "
             f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim}"
-            f"{' layers ' + ','.join(map(str, backbone.layers)) if backbone.layers else ''} | "
+            f"{' layers ' + ','.join(map(str, backbone.layers)) if backbone.layers else ''}"
+            f"{' perturb ' + config.perturb if config.perturb else ''} | "
             f"batch {batch_size}, {workers} workers"))
         t_loop = time.perf_counter()
         with store.ShardWriter(out, provenance, dim=backbone.dim, dtype=config.dtype, shard_size=config.shard_size,
@@ -301,7 +308,7 @@ def extract(
                 # Workers decode and resize to uint8; ToTensor + Normalize run on the device.
                 split = split_preprocess(backbone.preprocess)
                 host, on_device = split if split else (backbone.preprocess, None)
-                dataset = ImageFiles(input_root, todo["path"].to_list(), host)
+                dataset = ImageFiles(input_root, todo["path"].to_list(), host, Perturb(config.perturb))
                 loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
                 with _progress_bar(progress and rank.rank == 0) as bar:
                     task = bar.add_task(f"{escape(rank.tag)}embedding", total=todo.height)
