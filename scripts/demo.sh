@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on an embedded demo, from a fresh machine:
-# set up, generate a labelled face folder, extract embeddings, fit, sweep, predict.
+# set up, generate a labelled face folder, extract embeddings, fit, sweep, predict; then the story:
+# intermediate layers vs the final embedding, a held-out generator, and a robustness table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

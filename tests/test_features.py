@@ -115,6 +115,15 @@ def test_layermix_fits_and_reloads(layered_store, tmp_path):
     assert evaluate_run(run, layered_store, device="cpu")["auc"] > 0.9
 
 
+def test_rewrite_store_keeps_the_blocks(layered_store, tmp_path):
+    from dfclip.store.synthetic import rewrite_store
+
+    keep = np.arange(N) % 3 == 0
+    copy = store.open(rewrite_store(layered_store, tmp_path / "copy", keep=keep))
+    np.testing.assert_array_equal(copy.load(feature="block1+block2")[0],
+                                  store.open(layered_store).load(feature="block1+block2")[0][keep])
+
+
 def test_validate_refuses_bad_features():
     with pytest.raises(UserError, match="bad feature"):
         make_config(feature="block1+")
