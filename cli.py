@@ -99,6 +99,8 @@ def info(
     t = Table(title=f"store {rep['store']}", show_header=False)
     for k in ("rows", "dim", "dtype", "model", "pretrained", "feature", "shards", "failures"):
         t.add_row(k, str(rep[k]))
+    t.add_row("layers", ", ".join(f"block{b}" for b in rep["layers"]) or "none (only proj)")
+    t.add_row("perturb", rep["perturb"])
     names = {"1": "fake", "0": "real", "-1": "unknown"}
     t.add_row("labels", ", ".join(f"{names.get(k, k)}={v}" for k, v in rep["labels"].items()))
     t.add_row("sources", ", ".join(f"{k or '(none)'}={v}" for k, v in rep["sources"].items()))
@@ -188,6 +190,13 @@ def extract_cmd(
         help="Decode processes per rank, 0 = decode in the main process.", show_default="cores per rank - 1, max 16")] = None,
     shard_size: Annotated[int, typer.Option(help="Rows per HDF5 shard (a killed run redoes at most one shard).")] = 16384,
     dtype: Annotated[str, typer.Option(help="Stored embedding dtype: float16 or float32.")] = "float16",
+    layers: Annotated[str, typer.Option(
+        help="Also store the class token after these transformer blocks (1-based) as features/block{i}: "
+             "8,16,24, all, or every:4. Part of the store's identity.", show_default="none")] = "",
+    perturb: Annotated[str, typer.Option(
+        help="Degrade each decoded image before preprocessing, for a robustness store: jpeg:75, resize:0.5, "
+             "blur:1.0, noise:0.02, or composed: jpeg:75+resize:0.5. Deterministic per path; part of the "
+             "store's identity.", show_default="none")] = "",
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try images logged as failures again.")] = False,
     prune_missing: Annotated[bool, typer.Option(
         "--prune-missing", help="Drop stored images that are gone from the input (listed by `dfembed info`).")] = False,
@@ -199,7 +208,7 @@ def extract_cmd(
 
     config = EmbedConfig(model=model, pretrained=pretrained, feature=feature, quick_gelu=quick_gelu,
                          cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
-                         workers=workers, shard_size=shard_size, dtype=dtype)
+                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers, perturb=perturb)
     rep = extract(images_dir, out_dir, config, manifest=manifest, root=root, columns=parse_column_map(column or []),
                   target_means=target_means, retry_failed=retry_failed, prune_missing=prune_missing, progress=progress)
     from rich.markup import escape
@@ -368,14 +377,38 @@ def _print_report(run_dir: Path) -> None:
 @head_app.command("eval")
 def eval_(
     run: Annotated[Path, typer.Argument(help="Run directory written by `dfhead fit` or a sweep's best/.")],
-    store_dir: Annotated[Optional[Path], typer.Option("--store", help="Store to evaluate on (same model as the run). Default: the run's own validation report.")] = None,
+    store_dirs: Annotated[Optional[list[Path]], typer.Option("--store", help="Store to evaluate on (same model as the run); repeat it for a robustness table over clean and perturbed stores. Default: the run's own validation report.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    split: Annotated[Optional[str], typer.Option(help="Only the stores' rows of this split (e.g. test).", show_default="every labelled row")] = None,
 ) -> None:
-    """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video)."""
-    from dfclip.heads.run import evaluate_run
+    """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video).
 
-    rep = evaluate_run(run, store_dir, device=device, log=_warn)
+    With several --store (e.g. clean, jpeg75, blur1 from `dfembed extract --perturb`): one table of AUC, AP, EER and
+    accuracy per store, also written to RUN/robustness.parquet and RUN/robustness.png.
+    """
+    from dfclip.heads.run import evaluate_run, evaluate_stores
+
+    if store_dirs and len(store_dirs) > 1:
+        table = evaluate_stores(run, store_dirs, device=device, split=split, log=_warn)
+        if as_json:
+            out.print_json(json.dumps(table.to_dicts()))
+            return
+        from rich.table import Table
+
+        t = Table(title=f"{run}: robustness")
+        for c in ("store", "perturb", "n", "auc", "ap", "eer", "acc"):
+            t.add_column(c, justify="left" if c in ("store", "perturb") else "right")
+        for r in table.iter_rows(named=True):
+            t.add_row(r["store"], r["perturb"], str(r["n"]),
+                      *("-" if r[c] is None else f"{r[c]:.4f}" for c in ("auc", "ap", "eer", "acc")))
+        out.print(t)
+        out.print(f"wrote {run / 'robustness.parquet'} and {run / 'robustness.png'}", highlight=False)
+        return
+    store_dir = store_dirs[0] if store_dirs else None
+    if split is not None and store_dir is None:
+        raise UserError("--split selects rows of a --store; give --store STORE")
+    rep = evaluate_run(run, store_dir, device=device, split=split, log=_warn)
     if as_json:
         out.print_json(json.dumps(rep))
         return

@@ -54,7 +54,7 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     """Score a folder of images (or one image file) with a trained run.
 
     The images are embedded exactly as the run's training store was (same model, weights,
-    preprocessing and feature; embed.config.config_from_provenance), on `device` with
+    preprocessing and feature, and the blocks of its --feature; embed.config.config_from_provenance), on `device` with
     `workers` decode processes, and scored with the threshold chosen at fit time.
     Returns path (relative to `images`; the file name for one image), score (probability of
     fake), pred (1 fake, 0 real) and label (from real/fake folder names, -1 when none), sorted by
@@ -67,10 +67,15 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     from dfclip.heads.report import load_run_config
     from dfclip.heads.run import predict_store
 
-    provenance = load_run_config(run_dir)["provenance"]
+    from dfclip.store.format import feature_blocks
+
+    config = load_run_config(run_dir)
+    # Exactly the run's feature: the projected embedding always, plus the blocks it reads (if any).
+    blocks = feature_blocks(config["run"]["feature"])
     remove_dead_temps()
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
-        summary = extract_like(provenance, images, tmp, device=device, workers=workers, progress=progress)
+        summary = extract_like(config["provenance"], images, tmp, device=device, workers=workers, progress=progress,
+                               layers=blocks)
         failures = store.open(summary["store"]).failures if summary["failed"] else None
         if failures is not None and failures_csv is not None:
             failures.select("path", "error", "message").sort("path").write_csv(failures_csv)

@@ -10,6 +10,13 @@ The ratio extract/decode says who is the bottleneck: near 1.0 the model keeps up
 decoding (the pipeline is input-bound, more --workers would help); well below 1.0 the model
 is the limit. Both rates include worker start-up, as a real run does. Weights do not change
 speed, so `--pretrained none` (random init) measures a model whose weights are not at hand.
+
+    python bench/extract.py --compare-layers all --workers 0 --rounds 3   # cost of --layers
+
+With --compare-layers SPEC, the extract pass runs alternately without and with `--layers SPEC`
+(--rounds times each, side by side in one run, each into a fresh store) and prints the
+median time of each and their ratio: the extra cost of storing intermediate blocks.
+--deep N builds the tiny model with N blocks instead of 2 (e.g. 24, as ViT-L/14 has).
 """
 
 from __future__ import annotations
@@ -79,7 +86,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--workers", type=int)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--compare-layers", metavar="SPEC", help="time extract without and with --layers SPEC")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--deep", type=int, help="tiny model with this many blocks (with --compare-layers)")
     args = ap.parse_args()
+    if args.compare_layers:
+        compare_layers(args)
+        return
 
     rank = rank_from_env()
     device = resolve_device(args.device, rank)
@@ -120,6 +133,39 @@ def main() -> None:
     print(f"extract / decode = {results['ratio']:.2f}  (1.00: input-bound, the model keeps up with decoding)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def compare_layers(args) -> None:
+    """Median extract seconds without and with --layers, alternating, on one folder and model."""
+    import statistics
+
+    with tempfile.TemporaryDirectory(prefix="dfclip-bench-") as tmp:
+        model = args.model
+        if args.deep:
+            cfg = json.loads((Path(__file__).parents[1] / "embed/model_configs/dfclip-tiny.json").read_text())
+            cfg["vision_cfg"]["layers"] = args.deep
+            model = str(Path(tmp) / f"dfclip-tiny-{args.deep}.json")
+            Path(model).write_text(json.dumps(cfg))
+        root = args.images or Path(tmp) / "images"
+        if args.images is None:
+            make_images(root, args.n_images, args.size)
+        times: dict[str, list[float]] = {"none": [], args.compare_layers: []}
+        for r in range(args.rounds):
+            for spec in times:
+                config = EmbedConfig(model=model, pretrained=args.pretrained, device=args.device,
+                                     batch_size=args.batch_size, workers=args.workers,
+                                     layers="" if spec == "none" else spec)
+                t = time.perf_counter()
+                extract(root, Path(tmp) / f"store-{r}-{spec}", config, progress=False)
+                times[spec].append(time.perf_counter() - t)
+    # On a shared machine the minimum is the best estimate of what the work itself costs.
+    print(f"model {model if not args.deep else f'dfclip-tiny with {args.deep} blocks'}, {args.n_images} images, "
+          f"{args.rounds} rounds (seconds of the whole extract job: min / median)")
+    for label, v in (("without layers", times["none"]), (f"--layers {args.compare_layers}", times[args.compare_layers])):
+        print(f"  {label:<20} {min(v):6.2f} / {statistics.median(v):6.2f}")
+    for stat in (min, statistics.median):
+        ratio = stat(times[args.compare_layers]) / stat(times["none"])
+        print(f"  overhead ({stat.__name__}) {100 * (ratio - 1):+.1f}%")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from dfclip.errors import UserError
+from dfclip.store import format as fmt
 from dfclip.store.format import sha256_file
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -89,6 +90,7 @@ class Backbone:
     feature: str
     provenance: dict[str, Any]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    layers: tuple[int, ...] = ()  # 1-based blocks whose class token encode_with_layers also returns
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -105,6 +107,43 @@ class Backbone:
             if isinstance(features, tuple):  # towers built with output_tokens
                 features = features[0]
         return features.float()
+
+    @torch.no_grad()
+    def encode_with_layers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """encode(images) and, with `layers`, the class token after each of those blocks: float
+        [B, len(layers), width] (None without layers), from the same single forward pass.
+
+        The class token is position 0 of the residual stream leaving block i: for the last block
+        that is before ln_post and the projection. The loop is VisionTransformer.forward written
+        out (embeddings, blocks, pool, projection) so each block's output can be read on the way.
+        """
+        if not self.layers:
+            return self.encode(images), None
+        images = images.to(self.device, non_blocking=True)
+        visual = self.visual
+        x = visual._embeds(images)
+        blocks = visual.transformer.resblocks
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        wanted, tokens = set(self.layers), []
+        for i, block in enumerate(blocks[:max(self.layers)], start=1):
+            x = block(x)
+            if i in wanted:
+                tokens.append(x[:, 0] if batch_first else x[0])
+        for block in blocks[max(self.layers):]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        pooled, _ = visual._pool(x)
+        if self.feature == "proj" and visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return pooled.float(), torch.stack(tokens, dim=1).float()
+
+
+def transformer_depth(visual: nn.Module) -> int:
+    """How many blocks a ViT image tower has (what `--layers all` means)."""
+    return len(visual.transformer.resblocks)
 
 
 class HostPreprocess:
@@ -168,6 +207,7 @@ def load_backbone(
     device: str | torch.device = "cpu",
     quick_gelu: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    layers: str | None = None,
 ) -> Backbone:
     """Build a frozen open_clip image tower with its eval preprocess and provenance.
 
@@ -179,6 +219,8 @@ def load_backbone(
     feature: "proj" or "pre" (see Backbone).
     quick_gelu: None = auto (module docstring), True/False to force.
     cache_dir: where tagged weights are (or get downloaded to); None = open_clip's default.
+    layers: a --layers spec ("8,16,24", "all", "every:4"; None or "" = none): the blocks whose class
+        token encode_with_layers returns; recorded in the provenance as `layers` and `layer_width`.
     Raises UserError for anything the user can fix.
     """
     if feature not in FEATURES:
@@ -213,6 +255,12 @@ def load_backbone(
             f"feature 'pre' needs a ViT image tower with a linear projection, but {name} has "
             f"{type(visual).__name__}; use --feature proj"
         )
+    blocks: list[int] = []
+    if layers:
+        if not _supports_layers(visual):
+            raise UserError(f"--layers needs a ViT image tower with a class token, but {name} has "
+                            f"{type(visual).__name__}; drop --layers")
+        blocks = fmt.parse_layers(layers, transformer_depth(visual))
     device = torch.device(device)
     visual.requires_grad_(False).eval().to(device)
     preprocess = image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False)
@@ -238,6 +286,8 @@ def load_backbone(
         "preprocess": dict(visual.preprocess_cfg),
         "feature": feature,
         "dim": dim,
+        "layers": blocks,
+        **({"layer_width": int(visual.transformer.width)} if blocks else {}),
         "normalized": False,
         "versions": {
             "torch": torch.__version__,
@@ -246,7 +296,7 @@ def load_backbone(
             "pillow": PIL.__version__,
         },
     }
-    return Backbone(visual, preprocess, dim, feature, _jsonable(provenance), device)
+    return Backbone(visual, preprocess, dim, feature, _jsonable(provenance), device, tuple(blocks))
 
 
 def resolve_model_name(model: str) -> tuple[str, str]:
@@ -554,6 +604,10 @@ def decide_quick_gelu(
     if name in open_clip.list_openai_models():
         return True, f"{name} is an OpenAI-released architecture and no tag was named: assumed OpenAI weights"
     return False, "GELU (model config default)"
+
+
+def _supports_layers(visual: nn.Module) -> bool:
+    return isinstance(visual, VisionTransformer) and getattr(visual, "class_embedding", None) is not None
 
 
 def _supports_pre(visual: nn.Module) -> bool:

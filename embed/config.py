@@ -44,6 +44,11 @@ class EmbedConfig:
         rank minus one, at most 16.
     shard_size: rows per HDF5 shard (a killed run redoes at most one shard).
     dtype: stored embedding dtype, "float16" or "float32".
+    layers: also store the class token after these transformer blocks ("8,16,24", "all", "every:4";
+        "" = none) as features/block{i}; part of the store's identity.
+    perturb: degrade every decoded image before preprocessing ("jpeg:75", "resize:0.5", "blur:1",
+        "noise:0.02", composed with +; "" = none; embed.perturb), deterministically per path, for
+        robustness stores; recorded in canonical form and part of the store's identity.
     """
 
     model: str = "ViT-L-14"
@@ -57,6 +62,8 @@ class EmbedConfig:
     workers: int | None = None
     shard_size: int = 16384
     dtype: str = "float16"
+    layers: str = ""
+    perturb: str = ""
 
     def __post_init__(self) -> None:
         # Paths given as PathLike are kept as text: the config is recorded as JSON.
@@ -64,6 +71,11 @@ class EmbedConfig:
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 object.__setattr__(self, name, str(value))
+        if not isinstance(self.layers, str):  # a list of block numbers reads as its spec
+            object.__setattr__(self, "layers", ",".join(map(str, self.layers)))
+        from dfclip.embed.perturb import canonical
+
+        object.__setattr__(self, "perturb", canonical(self.perturb))
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown --precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         fmt.check_layout(self.dtype, self.shard_size)
@@ -133,4 +145,6 @@ def config_from_provenance(provenance: dict, workdir: str | os.PathLike) -> Embe
     if recorded.get("cache_dir") and not Path(recorded["cache_dir"]).is_dir():
         recorded["cache_dir"] = None  # gone since: open_clip's default cache, as for any other run
     return dataclasses.replace(EmbedConfig.from_dict(recorded), model=model, pretrained=pretrained,
-                               feature=provenance.get("feature", "proj"), quick_gelu=provenance.get("quick_gelu"))
+                               feature=provenance.get("feature", "proj"), quick_gelu=provenance.get("quick_gelu"),
+                               layers=",".join(map(str, provenance.get("layers") or [])),
+                               perturb="")  # new images are scored as they are, never degraded

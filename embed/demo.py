@@ -8,14 +8,21 @@ Layout (the folder walk in embed/sources.py reads labels and sources from it):
 
 The "faces" are cartoons (head, hair, eyes, brows, nose, mouth, shoulders) with random skin
 tone, proportions, background and per-frame pose jitter; a few frames share one identity, like
-frames of one video, and the manifest keeps them in one group and one split. Each fake source
-carries its own generator trace at its own strength, so training on some sources and testing
-on a held-out one is a meaningful (and not trivially solved) experiment:
+frames of one video, and the manifest keeps them in one group and one split. Each source
+carries its own capture or generator trace, modelled on what real detectors pick up, so training
+on some sources and testing on a held-out one is a meaningful (and not trivially solved)
+experiment:
 
-    stylegan2  strong   period-2 checkerboard (transposed-convolution upsampling)
-    sd15       medium   over-smooth skin plus a faint period-8 grid (8x latent decoder)
-    dalle      weak     slight smoothing and a warm colour cast
-    real       -        camera-like sensor noise
+    real       fine grain (sensor noise, skin texture): high frequencies a camera keeps
+    stylegan2  GAN-like: a checkerboard of 2-cell period (transposed-convolution upsampling), less grain
+    sd15       diffusion-like: smoothed high frequencies plus a faint 8-cell grid (8x latent decoder)
+    dalle      diffusion-like, milder: light smoothing, a little grain, a warm colour cast; it shares
+               only "less grain than a camera" with the others, so a detector trained on stylegan2
+               and sd15 transfers to it poorly, which is the held-out-generator story
+
+Traces live on a grid of TRACE_GRID x TRACE_GRID cells across the image, whatever its size,
+because CLIP sees every image resized to its input (64 px for the tiny demo model, 224 for
+ViT-L/14): a one-pixel pattern in a 256 px file would be averaged away before the model sees it.
 
 File format (jpg/png/webp) and size (64-256 px) are drawn per video independently of the label,
 so neither is a shortcut. Output is byte-identical for a given seed.
@@ -40,6 +47,7 @@ FORMATS = {  # suffix -> (PIL format, save options)
     "webp": ("WEBP", {"quality": 90, "method": 4}),
 }
 SUPERSAMPLE = 2  # draw at 2x and downscale: anti-aliased edges without a slow renderer
+TRACE_GRID = 64  # traces live on a 64 x 64 grid of cells across the image: the tiny model's input resolution
 
 # Skin tones from light to dark; a face takes a random point between two neighbours.
 SKIN_TONES = np.array(
@@ -139,21 +147,38 @@ def _noise(rng: np.random.Generator, sigma: float, shape: tuple[int, ...]) -> np
     return sigma * rng.standard_normal(shape, dtype=np.float32)
 
 
+def _cells(side: int, n: int) -> np.ndarray:
+    """Index of each of `side` pixels on a grid of n equal cells across the image (nearest)."""
+    return np.arange(side) * n // side
+
+
+def _grain(rng: np.random.Generator, sigma: float, side: int) -> np.ndarray:
+    """Camera-like grain and fine texture, one value per cell of a TRACE_GRID x TRACE_GRID grid."""
+    at = _cells(side, TRACE_GRID)
+    return _noise(rng, sigma, (TRACE_GRID, TRACE_GRID, 3))[at][:, at]
+
+
 def _add_trace(pixels: np.ndarray, source: str, rng: np.random.Generator) -> np.ndarray:
-    """The capture (real) or generator (fake) fingerprint of `source`, applied to one frame."""
+    """The capture (real) or generator (fake) fingerprint of `source`, applied to one frame.
+
+    Traces are drawn on a grid of TRACE_GRID cells across the image, whatever its size: an image is
+    resized to the model's input before CLIP sees it, and a trace at the scale of single pixels of
+    a 256 px file would be averaged away (the tiny demo model sees 64 px).
+    """
     side = pixels.shape[0]
-    if source in REAL_SOURCES:
-        return pixels + _noise(rng, rng.uniform(3.0, 6.0), pixels.shape)
-    if source == "stylegan2":
-        parity = np.arange(side) % 2
+    unit = side / TRACE_GRID  # file pixels per grid cell
+    if source in REAL_SOURCES:  # fine sensor grain and skin texture
+        return pixels + _grain(rng, rng.uniform(8.0, 12.0), side)
+    if source == "stylegan2":  # transposed-convolution upsampling: a checkerboard of 2-cell period
+        parity = _cells(side, TRACE_GRID // 2) % 2
         checker = np.where(parity[:, None] == parity[None, :], 1.0, -1.0).astype(np.float32)
-        return pixels * (1.0 + 0.06 * checker[..., None]) + _noise(rng, 1.0, pixels.shape)
-    if source == "sd15":
-        wave = np.cos(2 * np.pi * np.arange(side) / 8).astype(np.float32)
-        return _smooth(pixels, 1.2) + 4.0 * np.outer(wave, wave)[..., None]
-    if source == "dalle":
+        return pixels + 7.0 * checker[..., None] + _grain(rng, 5.0, side)
+    if source == "sd15":  # latent diffusion: smoothed high frequencies and the 8x decoder's faint grid
+        wave = np.cos(2 * np.pi * _cells(side, TRACE_GRID) / 8).astype(np.float32)
+        return _smooth(pixels, 1.2 * unit) + 5.0 * np.outer(wave, wave)[..., None]
+    if source == "dalle":  # another diffusion model: lighter smoothing, little grain, a warm cast
         warm = np.array([6.0, 2.0, -6.0], dtype=np.float32)
-        return _smooth(pixels, 0.6) + warm + _noise(rng, 1.5, pixels.shape)
+        return _smooth(pixels, 0.6 * unit) + warm + _grain(rng, 3.0, side)
     raise ValueError(f"unknown demo source {source!r}")
 
 

@@ -46,6 +46,7 @@ from dfclip import store
 from dfclip.embed.backbone import Backbone, load_backbone, split_preprocess
 from dfclip.embed.config import EmbedConfig, config_from_provenance
 from dfclip.embed.images import ImageError, load_rgb
+from dfclip.embed.perturb import Perturb
 from dfclip.embed.sources import load_inputs
 from dfclip.errors import UserError
 from dfclip.runtime import Rank, rank_from_env, resolve_device
@@ -92,8 +93,10 @@ class ImageFiles(Dataset):
     reference counts that make forked workers copy a big Python list page by page.
     """
 
-    def __init__(self, root: str | os.PathLike, paths: Sequence[str], transform: Callable) -> None:
+    def __init__(self, root: str | os.PathLike, paths: Sequence[str], transform: Callable,
+                 perturb: Callable | None = None) -> None:
         self.root = str(root)
+        self.perturb = perturb or None  # (image, path) -> image, before the transform (embed.perturb)
         encoded = [p.encode("utf-8") for p in paths]
         self._blob = b"".join(encoded)
         self._ends = np.cumsum([len(e) for e in encoded], dtype=np.int64)
@@ -108,7 +111,10 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str, str]:
         try:
-            return i, self.transform(load_rgb(os.path.join(self.root, self.path(i)))), "", ""
+            image = load_rgb(os.path.join(self.root, self.path(i)))
+            if self.perturb is not None:
+                image = self.perturb(image, self.path(i))
+            return i, self.transform(image), "", ""
         except ImageError as e:
             return i, None, e.kind, e.message
         except Exception as e:  # noqa: BLE001 - one odd file must not end a million-image run
@@ -207,9 +213,13 @@ def _plan(mine: pl.DataFrame, rows: pl.DataFrame, out: Path, retry_failed: bool)
 def _copy_relabelled(plan: Plan, writer: store.ShardWriter, block: int) -> None:
     """Write the stored embeddings of plan.relabel again with their current metadata (no re-embedding)."""
     for a in range(0, plan.relabel.height, block):
-        x, part = plan.stored.load(rows=plan.relabel.slice(a, block))  # part in storage order, aligned with x
+        rows = plan.relabel.slice(a, block)
+        x, part = plan.stored.load(rows=rows)  # part in storage order, aligned with x
+        layers = plan.stored.provenance.get("layers") or []
+        blocks = np.stack([plan.stored.load(rows=rows, feature=f"block{b}")[0] for b in layers], axis=1) \
+            if layers else None  # the stored blocks travel with their rows
         writer.add(x, {c: part[c].to_list() if part[c].dtype == pl.Utf8 else part[c].to_numpy()
-                       for c in fmt.ROW_COLUMNS})
+                       for c in fmt.ROW_COLUMNS}, blocks)
 
 
 def _prune(missing: pl.DataFrame, writer: store.ShardWriter) -> None:
@@ -242,10 +252,12 @@ def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: s
     amp = (torch.autocast(device.type, dtype=AMP_DTYPES[precision]) if precision in AMP_DTYPES
            else contextlib.nullcontext())
 
-    def write(features: torch.Tensor, done: torch.cuda.Event | None, index: np.ndarray) -> None:
+    def write(features: torch.Tensor, blocks: torch.Tensor | None, done: torch.cuda.Event | None,
+              index: np.ndarray) -> None:
         if done is not None:
             done.synchronize()
-        writer.add(features.numpy(), {c: v[index] for c, v in cols.items()})
+        writer.add(features.numpy(), {c: v[index] for c, v in cols.items()},
+                   None if blocks is None else blocks.numpy())
 
     # The previous batch's features travel to the host while the GPU runs the next batch:
     # waiting for them right away would idle the GPU during every HDF5 buffer copy.
@@ -256,15 +268,16 @@ def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: s
                 writer.add_failure(cols["path"][i], int(cols["size"][i]), int(cols["mtime_ns"][i]), kind, message)
             if batch.pixels is not None:
                 pixels = batch.pixels.to(device, non_blocking=True)
-                features = backbone.encode(on_device(pixels) if on_device is not None else pixels)
+                features, blocks = backbone.encode_with_layers(on_device(pixels) if on_device is not None else pixels)
                 done = None
                 if device.type == "cuda":
                     features = features.to("cpu", non_blocking=True)
+                    blocks = None if blocks is None else blocks.to("cpu", non_blocking=True)
                     done = torch.cuda.Event()
                     done.record()
                 if pending is not None:
                     write(*pending)
-                pending = (features, done, batch.index.numpy())
+                pending = (features, blocks, done, batch.index.numpy())
             on_batch(len(batch))
         if pending is not None:
             write(*pending)
@@ -316,9 +329,9 @@ def extract(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         backbone = load_backbone(config.model, config.pretrained, feature=feature, device=dev,
-                                 quick_gelu=config.quick_gelu, cache_dir=config.cache_dir)
+                                 quick_gelu=config.quick_gelu, cache_dir=config.cache_dir, layers=config.layers)
     provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root),
-                  "embed_config": config.to_dict()}
+                  "perturb": config.perturb, "embed_config": config.to_dict()}
 
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
     prune = prune_missing and rank.rank == 0  # tombstones once, not once per rank
@@ -363,7 +376,9 @@ def extract(
         log.print(escape(rank.tag) + escape(
             f"extracting {todo.height} of {mine.height} images ({plan.skipped} already in the store"
             f"{f', {plan.relabel.height} of them relabelled' if plan.relabel.height else ''}) -> {out} | "
-            f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim} | "
+            f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim}"
+            f"{' layers ' + ','.join(map(str, backbone.layers)) if backbone.layers else ''}"
+            f"{' perturb ' + config.perturb if config.perturb else ''} | "
             f"batch {batch_size}, {workers} workers"))
         _copy_relabelled(plan, writer, config.shard_size)
         if prune:
@@ -373,7 +388,7 @@ def extract(
             # Workers decode and resize to uint8; ToTensor + Normalize run on the device.
             split = split_preprocess(backbone.preprocess)
             host, on_device = split if split else (backbone.preprocess, None)
-            dataset = ImageFiles(input_root, todo["path"].to_list(), host)
+            dataset = ImageFiles(input_root, todo["path"].to_list(), host, Perturb(config.perturb))
             loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
             with _progress_bar(progress and rank.rank == 0) as bar:
                 task = bar.add_task(f"{escape(rank.tag)}embedding", total=todo.height)
@@ -391,9 +406,10 @@ def extract(
 
 
 def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",
-                 workers: int | None = None, progress: bool = True) -> dict:
+                 workers: int | None = None, progress: bool = True, layers: Sequence[int] | None = None) -> dict:
     """Embed `images` (a folder or one image file) into the store `out`/store exactly as the store of
-    `provenance` was embedded (embed.config.config_from_provenance), on `device` with `workers`."""
+    `provenance` was embedded (embed.config.config_from_provenance), on `device` with `workers`.
+    layers: the blocks to store (default: those of `provenance`)."""
     images = Path(images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,4 +421,6 @@ def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.Path
             link.symlink_to(images.resolve())
         images = folder
     config = dataclasses.replace(config_from_provenance(provenance, out), device=device, workers=workers)
+    if layers is not None:
+        config = dataclasses.replace(config, layers=",".join(map(str, layers)))
     return extract(images, out / "store", config, progress=progress)

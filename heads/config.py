@@ -46,12 +46,15 @@ def setting(default, help: str, *, choices: tuple[str, ...] = (), default_text: 
 
 @dataclass(frozen=True)
 class RunConfig:
-    head: str = setting("mlp", "mlp (paper: 3 x [Linear, BN, ReLU, Dropout]) or linear (UniversalFakeDetect probe).",
-                        choices=("mlp", "linear"), section="Head")
+    head: str = setting("mlp", "mlp (paper: 3 x [Linear, BN, ReLU, Dropout]), linear (UniversalFakeDetect probe), or "
+                               "layermix (learned softmax weights over the blocks of --feature, then the mlp; RINE).",
+                        choices=("mlp", "linear", "layermix"), section="Head")
     depth: int = setting(3, "MLP hidden layers.")
     hidden: int | None = setting(None, "MLP width.", default_text="the embedding dim, as in the paper")
     dropout: float = setting(0.335, "MLP dropout (the default is the reference's).")
     l2_normalize: bool = setting(False, "Unit-normalise embeddings first.")
+    feature: str = setting("proj", "Stored feature to train on: proj (the store's embeddings), blockN (a block stored "
+                                   "with `dfembed extract --layers`), or a + list, concatenated: block8+block16.")
     # dfclip: L = CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss (heads.losses.head_loss);
     # sp_cup:MODE: the reference's calculate_loss, literally (heads.losses.sp_cup_loss).
     objective: str = setting("dfclip", "dfclip: CVaR_alpha(--loss) + gamma * AUC(--auc-kind). sp_cup:MODE: the "
@@ -291,6 +294,15 @@ def _range_problems(cfg: RunConfig) -> list[str]:
                           f"drop {option_name(name)} or use --objective dfclip")
     try:
         parse_threshold(cfg.threshold)
+    except UserError as e:
+        problems.append(str(e))
+    from dfclip.store.format import feature_parts
+
+    try:  # the spelling; whether the store holds the feature is checked when it is loaded
+        parts = feature_parts(cfg.feature)
+        if cfg.head == "layermix" and len(parts) < 2:
+            bad("feature", f"must name two or more blocks for --head layermix, got {cfg.feature!r}; "
+                           "e.g. --feature block4+block8+block12")
     except UserError as e:
         problems.append(str(e))
     return problems

@@ -273,6 +273,7 @@ class Data:
     dim: int
     counts: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warning lines for the log (dropped rows, overlaps)
+    feature: str = "proj"  # the stored feature x holds (store.format.feature_parts)
 
 
 def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -315,7 +316,8 @@ def _check_val_store(tr: store.Store, va: store.Store, notes: list[str]) -> None
 
 
 def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data:
-    """Load train/val/holdout rows once, on `device`, as cfg (a RunConfig) splits them (see split_rows).
+    """Load train/val/holdout rows of cfg.feature once, on `device`, as cfg (a RunConfig) splits them (see
+    split_rows). Stores may be paths or open store.Store objects (whose metadata is then read only once).
 
     Rows whose embeddings are not finite are dropped, with one warning line in Data.notes.
     """
@@ -335,7 +337,7 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
     def subset(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, pl.DataFrame]:
         # Each part is read straight from the shards (idx is sorted, so meta[idx] is in storage
         # order, as load returns it): no full copy of the store sits in memory beside the parts.
-        x, rows = tr.load(meta[idx])
+        x, rows = tr.load(meta[idx], feature=cfg.feature)
         x, rows, n = finite_rows(x, rows)
         dropped[str(tr.root)] += n
         return _to_device(x, device), _labels(rows, device), rows
@@ -344,7 +346,7 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
     if va is not None:
         # Held-out sources are unseen: they leave the validation store too, not only the train store.
         vmeta = va.select(label=[0, 1], where=~pl.col("source").is_in(list(cfg.holdout_sources)))
-        vx, vmeta, dropped[str(va.root)] = finite_rows(*va.load(vmeta))
+        vx, vmeta, dropped[str(va.root)] = finite_rows(*va.load(vmeta, feature=cfg.feature))
         val = EvalSet("val", _to_device(vx, device), _labels(vmeta, device), vmeta)
     else:
         val = EvalSet("val", *subset(parts["val"]))
@@ -371,7 +373,7 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
     counts = {"train": int(y.numel()), "train_fake": int(y.sum()), "val": int(val.y.numel()),
               "holdout": int(holdout.y.numel()) if holdout else 0,
               "store": str(tr.root), "val_store": str(va.root) if va is not None else None}
-    return Data(x, y, val, holdout, tr.provenance, tr.dim, counts, notes)
+    return Data(x, y, val, holdout, tr.provenance, tr.feature_dim(cfg.feature), counts, notes, cfg.feature)
 
 
 def _labels(rows: pl.DataFrame, device: torch.device) -> torch.Tensor:
@@ -389,4 +391,4 @@ def describe_data(data: Data, cfg) -> str:
     text = f"data on {data.x.device}: {part('train', data.y)}, {part('val', data.val.y)}"
     if data.holdout is not None:
         text += f", unseen {', '.join(cfg.holdout_sources)}: {part('holdout', data.holdout.y)}"
-    return text
+    return text + f"; feature {data.feature} ({data.dim}-d)"

@@ -215,7 +215,57 @@ class BatchedLinear(nn.Module):
         return _select(self, indices)
 
 
-Head = BatchedMLP | BatchedLinear
+class BatchedLayerMix(nn.Module):
+    """K RINE-style heads on several stored blocks: softmax-weighted sum of the blocks, then the paper's MLP.
+
+    x [K, B, L*W] is the concatenation of L features of equal width W (`--feature block4+block8+...`,
+    as Store.load concatenates them); each model learns its own weights over the L blocks
+    (softmax of `mix` [K, L], initialised equal) and feeds the mixed [K, B, W] to a BatchedMLP.
+    The simplest form of Koutlis & Papadopoulos' RINE (ECCV 2024), without its per-block projections.
+    """
+
+    def __init__(self, k: int, dim: int, *, feature: str, hidden: int | None = None, depth: int = 3,
+                 dropout: float = 0.335, seeds: Sequence[int] | None = None):
+        super().__init__()
+        from dfclip.store.format import feature_parts
+
+        n_blocks = len(feature_parts(feature))
+        if n_blocks < 2 or dim % n_blocks:
+            raise UserError(f"the layermix head mixes two or more features of one width, got --feature {feature} "
+                            f"({dim} columns); use e.g. --feature block4+block8+block12")
+        self.k, self.dim, self.feature, self.n_blocks = k, dim, feature, n_blocks
+        self.mix = nn.Parameter(torch.zeros(k, n_blocks))
+        self.mlp = BatchedMLP(k, dim // n_blocks, hidden=hidden, depth=depth, dropout=dropout, seeds=seeds)
+        self.seeds = self.mlp.seeds
+
+    @property
+    def config(self) -> dict:
+        """JSON-serialisable description that rebuilds this head (see head_from_config)."""
+        mlp = self.mlp.config
+        return {"kind": "layermix", "dim": self.dim, "feature": self.feature, "hidden": mlp["hidden"],
+                "depth": mlp["depth"], "dropout": mlp["dropout"]}
+
+    def block_weights(self) -> torch.Tensor:
+        """[K, L] softmax weights over the blocks, in --feature order."""
+        return torch.softmax(self.mix, dim=-1)
+
+    def forward(self, x: torch.Tensor, *, update_stats: bool = True, generator: Generators = None) -> torch.Tensor:
+        """Logits [K, B] for x [K, B, L*W] or [B, L*W]."""
+        x = x.to(self.mix.dtype)
+        blocks = x.unflatten(-1, (self.n_blocks, -1))  # [K, B, L, W] or [B, L, W]
+        weights = self.block_weights()  # [K, L]
+        if blocks.dim() == 3:  # one batch shared by all models
+            mixed = torch.einsum("blw,kl->kbw", blocks, weights)
+        else:
+            mixed = torch.einsum("kblw,kl->kbw", blocks, weights)
+        return self.mlp(mixed, update_stats=update_stats, generator=generator)
+
+    def select(self, indices: Sequence[int]) -> "BatchedLayerMix":
+        """A new BatchedLayerMix holding copies of models `indices`."""
+        return _select(self, indices)
+
+
+Head = BatchedMLP | BatchedLinear | BatchedLayerMix
 
 
 # --- the registry of head kinds --------------------------------------------------------------
@@ -255,6 +305,23 @@ HEAD_KINDS: dict[str, HeadKind] = {
     "linear": HeadKind(BatchedLinear, (), lambda dim, **_: dim + 1, activations=lambda dim, **_: 1,
                        width=lambda dim, **_: 1),
 }
+
+
+def _layermix_width(dim: int, feature: str = "proj") -> int:
+    from dfclip.store.format import feature_parts
+
+    return dim // max(1, len(feature_parts(feature)))
+
+
+HEAD_KINDS["layermix"] = HeadKind(
+    BatchedLayerMix, ("feature", "hidden", "depth", "dropout"),
+    # the inner MLP on width W = dim / blocks, plus one mixing weight per block
+    params=lambda dim, feature="proj", hidden=None, depth=3, **_: (
+        _mlp_params(_layermix_width(dim, feature), hidden, depth) + dim // _layermix_width(dim, feature)),
+    activations=lambda dim, feature="proj", hidden=None, depth=3, **_: (
+        (hidden or _layermix_width(dim, feature)) * depth + 1),
+    width=lambda dim, feature="proj", hidden=None, **_: hidden or _layermix_width(dim, feature),
+)
 
 
 def head_options(cfg) -> dict:

@@ -24,6 +24,7 @@ from dfclip.heads import metrics
 from dfclip.heads.config import RunConfig, config_from_dict
 from dfclip.heads.models import Head, head_from_config
 from dfclip.errors import UserError
+from dfclip.store.format import feature_width
 
 RUN_FORMAT = "dfclip-run/1"
 
@@ -73,6 +74,8 @@ def default_run_name(cfg: RunConfig) -> str:
         parts[1:1] = cfg.objective.split(":")
     if cfg.sam_rho:
         parts.append(f"rho{cfg.sam_rho:g}")
+    if cfg.feature != "proj":
+        parts.append(cfg.feature)
     parts.append(f"s{cfg.seed}")
     return "-".join(parts)
 
@@ -148,14 +151,15 @@ def _run_config_problems(config: dict, weights: Path) -> list[str]:
     if not isinstance(config["provenance"], dict):
         problems.append(f'"provenance" must be an object, got {config["provenance"]!r}')
     head = config["head"]
-    head_problems = _head_problems(head, config["provenance"] if isinstance(config["provenance"], dict) else {})
+    feature = config["run"].get("feature", "proj") if isinstance(config["run"], dict) else "proj"
+    head_problems = _head_problems(head, config["provenance"] if isinstance(config["provenance"], dict) else {}, feature)
     problems += head_problems
     if not head_problems:
         problems += _weights_problems(head, weights)
     return problems
 
 
-def _head_problems(head, provenance: dict) -> list[str]:
+def _head_problems(head, provenance: dict, feature: str = "proj") -> list[str]:
     """Types and ranges of config.json's "head" (its kind's options are RunConfig fields: their types)."""
     from dfclip.heads.config import value_type
     from dfclip.heads.models import HEAD_KINDS
@@ -169,8 +173,13 @@ def _head_problems(head, provenance: dict) -> list[str]:
     dim = head.get("dim")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         problems.append(f'"head": "dim" must be a whole number >= 1, got {dim!r}')
-    elif isinstance(provenance.get("dim"), int) and provenance["dim"] != dim:
-        problems.append(f'"head": "dim" is {dim} but the run\'s embeddings ("provenance") have dim {provenance["dim"]}')
+    else:
+        try:
+            want = feature_width(provenance, feature)
+        except UserError:
+            want = None  # a bad feature name is reported with the run's settings
+        if want is not None and want != dim:
+            problems.append(f'"head": "dim" is {dim} but the run\'s feature {feature} ("provenance") has dim {want}')
     for name in set(head) - {"kind", "dim"} - set(HEAD_KINDS[kind].options):
         problems.append(f'"head": unknown option {name!r} for the {kind} head')
     for name in HEAD_KINDS[kind].options:

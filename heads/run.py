@@ -133,7 +133,9 @@ def _check_memory(stores: list[store.Store], cfgs: list[RunConfig], device: torc
     """
     # load_data keeps the store's dtype on a GPU and converts to float32 on the CPU (data._to_device).
     itemsize = 4 if device.type == "cpu" else np.dtype(stores[0].provenance.get("dtype", "float32")).itemsize
-    rows, dim = sum(len(s) for s in stores), stores[0].dim
+    rows = sum(len(s) for s in stores)
+    # One feature's rows are resident at a time: the widest one counts (the heads of every feature, to be safe).
+    dim = max(stores[0].feature_dim(c.feature) for c in cfgs)
     need = sweep_memory_bytes(rows, dim, cfgs, itemsize=itemsize)
     free = free_memory_bytes(device)
     if need <= 0.9 * free:
@@ -230,10 +232,11 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
 
 
 def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
-                 device: str = "auto", log: Callable[[str], None] = print) -> dict:
+                 device: str = "auto", split: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Metrics of a trained run on a store (default: its validation numbers from report.json).
 
-    Rows whose embeddings are NaN or inf are left out, with one warning line through `log`.
+    split: only the store's rows of this split (e.g. "test"); None = every labelled row. Rows
+    whose embeddings are NaN or inf are left out, with one warning line through `log`.
     """
     run_dir = Path(run_dir)
     if store_dir is None:
@@ -245,14 +248,64 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     head, config = load_run(run_dir, dev)
     s = store.open(store_dir)
     _check_same_model(config, s)
-    rows = s.select(label=[0, 1])
+    rows = s.select(label=[0, 1], split=split)
     if rows.height == 0:
-        raise UserError(f"store {store_dir} has no labelled rows to evaluate on; use `dfhead predict` for unlabelled data")
-    x, rows = _finite(*s.load(rows), s, log)
+        where = f" in split {split!r}" if split is not None else ""
+        raise UserError(f"store {store_dir} has no labelled rows{where} to evaluate on; use `dfhead predict` for "
+                        "unlabelled data" + (" or another --split" if where else ""))
+    x, rows = _finite(*s.load(rows, feature=config["run"]["feature"]), s, log)
     scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
     return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"])[0]
+
+
+ROBUSTNESS_METRICS = ("auc", "ap", "eer", "acc")
+
+
+def evaluate_stores(run_dir: str | os.PathLike, store_dirs: list[str | os.PathLike], *,
+                    device: str = "auto", split: str | None = None,
+                    log: Callable[[str], None] = print) -> pl.DataFrame:
+    """A run's metrics on several labelled stores of its model: the robustness table.
+
+    One row per store, in the order given: store (its folder name), perturb (from its
+    provenance, "none" for a clean store), n, and AUC, AP, EER and accuracy at the run's
+    threshold, over every labelled row (or those of `split`). Written into the run directory as robustness.parquet and robustness.png (a bar
+    chart of AUC and accuracy per store); returned.
+    """
+    rows = []
+    for store_dir in store_dirs:
+        rep = evaluate_run(run_dir, store_dir, device=device, split=split, log=log)
+        prov = store.stored_provenance(store_dir) or {}
+        rows.append({"store": Path(store_dir).name, "perturb": prov.get("perturb") or "none", "n": rep["n"],
+                     **{k: rep.get(k) for k in ROBUSTNESS_METRICS}, "path": str(Path(store_dir).resolve())})
+    table = pl.DataFrame(rows)
+    table.write_parquet(Path(run_dir) / "robustness.parquet")
+    plot_robustness(table, Path(run_dir) / "robustness.png", title=Path(run_dir).name)
+    return table
+
+
+def plot_robustness(table: pl.DataFrame, path: Path, *, title: str = "") -> None:
+    """Grouped bars: AUC and accuracy per store (x axis: store name and its perturbation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [s if p == "none" else f"{s}\n({p})" for s, p in zip(table["store"], table["perturb"])]
+    x = np.arange(table.height)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * table.height, 4))
+    for offset, metric in ((-0.2, "auc"), (0.2, "acc")):
+        values = table[metric].fill_null(float("nan")).to_numpy()
+        bars = ax.bar(x + offset, values, width=0.4, label=metric)
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.axhline(0.5, color="k", ls=":", lw=0.8)
+    ax.set_xticks(x, labels, fontsize=8)
+    ax.set(ylim=(0, 1.08), ylabel="score", title=f"robustness of {title}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _check_same_model(config: dict, s: store.Store) -> None:
@@ -279,7 +332,7 @@ def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, d
     head, config = load_run(run_dir, dev)
     s = store.open(store_dir)
     _check_same_model(config, s)
-    x, rows = _finite(*s.load(), s, log)
+    x, rows = _finite(*s.load(feature=config["run"]["feature"]), s, log)
     scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))[0]
     scores = scores.cpu().numpy()
     return pl.DataFrame({"path": rows["path"], "score": scores,
@@ -305,7 +358,7 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:
             r, rep, status = {}, {}, "bad config.json"
         rows.append({"run": str(run.relative_to(runs_dir)), "status": status, "head": r.get("head"),
                      "alpha": r.get("cvar_alpha"), "gamma": r.get("auc_gamma"), "rho": r.get("sam_rho"),
-                     "lr": r.get("lr"), "epochs": r.get("epochs"), "seed": r.get("seed"),
+                     "lr": r.get("lr"), "epochs": r.get("epochs"), "seed": r.get("seed"), "feature": r.get("feature", "proj"),
                      "val_auc": (rep.get("val") or {}).get("auc"), "val_eer": (rep.get("val") or {}).get("eer"),
                      "holdout_auc": (rep.get("holdout") or {}).get("auc"), "modified": cfg_path.stat().st_mtime})
     if not rows:

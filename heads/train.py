@@ -20,6 +20,7 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from dfclip import store
 from dfclip.errors import UserError
 from dfclip.heads import losses, metrics
 from dfclip.heads.config import PER_MODEL, RunConfig, group_key
@@ -407,8 +408,11 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
     """Train every config (grouped into batched heads) on one resident copy of the data.
 
     `data` is a store (a path or store.Store, loaded here with heads.data.load_data onto
-    `device`, with `val_store` if given) or an already loaded Data, used as it is.
+    `device`, with `val_store` if given) or an already loaded Data, used as it is. Configs of
+    different `feature`s train one feature after the other from the same open store; the Data
+    returned is the last one loaded (its provenance and counts are those of every feature).
     halving: successive halving over the configs (see Halving); None trains every config fully.
+    With several features, each feature's configs are halved among themselves.
     """
     if not cfgs:
         raise UserError("nothing to train: give at least one configuration")
@@ -418,20 +422,39 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
             raise UserError(f"--{name.replace('_', '-')} must be one value for a whole sweep (all heads share the data)")
     if halving is not None:
         halving.check(cfgs)
-    if not isinstance(data, Data):
-        data = load_data(data, cfgs[0], val_store=val_store, device=resolve_device(device))
-    elif val_store is not None:
-        raise ValueError("val_store is for loading a store: loaded Data already holds its validation set")
-    log(describe_data(data, cfgs[0]))
-    for note in data.notes:
-        log(note)
-    note_small_batches(data, cfgs, log)
+    if isinstance(data, Data):
+        if val_store is not None:
+            raise ValueError("val_store is for loading a store: loaded Data already holds its validation set")
+        if any(c.feature != data.feature for c in cfgs):
+            raise ValueError(f"loaded Data holds feature {data.feature}; every config must use it")
+    else:  # one open of each store: its metadata is read once, whatever the features
+        data = data if isinstance(data, store.Store) else store.open(data)
+        if val_store is not None and not isinstance(val_store, store.Store):
+            val_store = store.open(val_store)
+    by_feature: dict[str, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        by_feature.setdefault(c.feature, []).append(i)
+    results: list[RunResult | None] = [None] * len(cfgs)
     # TF32 tensor cores for the heads' matmuls on GPUs (inputs rounded to 10 mantissa bits, fp32
     # accumulation), as is usual for training; the flag is restored afterwards. CPUs are unaffected.
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        return _train_groups(data, cfgs, log=log, progress=progress, halving=halving), data
+        # Configs with different features train in separate groups, each on its own feature's rows;
+        # one feature's embeddings are resident at a time.
+        loaded = None
+        for idx in by_feature.values():
+            loaded = None  # free the previous feature's rows before loading the next
+            loaded = data if isinstance(data, Data) else load_data(data, cfgs[idx[0]], val_store=val_store,
+                                                                   device=resolve_device(device))
+            mine = [cfgs[i] for i in idx]
+            log(describe_data(loaded, mine[0]))
+            for note in loaded.notes:
+                log(note)
+            note_small_batches(loaded, mine, log)
+            for i, r in zip(idx, _train_groups(loaded, mine, log=log, progress=progress, halving=halving)):
+                results[i] = r
+        return results, loaded
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
 

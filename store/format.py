@@ -51,6 +51,12 @@ LABEL = "label"  # int8
 FILE_COLUMNS = ("size", "mtime_ns")  # int64: read from the image file, never given by a manifest
 INPUT_COLUMNS = tuple(c for c in ROW_COLUMNS if c not in FILE_COLUMNS)  # what a manifest / labels CSV may give
 EMBEDDINGS = "embeddings"  # N x D, float16 (default) or float32
+# Intermediate layers (`dfembed extract --layers`): dataset FEATURES_GROUP/block{i}, N x width, the class
+# token of the residual stream after transformer block i (1-based). Heads name features as on the
+# command line: "proj" is `embeddings`, "block16" is `features/block16`, "a+b" concatenates.
+FEATURES_GROUP = "features"
+DEFAULT_FEATURE = "proj"
+BLOCK_RE = re.compile(r"^block([1-9]\d*)$")
 # Failures met while writing this shard: group "failures" with these datasets.
 FAILURES_GROUP = "failures"
 FAILURE_SCHEMA: dict[str, pl.DataType] = {"path": pl.Utf8, "error": pl.Utf8, "message": pl.Utf8,
@@ -72,7 +78,14 @@ TARGET_MEANINGS = ("fake", "real")
 EMBEDDING_DTYPES = ("float16", "float32")
 
 # Provenance keys that must agree for rows to be comparable (mixing them is refused).
-IDENTITY_KEYS = ("model", "model_config", "pretrained", "feature", "dim", "preprocess")
+MODEL_KEYS = ("model", "model_config", "pretrained", "feature", "dim", "preprocess")
+# What a store holds beside the model's features: its block layers and the perturbation applied to
+# its images. Every shard of one store agrees on them, but stores that differ in them may still meet
+# (a head trained on a clean store is evaluated on a JPEG one; a run needs only its own blocks).
+STORE_KEYS = ("layers", "perturb")
+IDENTITY_KEYS = MODEL_KEYS + STORE_KEYS
+# The value a key has in stores written before it existed.
+_KEY_DEFAULTS = {"layers": [], "perturb": ""}
 
 
 def check_layout(dtype: str, shard_size: int) -> None:
@@ -111,13 +124,13 @@ def index_cache_name(shards: list[tuple[str, int, int]]) -> str:
     return f"index-{digest}.parquet"
 
 
-def identity(provenance: dict) -> str:
-    """A canonical string of what makes two stores' embeddings comparable.
+def identity(provenance: dict, keys: tuple[str, ...] = IDENTITY_KEYS) -> str:
+    """A canonical string of what makes two stores' embeddings comparable (over `keys`).
 
     Weights are identified by tag or content hash, never by where the file happened to lie.
     """
-    ident = {k: provenance.get(k) for k in IDENTITY_KEYS}
-    if isinstance(ident["pretrained"], dict):
+    ident = {k: provenance.get(k, _KEY_DEFAULTS.get(k)) for k in keys}
+    if isinstance(ident.get("pretrained"), dict):
         ident["pretrained"] = {k: v for k, v in ident["pretrained"].items() if k in ("kind", "tag", "sha256")}
     return json.dumps(ident, sort_keys=True, default=str)
 
@@ -127,7 +140,9 @@ def describe_identity(provenance: dict) -> str:
     p = provenance.get("pretrained")
     if isinstance(p, dict):
         p = p.get("tag") or p.get("file") or (p.get("sha256") or "")[:12] or p.get("kind", "?")
-    return f"model={provenance.get('model')} pretrained={p} feature={provenance.get('feature')} dim={provenance.get('dim')}"
+    text = f"model={provenance.get('model')} pretrained={p} feature={provenance.get('feature')} dim={provenance.get('dim')}"
+    layers = provenance.get("layers") or []
+    return text + f" layers={','.join(map(str, layers)) or 'none'} perturb={provenance.get('perturb') or 'none'}"
 
 
 def weights_name(provenance: dict) -> str | None:
@@ -141,13 +156,13 @@ def weights_name(provenance: dict) -> str | None:
 def compatible(a: dict, b: dict) -> bool:
     """Whether embeddings described by provenances `a` and `b` may be compared (train vs val, run vs store).
 
-    Extracted stores must match exactly (identity). An imported store (`declared: true`) only
+    Extracted stores must match in the model's identity (MODEL_KEYS; layers and perturbation may differ). An imported store (`declared: true`) only
     knows what the user declared, so it matches on model name, weights tag, feature and dim.
     """
     if a.get("declared") or b.get("declared"):
         keys = ("model", "feature", "dim")
         return all(a.get(k) == b.get(k) for k in keys) and weights_name(a) == weights_name(b)
-    return identity(a) == identity(b)
+    return identity(a, MODEL_KEYS) == identity(b, MODEL_KEYS)
 
 
 def require_compatible(have: dict | None, want: dict, *, what: str, fix: str, exact: bool = False) -> None:
@@ -176,6 +191,63 @@ def require_same_input_root(stored: list[dict], provenance: dict, store: os.Path
     raise UserError(f"store {store} holds images of {sorted(roots)[0]}, not {new}; paths are stored relative to "
                     "their folder, so two folders in one store could replace each other's rows: use another --out "
                     "for this folder (or extract a folder that holds both into a new --out)")
+
+
+def parse_layers(spec: str | None, n_blocks: int) -> list[int]:
+    """`--layers` SPEC -> sorted 1-based block numbers: "8,16,24", "all", "every:4" (4, 8, ...), "" = none."""
+    text = (spec or "").strip().lower().replace(" ", "")
+    if text in ("", "none"):
+        return []
+    if text == "all":
+        return list(range(1, n_blocks + 1))
+    try:
+        if text.startswith("every:"):
+            step = int(text[len("every:"):])
+            if step < 1:
+                raise ValueError
+            blocks = list(range(step, n_blocks + 1, step))
+        else:
+            blocks = sorted({int(b) for b in text.split(",")})
+    except ValueError:
+        raise UserError(f"bad --layers {spec!r}; write block numbers like 8,16,24, or all, or every:4") from None
+    bad = [b for b in blocks if not 1 <= b <= n_blocks]
+    if bad or not blocks:
+        raise UserError(f"--layers {spec!r} names blocks {bad or 'none'} but the model has blocks 1..{n_blocks}; "
+                        f"pick blocks in that range")
+    return blocks
+
+
+def feature_parts(spec: str) -> list[str]:
+    """A head's feature name -> the names it concatenates: "block8+proj" -> ["block8", "proj"] (UserError if bad)."""
+    parts = [p.strip() for p in str(spec).split("+")]
+    bad = [p for p in parts if p != DEFAULT_FEATURE and not BLOCK_RE.match(p)]
+    if bad or len(set(parts)) != len(parts):
+        raise UserError(f"bad feature {spec!r}; use proj, blockN (a stored --layers block) or a + list of them "
+                        "without repeats, e.g. block8+block16")
+    return parts
+
+
+def feature_dataset(part: str) -> str:
+    """The HDF5 dataset of one feature name: "proj" -> "embeddings", "block16" -> "features/block16"."""
+    return EMBEDDINGS if part == DEFAULT_FEATURE else f"{FEATURES_GROUP}/{part}"
+
+
+def stored_features(provenance: dict) -> list[str]:
+    """Feature names a store of `provenance` holds: "proj" and one "blockN" per stored layer."""
+    return [DEFAULT_FEATURE] + [f"block{b}" for b in provenance.get("layers") or []]
+
+
+def feature_width(provenance: dict, spec: str) -> int | None:
+    """Columns of feature `spec` in a store of `provenance` (None when the provenance does not say)."""
+    widths = {DEFAULT_FEATURE: provenance.get("dim"), **{f"block{b}": provenance.get("layer_width")
+                                                         for b in provenance.get("layers") or []}}
+    parts = [widths.get(p) for p in feature_parts(spec)]
+    return sum(parts) if all(isinstance(w, int) for w in parts) else None
+
+
+def feature_blocks(spec: str) -> list[int]:
+    """The block numbers a feature needs: "block8+proj" -> [8]."""
+    return [int(BLOCK_RE.match(p).group(1)) for p in feature_parts(spec) if p != DEFAULT_FEATURE]
 
 
 def parse_column_map(items: list[str]) -> dict[str, str]:

@@ -315,22 +315,49 @@ class Store:
                 m = m.filter(pl.col(col).is_in(val if isinstance(val, (list, tuple, set)) else [val]))
         return m.filter(where) if where is not None else m
 
-    def load(self, rows: pl.DataFrame | None = None, *, dtype: str | np.dtype | None = None,
-             **filters) -> tuple[np.ndarray, pl.DataFrame]:
-        """Embeddings and metadata of `rows` (default: `select(**filters)`), both in storage order.
+    @property
+    def features(self) -> list[str]:
+        """Feature names this store holds, for `load(feature=...)`: "proj" and "block{i}" per stored layer."""
+        return fmt.stored_features(self.provenance)
 
+    def feature_dim(self, feature: str = fmt.DEFAULT_FEATURE) -> int:
+        """Columns of `feature` ("proj", "block16", "block8+block16": the sum of its parts)."""
+        return sum(self._part_dim(p) for p in self._check_feature(feature))
+
+    def _part_dim(self, part: str) -> int:
+        return self.dim if part == fmt.DEFAULT_FEATURE else int(self.provenance["layer_width"])
+
+    def _check_feature(self, feature: str) -> list[str]:
+        parts = fmt.feature_parts(feature)
+        missing = [p for p in parts if p not in self.features]
+        if missing:
+            raise UserError(f"store {self.root} has no feature {', '.join(missing)} (it holds {', '.join(self.features)}); "
+                            f"extract it with `dfembed extract --layers ...` into another store, or pick a stored one")
+        return parts
+
+    def load(self, rows: pl.DataFrame | None = None, *, dtype: str | np.dtype | None = None,
+             feature: str = fmt.DEFAULT_FEATURE, **filters) -> tuple[np.ndarray, pl.DataFrame]:
+        """Features and metadata of `rows` (default: `select(**filters)`), both in storage order.
+
+        feature: "proj" (the `embeddings` dataset), "block16" (`features/block16`, stored with
+        `--layers`), or parts joined by "+" ("block8+block16"), concatenated in that order.
         Reads into one preallocated array: contiguous rows straight in with h5py's read_direct,
         scattered rows by reading their span once and gathering, so loading a whole store or a
         filtered part of it costs about one pass over the bytes involved.
         """
+        parts = self._check_feature(feature)
+        if len(parts) > 1:
+            loaded = [self.load(rows, dtype=dtype, feature=p, **filters) for p in parts]
+            return np.concatenate([x for x, _ in loaded], axis=1), loaded[0][1]
+        dataset, width = fmt.feature_dataset(parts[0]), self._part_dim(parts[0])
         rows = self.select(**filters) if rows is None else rows
         rows = rows.sort(["shard", "row"])  # storage order: long contiguous runs, each shard opened once
         dtype = np.dtype(dtype or self.provenance.get("dtype", "float32"))
-        out = np.empty((rows.height, self.dim), dtype=dtype)
+        out = np.empty((rows.height, width), dtype=dtype)
         if rows.height == 0:  # an empty selection is a valid answer, not an error
             return out, rows
         shard_col, row_col = rows["shard"].to_numpy(), rows["row"].to_numpy()
-        row_bytes = self.dim * np.dtype(self.provenance.get("dtype", "float32")).itemsize
+        row_bytes = width * np.dtype(self.provenance.get("dtype", "float32")).itemsize
         gap_rows, max_span = max(1, READ_CALL_BYTES // row_bytes), max(1, MAX_SPAN_BYTES // row_bytes)
         # Segments of sorted rows, one read call each: cut at a new shard or at a gap too wide to read through.
         cuts = np.flatnonzero((np.diff(shard_col) != 0) | (np.diff(row_col) > gap_rows)) + 1
@@ -352,10 +379,10 @@ class Store:
                         # No chunk cache: each chunk is read once, straight into the destination; the
                         # cache only adds a copy (whole-store loads 1.8x slower with it, bench/store.py).
                         f = h5py.File(self.shards[open_shard].path, "r", rdcc_nbytes=0)
-                        extents = _raw_extents(f, f[fmt.EMBEDDINGS]) if f[fmt.EMBEDDINGS].dtype == dtype else None
+                        extents = _raw_extents(f, f[dataset]) if f[dataset].dtype == dtype else None
                         if extents is not None:
                             fds.append(os.open(self.shards[open_shard].path, os.O_RDONLY))
-                    ds, lo, hi = f[fmt.EMBEDDINGS], row_col[a], row_col[b - 1] + 1
+                    ds, lo, hi = f[dataset], row_col[a], row_col[b - 1] + 1
                     if next_row[a:b - 1].all():  # one contiguous run: straight into out
                         if extents is None:
                             ds.read_direct(out, np.s_[lo:hi], np.s_[a:b])
@@ -364,7 +391,7 @@ class Store:
                             tasks.append((fds[-1], out_bytes[start:start + size], at))
                         continue
                     if buf is None or len(buf) < hi - lo:
-                        buf = np.empty((hi - lo, self.dim), ds.dtype)
+                        buf = np.empty((hi - lo, width), ds.dtype)
                     if extents is None:
                         ds.read_direct(buf, np.s_[lo:hi], np.s_[0:hi - lo])
                     else:
@@ -396,6 +423,7 @@ class Store:
         return {
             "store": str(self.root), "rows": m.height, "dim": self.dim, "dtype": p.get("dtype"),
             "model": p.get("model"), "pretrained": fmt.weights_name(p), "feature": p.get("feature"),
+            "layers": p.get("layers") or [], "perturb": p.get("perturb") or "none",
             "shards": len(self.shards), "labels": by("label"), "sources": by("source"), "splits": by("split"),
             "failures": self.failures.height, "non_finite": self.non_finite_rows(),
             "missing_inputs": self.missing_inputs().height, "input_root": p.get("input_root"),

