@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 
 import numpy as np
 import pytest
@@ -65,7 +66,7 @@ STATE = HarnessState()
 def _sync(what: str) -> None:
     if STATE.in_step:
         STATE.syncs.append(what)
-        raise HostSync(f"host sync inside a training step: {what}")
+        raise HostSync(f"host sync where none is allowed (a training step): {what}")
 
 
 def _is_cuda(device) -> bool:
@@ -284,6 +285,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch, "Generator", HarnessGenerator)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **kw: True)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)  # Module.to then yields FakeCudaTensor params
@@ -430,3 +432,79 @@ def test_the_step_check_catches_a_sync_or_a_host_tensor_in_the_loss(fake_cuda, m
     monkeypatch.setattr(losses.Objective, "__call__", bad_loss)
     with pytest.raises(HostSync if sync == "item" else DeviceMismatch):
         _train(small_store, [make_config(**FIT)], "cuda")
+
+
+# --- extraction ------------------------------------------------------------------------------
+
+
+class RecordingWriter:
+    """What _embed_all hands to store.ShardWriter: feature rows by path, and failures."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, np.ndarray] = {}
+        self.failures: list[str] = []
+
+    def add(self, features: np.ndarray, cols: dict) -> None:
+        assert isinstance(features, np.ndarray) and features.dtype == np.float32
+        self.rows.update(zip(cols["path"], features))
+
+    def add_failure(self, path, size, mtime_ns, kind, message) -> None:
+        self.failures.append(path)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("cuda_images")
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        size = (40 + 9 * i, 32 + 5 * i)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def _extract_rows(folder, checkpoint, device: str, precision: str) -> RecordingWriter:
+    E = importlib.import_module("dfclip.embed.extract")  # dfclip.embed.extract is also a function
+    from dfclip.embed.backbone import load_backbone, split_preprocess
+
+    backbone = load_backbone("dfclip-tiny", str(checkpoint), device=device)
+    todo, root = E._load_rows(folder, None, None, None, "fake")
+    host, on_device = split_preprocess(backbone.preprocess)
+    loader = E.make_loader(E.ImageFiles(root, todo["path"].to_list(), host), batch_size=3, workers=0,
+                           pin_memory=False)
+    writer = RecordingWriter()
+    E._embed_all(loader, backbone, precision, writer, todo, lambda n: None, on_device=on_device)
+    return writer
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_the_extraction_loop_on_fake_cuda(fake_cuda, image_folder, tiny_checkpoint, precision):
+    """Every batch stays on the device until its non-blocking copy home, which is read only
+    after its event was synchronized; rows match a CPU run (autocast is a no-op here: see Limits)."""
+    on_cuda = _extract_rows(image_folder, tiny_checkpoint, "cuda", precision)
+    on_cpu = _extract_rows(image_folder, tiny_checkpoint, "cpu", "fp32")
+    assert PENDING == [], "a device-to-host copy was never waited for"
+    assert on_cuda.failures == on_cpu.failures == ["broken.png"]
+    assert sorted(on_cuda.rows) == sorted(on_cpu.rows) and len(on_cpu.rows) == 7
+    for path, features in on_cpu.rows.items():
+        np.testing.assert_allclose(on_cuda.rows[path], features, rtol=1e-5, atol=1e-6)
+
+
+def test_device_preprocess_copies_mean_and_std_to_the_device_once(fake_cuda):
+    from dfclip.embed.backbone import DevicePreprocess
+
+    normalize = DevicePreprocess((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    pixels = torch.randint(0, 256, (2, 4, 4, 3), dtype=torch.uint8).to("cuda")
+    first = normalize(pixels)
+    STATE.in_step = True  # from the second batch on: no host-to-device copy at all (HostSync otherwise)
+    try:
+        second = normalize(pixels)
+    finally:
+        STATE.in_step = False
+    assert first.device == second.device == CUDA and torch.equal(first, second)
+    assert all(t.device == CUDA for t in normalize.constants(CUDA))
+    expected = (pixels.cpu().permute(0, 3, 1, 2) / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    torch.testing.assert_close(second.cpu(), expected)
