@@ -31,7 +31,7 @@ from dfclip.heads.report import (default_run_name, leaderboard, load_run, plot_h
                           selection_order, varying_columns)
 from dfclip.heads.models import HEAD_KINDS, head_options
 from dfclip.heads.train import EVAL_CHUNK, predict_logits, train
-from dfclip.runtime import rank_from_env, resolve_device
+from dfclip.runtime import rank_from_env, resolve_device, tf32_precision
 from dfclip.errors import UserError
 
 
@@ -190,10 +190,16 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     if rows.height == 0:
         raise UserError(f"store {store_dir} has no labelled rows to evaluate on; use `dfhead predict` for unlabelled data")
     x, rows = s.load(rows)
-    scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
+    scores = _scores(head, config, x, dev)
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
     return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"])[0]
+
+
+def _scores(head, config: dict, x: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """Probabilities [K, N] of a loaded run on rows x, at the fp32 precision it was trained and thresholded at."""
+    with tf32_precision():
+        return torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
 
 
 def _check_same_model(config: dict, s: store.Store) -> None:
@@ -208,7 +214,7 @@ def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, d
     s = store.open(store_dir)
     _check_same_model(config, s)
     x, rows = s.load()
-    scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))[0]
+    scores = _scores(head, config, x, dev)[0]
     scores = scores.cpu().numpy()
     return pl.DataFrame({"path": rows["path"], "score": scores,
                          "pred": (scores >= config["threshold"]).astype(np.int8), "label": rows["label"]}).sort("path")

@@ -26,7 +26,7 @@ from dfclip.heads.data import Data, EvalSet, augment_with_noise, describe_data, 
 from dfclip.heads.models import HEAD_KINDS, Head, build_head, head_options
 from dfclip.heads.optim import SAM, BatchedAdamW
 from dfclip.heads.report import StepProgress
-from dfclip.runtime import resolve_device
+from dfclip.runtime import resolve_device, tf32_precision
 
 EVAL_CHUNK = 8192  # rows per eval forward: bounds activation memory to K * chunk * hidden
 
@@ -251,14 +251,8 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
     elif val_store is not None:
         raise ValueError("val_store is for loading a store: loaded Data already holds its validation set")
     log(describe_data(data, cfgs[0]))
-    # TF32 tensor cores for the heads' matmuls on GPUs (inputs rounded to 10 mantissa bits, fp32
-    # accumulation), as is usual for training; the flag is restored afterwards. CPUs are unaffected.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with tf32_precision():  # as in evaluate_run and predict_store
         return _train_groups(data, cfgs, log=log, progress=progress), data
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # On a CPU, K heads' activations of [K, B, hidden] floats stop fitting in cache long before
