@@ -84,7 +84,7 @@ def _getter(name: str):
 DEVICE_GET, IS_CUDA_GET, IS_CPU_GET = _getter("device"), _getter("is_cuda"), _getter("is_cpu")
 
 SCALAR_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__,
-                torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.__format__}
+                torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.__format__, torch.Tensor.__repr__}
 DATA_DEPENDENT_SHAPES = {torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
                          torch.unique, torch.Tensor.unique, torch.unique_consecutive, torch.Tensor.unique_consecutive,
                          torch.argwhere, torch.Tensor.argwhere, torch.equal, torch.Tensor.equal,
@@ -319,7 +319,7 @@ def test_harness_catches_device_mixing_and_syncs(fake_cuda):
         for sync in (lambda: x.sum().item(), lambda: x.tolist(), lambda: bool(x.sum() > 0), lambda: x.cpu(),
                      lambda: x.to("cpu", non_blocking=True), lambda: torch.ones(3).to("cuda"),
                      lambda: torch.tensor([1.0], device="cuda"), lambda: x[x > 0], lambda: x.nonzero(),
-                     lambda: float(x[0, 0])):
+                     lambda: float(x[0, 0]), lambda: repr(x)):
             with pytest.raises(HostSync):
                 sync()
         y = torch.zeros(3, device="cuda") + x[0]  # no sync: stays on the device
