@@ -1,8 +1,8 @@
 """Extraction precision: how far fp16 and bf16 autocast features lie from fp32 ones, same weights, same images.
 
     python bench/precision.py                                          # CPU, tiny model, 16 images
-    python bench/precision.py --model ViT-L-14 --n-images 4            # random-init ViT-L-14 on a CPU
-    python bench/precision.py --model ViT-L-14 --device cuda --n-images 256
+    python bench/precision.py --model ViT-L-14 --n-images 8            # random-init ViT-L-14 on a CPU, ~90 s
+    python bench/precision.py --model ViT-L-14 --device cuda --n-images 256 --batch-size 64
 
 Per image: relative error ||f_p - f_fp32|| / ||f_fp32|| of the raw features (what the store
 keeps) and the cosine similarity to the fp32 features; the table gives the mean and the worst
@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--pretrained", default="none")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n-images", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=4)
+    # 1: on this CPU (torch 2.14), ViT-L-14 at batch 2 or 4 did not finish in 5 to 25 minutes, at batch 1 in 90 s
+    ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--precisions", default="fp16,bf16")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
