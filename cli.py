@@ -182,7 +182,7 @@ def extract_cmd(
     quick_gelu: Annotated[Optional[bool], typer.Option(
         "--quick-gelu/--no-quick-gelu", help="Force the activation; default picks QuickGELU for OpenAI weights.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where tagged weights are cached / downloaded.")] = None,
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (fp16 autocast on CUDA, fp32 on CPU), fp32, fp16 or bf16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torchrun ranks use LOCAL_RANK).")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(
         help="Images per batch.", show_default="256 on GPU, 64 on CPU")] = None,

@@ -1,4 +1,5 @@
-"""Where a command runs: this process's torchrun rank and its torch device.
+"""Where a command runs: this process's torchrun rank and its torch device, and the fp32 precision
+of its GPU maths.
 
 One copy for embed/ and heads/ alike, so `--device` means the same in every command.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +104,24 @@ def resolve_device(device: str = "auto", rank: Rank | None = None):
     elif dev.type != "cpu":
         raise UserError(f"unsupported --device {device!r}; use auto, cpu, cuda or cuda:N")
     return dev
+
+
+@contextmanager
+def tf32_precision():
+    """TF32 tensor cores for fp32 matmuls and convolutions on CUDA while inside; restored on exit.
+
+    TF32 rounds the inputs to 10 mantissa bits and accumulates in fp32, the usual trade for
+    training. The heads' fit, evaluate and predict all run inside this, so a threshold picked
+    on validation scores applies to scores computed the same way. Only torch's fp32_precision
+    API is used (torch >= 2.9): reading the legacy `allow_tf32` after setting it raises on
+    torch 2.14. CPU maths is unaffected.
+    """
+    import torch
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before

@@ -164,10 +164,19 @@ class DevicePreprocess:
     def __init__(self, mean, std) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) on `device`, copied there once: a copy per batch would be a blocking copy from
+        pageable memory, which stops the host from queueing the next batch while the GPU works."""
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device))
+        return self._on_device[device]
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.permute(0, 3, 1, 2).float().div_(255)
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        mean, std = self.constants(x.device)
+        return x.sub_(mean).div_(std)
 
 
 def split_preprocess(preprocess) -> tuple[HostPreprocess, DevicePreprocess] | None:

@@ -36,7 +36,7 @@ class EmbedConfig:
     feature: "proj" (the CLIP image embedding) or "pre" (pooled, before the projection).
     quick_gelu: None = auto (embed.backbone's rule), True/False to force.
     cache_dir: where tagged weights are cached / downloaded; None = open_clip's default.
-    precision: "auto" (bf16 autocast on CUDA, fp16 where the GPU has no bf16, fp32 elsewhere),
+    precision: "auto" (fp16 autocast on CUDA, fp32 elsewhere),
         "fp32", "bf16" or "fp16".
     device: "auto", "cpu", "cuda" or "cuda:N" (torchrun ranks use LOCAL_RANK).
     batch_size: images per batch; None = 256 on CUDA, 64 on CPU.

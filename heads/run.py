@@ -32,7 +32,7 @@ from dfclip.heads.report import (check_writable_dir, default_run_name, leaderboa
                                  safe_name, save_run, varying_columns)
 from dfclip.heads.models import HEAD_KINDS, head_options
 from dfclip.heads.train import EVAL_CHUNK, Halving, predict_logits, train
-from dfclip.runtime import rank_from_env, resolve_device
+from dfclip.runtime import rank_from_env, resolve_device, tf32_precision
 from dfclip.errors import UserError
 
 
@@ -254,7 +254,7 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
         raise UserError(f"store {store_dir} has no labelled rows{where} to evaluate on; use `dfhead predict` for "
                         "unlabelled data" + (" or another --split" if where else ""))
     x, rows = _finite(*s.load(rows, feature=config["run"]["feature"]), s, log)
-    scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
+    scores = _scores(head, config, x, dev)
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
     return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"])[0]
@@ -308,6 +308,12 @@ def plot_robustness(table: pl.DataFrame, path: Path, *, title: str = "") -> None
     plt.close(fig)
 
 
+def _scores(head, config: dict, x: np.ndarray, dev: torch.device) -> torch.Tensor:
+    """Probabilities [K, N] of a loaded run on rows x, at the fp32 precision it was trained and thresholded at."""
+    with tf32_precision():
+        return torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
+
+
 def _check_same_model(config: dict, s: store.Store) -> None:
     store.format.require_compatible(s.provenance, config["provenance"], what=f"store {s.root}",
                                     fix="the run was trained on the latter: embed with the run's model")
@@ -333,7 +339,7 @@ def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, d
     s = store.open(store_dir)
     _check_same_model(config, s)
     x, rows = _finite(*s.load(feature=config["run"]["feature"]), s, log)
-    scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))[0]
+    scores = _scores(head, config, x, dev)[0]
     scores = scores.cpu().numpy()
     return pl.DataFrame({"path": rows["path"], "score": scores,
                          "pred": (scores >= config["threshold"]).astype(np.int8), "label": rows["label"]}).sort("path")

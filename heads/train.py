@@ -29,7 +29,7 @@ from dfclip.heads.data import (Data, EvalSet, augment_with_noise, describe_data,
 from dfclip.heads.models import HEAD_KINDS, Head, build_head, distinct_generators, head_options
 from dfclip.heads.optim import SAM, BatchedAdamW
 from dfclip.heads.report import StepProgress
-from dfclip.runtime import resolve_device
+from dfclip.runtime import resolve_device, tf32_precision
 
 EVAL_CHUNK = 8192  # rows per eval forward: bounds activation memory to K * chunk * hidden
 
@@ -435,11 +435,7 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
     for i, c in enumerate(cfgs):
         by_feature.setdefault(c.feature, []).append(i)
     results: list[RunResult | None] = [None] * len(cfgs)
-    # TF32 tensor cores for the heads' matmuls on GPUs (inputs rounded to 10 mantissa bits, fp32
-    # accumulation), as is usual for training; the flag is restored afterwards. CPUs are unaffected.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with tf32_precision():  # as in evaluate_run and predict_store
         # Configs with different features train in separate groups, each on its own feature's rows;
         # one feature's embeddings are resident at a time.
         loaded = None
@@ -455,8 +451,6 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
             for i, r in zip(idx, _train_groups(loaded, mine, log=log, progress=progress, halving=halving)):
                 results[i] = r
         return results, loaded
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @dataclass(frozen=True)
