@@ -334,11 +334,12 @@ def eval_(
     store_dir: Annotated[Optional[Path], typer.Option("--store", help="Store to evaluate on (same model as the run). Default: the run's own validation report.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
 ) -> None:
     """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video)."""
     from dfclip.heads.run import evaluate_run
 
-    rep = evaluate_run(run, store_dir, device=device)
+    rep = evaluate_run(run, store_dir, device=device, precision=precision)
     if as_json:
         out.print_json(json.dumps(rep))
         return
@@ -357,6 +358,7 @@ def predict(
     store_dir: Annotated[Optional[Path], typer.Option("--store", help="Score every row of this store instead of images.")] = None,
     out_csv: Annotated[Path, typer.Option("--out", help="CSV to write: path, score (probability of fake), pred (1 fake, 0 real), label.")] = Path("scores.csv"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding workers when embedding images.")] = 2,
 ) -> None:
     """Score a store or images with a trained run, using the threshold chosen at fit time."""
@@ -365,11 +367,11 @@ def predict(
     if images is not None:
         from dfclip.pipeline import predict_images
 
-        df = predict_images(run, images, device=device, workers=workers)
+        df = predict_images(run, images, device=device, workers=workers, precision=precision)
     else:
         from dfclip.heads.run import predict_store
 
-        df = predict_store(run, store_dir, device=device)
+        df = predict_store(run, store_dir, device=device, precision=precision)
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())
     out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real")

@@ -107,6 +107,16 @@ def _dropout(x: torch.Tensor, p: float, training: bool, generator: Generators) -
     return x * (u >= p) / (1.0 - p)
 
 
+def _float32_logits(out: BatchedLinearLayer, h: torch.Tensor) -> torch.Tensor:
+    """Logits [K, B] of the output layer, always in the weights' precision (float32), even under autocast.
+
+    The layer maps each row to ONE number, so bf16 would save no time here; and logits rounded to
+    bf16's 8 significant bits would tie many scores (AUC, thresholds) and coarsen the losses.
+    """
+    with torch.autocast(h.device.type, enabled=False):
+        return out(h.to(out.weight.dtype)).squeeze(-1)
+
+
 def _check_seeds(k: int, seeds: Sequence[int] | None) -> list[int]:
     if seeds is None:
         # Only for models whose weights are loaded right after (head_from_config, select).
@@ -165,9 +175,10 @@ class BatchedMLP(nn.Module):
         """
         h = x.to(self.out.weight.dtype)
         for linear, norm in zip(self.linears, self.norms):
+            # Under a bf16 autocast (heads.precision) the matmul runs in bf16; BatchNorm returns float32.
             h = norm(linear(h), update_stats=update_stats)
             h = _dropout(torch.relu(h), self.dropout, self.training, generator)
-        return self.out(h).squeeze(-1)
+        return _float32_logits(self.out, h)
 
     def select(self, indices: Sequence[int]) -> BatchedMLP:
         """A new BatchedMLP holding copies of models `indices` (weights, BN buffers, seeds, mode)."""
@@ -193,7 +204,7 @@ class BatchedLinear(nn.Module):
         self, x: torch.Tensor, *, update_stats: bool = True, generator: Generators = None
     ) -> torch.Tensor:
         """Logits [K, B] for x [K, B, D] or [B, D]; update_stats and generator are accepted and unused."""
-        return self.linear(x.to(self.linear.weight.dtype)).squeeze(-1)
+        return _float32_logits(self.linear, x.to(self.linear.weight.dtype))
 
     def select(self, indices: Sequence[int]) -> BatchedLinear:
         """A new BatchedLinear holding copies of models `indices`."""

@@ -30,6 +30,7 @@ from dfclip.heads.config import RunConfig, validate
 from dfclip.heads.report import (default_run_name, leaderboard, load_run, plot_heatmap, result_row, safe_name, save_run,
                           selection_order, varying_columns)
 from dfclip.heads.models import HEAD_KINDS, head_options
+from dfclip.heads.precision import resolve_precision
 from dfclip.heads.train import EVAL_CHUNK, predict_logits, train
 from dfclip.runtime import rank_from_env, resolve_device
 from dfclip.errors import UserError
@@ -174,8 +175,11 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
 
 
 def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
-                 device: str = "auto") -> dict:
-    """Metrics of a trained run on a store (default: its validation numbers from report.json)."""
+                 device: str = "auto", precision: str = "auto") -> dict:
+    """Metrics of a trained run on a store (default: its validation numbers from report.json).
+
+    precision: of the head's hidden matmuls on the store (heads.precision: auto, fp32 or bf16).
+    """
     run_dir = Path(run_dir)
     if store_dir is None:
         if not (run_dir / "report.json").is_file():
@@ -190,7 +194,7 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
     if rows.height == 0:
         raise UserError(f"store {store_dir} has no labelled rows to evaluate on; use `dfhead predict` for unlabelled data")
     x, rows = s.load(rows)
-    scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
+    scores = torch.sigmoid(_logits(head, config, x, dev, precision))
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
     return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"])[0]
@@ -201,14 +205,24 @@ def _check_same_model(config: dict, s: store.Store) -> None:
                                     fix="the run was trained on the latter: embed with the run's model")
 
 
-def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto") -> pl.DataFrame:
-    """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store."""
+def _logits(head, config: dict, x: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:
+    """The run's logits [K, N] on embeddings x, its l2 normalisation applied, matmuls in `precision`."""
+    return predict_logits(head, torch.from_numpy(x).to(device), l2_normalize=config["run"]["l2_normalize"],
+                          precision=resolve_precision(precision, device))
+
+
+def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto",
+                  precision: str = "auto") -> pl.DataFrame:
+    """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store.
+
+    precision: of the head's hidden matmuls (heads.precision: auto, fp32 or bf16).
+    """
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
     s = store.open(store_dir)
     _check_same_model(config, s)
     x, rows = s.load()
-    scores = torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))[0]
+    scores = torch.sigmoid(_logits(head, config, x, dev, precision))[0]
     scores = scores.cpu().numpy()
     return pl.DataFrame({"path": rows["path"], "score": scores,
                          "pred": (scores >= config["threshold"]).astype(np.int8), "label": rows["label"]}).sort("path")

@@ -9,6 +9,7 @@ The loss is heads.losses.Objective, the metrics and thresholds heads.metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from dfclip.heads.config import RunConfig, group_key
 from dfclip.heads.data import Data, EvalSet, augment_with_noise, describe_data, epoch_batches, load_data
 from dfclip.heads.models import HEAD_KINDS, Head, build_head, head_options
 from dfclip.heads.optim import SAM, BatchedAdamW
+from dfclip.heads.precision import matmuls_in, resolve_precision
 from dfclip.heads.report import StepProgress
 from dfclip.runtime import resolve_device
 
@@ -58,26 +60,30 @@ def _lr_scale(step: int, total: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def predict_logits(head: Head, x: torch.Tensor, *, l2_normalize: bool = False) -> torch.Tensor:
-    """Logits [K, N] of every model on shared rows x [N, D], in eval mode, chunked."""
+def predict_logits(head: Head, x: torch.Tensor, *, l2_normalize: bool = False, precision: str = "fp32") -> torch.Tensor:
+    """Logits [K, N] (float32) of every model on shared rows x [N, D], in eval mode, chunked.
+
+    precision: the resolved precision of the hidden matmuls, fp32 or bf16 (heads.precision).
+    """
     was_training = head.training
     head.eval()
     out = []
-    for chunk in x.split(EVAL_CHUNK):
-        chunk = chunk.float()
-        out.append(head(F.normalize(chunk, dim=-1) if l2_normalize else chunk))
+    with matmuls_in(precision, x.device):  # one context: the bf16 weight copies are made once
+        for chunk in x.split(EVAL_CHUNK):
+            chunk = chunk.float()
+            out.append(head(F.normalize(chunk, dim=-1) if l2_normalize else chunk))
     head.train(was_training)
     return torch.cat(out, dim=1) if out else torch.empty(head.k, 0, device=x.device)
 
 
-def validate_epoch(head: Head, val: EvalSet, *, l2_normalize: bool = False
+def validate_epoch(head: Head, val: EvalSet, *, l2_normalize: bool = False, precision: str = "fp32"
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(val_loss, val_auc, val_eer, finite), each [K]: all K models on the same rows, one batched pass.
 
     A diverged head (non-finite logits, e.g. too high an lr) must not stop the others: it
     scores NaN on all three and finite=False, so it never counts as improved.
     """
-    logits = predict_logits(head, val.x, l2_normalize=l2_normalize)
+    logits = predict_logits(head, val.x, l2_normalize=l2_normalize, precision=precision)
     finite = torch.isfinite(logits).all(1)
     logits = torch.where(finite[:, None], logits, 0.0)
     val_loss = F.binary_cross_entropy_with_logits(logits, val.y.float().expand_as(logits), reduction="none").mean(1)
@@ -180,20 +186,26 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
                 xb, yb = augment_with_noise(xb, yb, rng)
             yb = yb.expand(k, -1)  # [K, B] view for the per-head losses
             scale = _lr_scale(step, total, warmup)
-            loss = loss_fn(head(xb, generator=rng), yb)
+            # One precision context per forward (heads.precision.matmuls_in); logits come out float32.
+            with matmuls_in(c0.precision, device):
+                logits = head(xb, generator=rng)
+            loss = loss_fn(logits, yb)
             loss.sum().backward()  # models are independent: the sum gives each its own gradient
             if sam is not None:
                 sam.first_step(zero_grad=True)
-                loss_fn(head(xb, update_stats=False, generator=rng), yb).sum().backward()
+                with matmuls_in(c0.precision, device):
+                    logits = head(xb, update_stats=False, generator=rng)
+                loss_fn(logits, yb).sum().backward()
                 sam.second_step(zero_grad=True, lr_scale=scale)
             else:
                 opt.step(lr_scale=scale)
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
             train_loss += loss.detach()
             step += 1
             if bar is not None:
                 bar.advance()
-        val_loss, val_auc, val_eer, finite = validate_epoch(head, data.val, l2_normalize=c0.l2_normalize)
+        val_loss, val_auc, val_eer, finite = validate_epoch(head, data.val, l2_normalize=c0.l2_normalize,
+                                                            precision=c0.precision)
         best.update(head, epoch, val_loss, val_auc, finite)
         seconds = time.perf_counter() - te
         values = [v.tolist() for v in (train_loss / max(1, len(batches)), val_loss, val_auc, val_eer)]
@@ -219,7 +231,8 @@ def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame
     """
     c0, k = cfgs[0], len(cfgs)
     sets = {"val": data.val} | ({"holdout": data.holdout} if data.holdout is not None else {})
-    scores = {name: torch.sigmoid(predict_logits(head, s.x, l2_normalize=c0.l2_normalize)) for name, s in sets.items()}
+    scores = {name: torch.sigmoid(predict_logits(head, s.x, l2_normalize=c0.l2_normalize, precision=c0.precision))
+              for name, s in sets.items()}
     thresholds = torch.cat([metrics.pick_threshold(c.threshold, scores["val"][i:i + 1], data.val.y)
                             for i, c in enumerate(cfgs)])
     reports = {name: metrics.evaluate(scores[name], s.y, sources=s.meta["source"].to_list(), groups=s.groups,
@@ -250,7 +263,10 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
         data = load_data(data, cfgs[0], val_store=val_store, device=resolve_device(device))
     elif val_store is not None:
         raise ValueError("val_store is for loading a store: loaded Data already holds its validation set")
-    log(describe_data(data, cfgs[0]))
+    # "auto" becomes what it means on this device, so results and config.json record the precision used.
+    device = data.x.device
+    cfgs = [dataclasses.replace(c, precision=resolve_precision(c.precision, device)) for c in cfgs]
+    log(f"{describe_data(data, cfgs[0])}; head matmuls in {' and '.join(sorted({c.precision for c in cfgs}))}")
     # TF32 tensor cores for the heads' matmuls on GPUs (inputs rounded to 10 mantissa bits, fp32
     # accumulation), as is usual for training; the flag is restored afterwards. CPUs are unaffected.
     tf32 = torch.backends.cuda.matmul.allow_tf32

@@ -71,7 +71,11 @@ def test_batched_adamw_state_dict_roundtrip_and_zero_grad():
     run(opt_b, params_b, grads[2:])
     for p, q in zip(params_a, params_b):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # zero_grad() zeroes the one gradient buffer in place (backward accumulates into it); set_to_none as torch
+    grads_before = [p.grad for p in params_b]
     opt_b.zero_grad()
+    assert all(p.grad is g and not p.grad.any() for p, g in zip(params_b, grads_before))
+    opt_b.zero_grad(set_to_none=True)
     assert all(p.grad is None for p in params_b)
 
 
@@ -153,7 +157,7 @@ def test_sam_with_batched_adamw_base_forwards_lr_scale():
     sam.second_step(lr_scale=lr_scale)
     torch.testing.assert_close(theta.detach(), want_theta, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(phi.detach(), want_phi, rtol=1e-7, atol=1e-9)
-    assert theta.grad is None
+    assert not theta.grad.any()  # BatchedAdamW zeroes its gradient buffer in place
 
 
 @contextlib.contextmanager
