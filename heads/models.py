@@ -78,17 +78,20 @@ class BatchedBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor, *, update_stats: bool = True) -> torch.Tensor:
         # Statistics in the parameters' precision (float32) even under autocast, as nn.BatchNorm1d does.
         x = x.to(self.weight.dtype)
-        k, batch, h = x.shape
-        if self.training and batch < 2:
-            raise ValueError(f"BatchNorm in train mode needs at least 2 rows per model, got {batch}")
-        # The K models' H features are K*H channels of ONE F.batch_norm over the batch rows: one fused
-        # kernel forward and one backward instead of ~15 elementwise ops (a view, no copy, when K = 1).
-        rows = x.transpose(0, 1).reshape(batch, k * h)
-        keep_stats = not self.training or update_stats  # None buffers: batch statistics, buffers untouched
-        out = F.batch_norm(rows, self.running_mean.view(-1) if keep_stats else None,
-                           self.running_var.view(-1) if keep_stats else None, self.weight.reshape(-1),
-                           self.bias.reshape(-1), training=self.training, momentum=self.momentum, eps=self.eps)
-        return out.view(batch, k, h).transpose(0, 1)
+        if self.training:
+            batch = x.shape[1]
+            if batch < 2:
+                raise ValueError(f"BatchNorm in train mode needs at least 2 rows per model, got {batch}")
+            var, mean = torch.var_mean(x, dim=1, unbiased=False)  # [K, H] each
+            if update_stats:
+                with torch.no_grad():
+                    m = self.momentum
+                    self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+                    self.running_var.mul_(1 - m).add_(var * (batch / (batch - 1)), alpha=m)
+        else:
+            mean, var = self.running_mean, self.running_var
+        scale = self.weight * torch.rsqrt(var + self.eps)  # [K, H]
+        return (x - mean[:, None, :]) * scale[:, None, :] + self.bias[:, None, :]
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool, generator: Generators) -> torch.Tensor:
