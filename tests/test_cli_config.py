@@ -76,11 +76,11 @@ def test_generated_signature_is_what_typer_reads(command):
 
 def test_choices_and_errors_come_from_the_fields():
     assert C.CHOICES == {"head": ("mlp", "linear"), "auc_kind": ("logistic", "squared_hinge"), "loss": ("bce", "vs"),
-                         "select": ("auc", "loss", "last")}
+                         "select": ("auc", "loss", "last"), "precision": ("auto", "fp32", "bf16")}
     assert C.option_name("holdout_sources") == "--holdout-source"
     assert C.option_name("cvar_alpha") == "--cvar-alpha"
     assert C.value_type("hidden") is int and C.value_type("holdout_sources") is str
-    assert set(C.SECTION.values()) == {"Head", "Loss", "Optimisation", "Data", "Selection and threshold"}
+    assert set(C.SECTION.values()) == {"Head", "Loss", "Optimisation", "Data", "Selection and threshold", "Compute"}
 
 
 def test_bad_loss_names_the_loss_option(dfhead, tmp_path):
