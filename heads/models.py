@@ -82,7 +82,11 @@ class BatchedBatchNorm(nn.Module):
             batch = x.shape[1]
             if batch < 2:
                 raise ValueError(f"BatchNorm in train mode needs at least 2 rows per model, got {batch}")
-            var, mean = torch.var_mean(x, dim=1, unbiased=False)  # [K, H] each
+            # Two passes (mean, then the mean square of the centred rows, which the output reuses):
+            # torch.var_mean over the batch dim, not the innermost one, is ~5x slower on a CPU.
+            mean = x.mean(1)  # [K, H]
+            centred = x - mean[:, None, :]
+            var = centred.square().mean(1)  # biased, as BatchNorm normalises
             if update_stats:
                 with torch.no_grad():
                     m = self.momentum
@@ -90,8 +94,9 @@ class BatchedBatchNorm(nn.Module):
                     self.running_var.mul_(1 - m).add_(var * (batch / (batch - 1)), alpha=m)
         else:
             mean, var = self.running_mean, self.running_var
+            centred = x - mean[:, None, :]
         scale = self.weight * torch.rsqrt(var + self.eps)  # [K, H]
-        return (x - mean[:, None, :]) * scale[:, None, :] + self.bias[:, None, :]
+        return centred * scale[:, None, :] + self.bias[:, None, :]
 
 
 def _dropout(x: torch.Tensor, p: float, training: bool, generator: Generators) -> torch.Tensor:
