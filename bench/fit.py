@@ -47,7 +47,7 @@ from dfclip.heads.data import load_data, split_rows
 from dfclip.heads.precision import resolve_precision
 from dfclip.store.synthetic import make_synthetic_store
 
-TARGETS = {"cpu": 5.0, "cuda": 50.0}
+TARGETS = {"cpu": 3.0, "cuda": 50.0}  # issue 7: >= 3x on the 2-core CPU (stretch 5x)
 SAM_TARGET = 2.2
 
 
