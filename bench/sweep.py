@@ -142,7 +142,7 @@ def main() -> None:
     print_table(rows, [("head", "head", ""), ("sweep", "sweep s", ".2f"), ("seq", f"{args.k} fits s", ".2f"),
                        ("resident", "ratio, loading excluded", ".2f"), ("called", "ratio, as called", ".2f"),
                        ("sweep_load", "sweep load s", ".2f"), ("seq_load", "fits load s", ".2f"),
-                       ("sweep_gflops", "sweep GFLOP/s", ".0f"), ("seq_gflops", "fits GFLOP/s", ".0f"),
+                       ("sweep_gflops", "sweep GFLOP/s", ".1f"), ("seq_gflops", "fits GFLOP/s", ".1f"),
                        ("how", "sequential", "")])
     print(f"matmuls in {precision} (--precision auto); {precision} matmul peak measured now: {peak:.0f} GFLOP/s "
           "(GFLOP/s: the heads' matmul FLOPs over the time without loading)")
