@@ -79,14 +79,15 @@ class _FlatGroup:
         """
         has = []
         for p, view in zip(params, self.grad_views):
-            if p.grad is not view:
-                with torch.no_grad():
-                    view.zero_() if p.grad is None else view.copy_(p.grad)
-                has.append(p.grad is not None)
-                if p.grad is not None:
+            has.append(p.grad is not None)
+            if p.grad is view:
+                continue
+            with torch.no_grad():
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
                     p.grad = view
-            else:
-                has.append(True)
         return has
 
 
@@ -148,6 +149,7 @@ class BatchedAdamW(torch.optim.Optimizer):
                 self._update(group, flat, slice(a, b), step, lr_scale)
 
     def _runs(self, group: dict, flat: _FlatGroup, has_grad: list[bool]) -> list[tuple[tuple[int, int], int]]:
+        """((first, end) columns, step count) of each run of adjacent parameters with a gradient and one step."""
         runs: list[tuple[tuple[int, int], int]] = []
         for p, (a, b), has in zip(group["params"], flat.bounds, has_grad):
             step = self.state[p]["step"]
