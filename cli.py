@@ -381,6 +381,7 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     split: Annotated[Optional[str], typer.Option(help="Only the stores' rows of this split (e.g. test).", show_default="every labelled row")] = None,
+    precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
 ) -> None:
     """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video).
 
@@ -390,7 +391,7 @@ def eval_(
     from dfclip.heads.run import evaluate_run, evaluate_stores
 
     if store_dirs and len(store_dirs) > 1:
-        table = evaluate_stores(run, store_dirs, device=device, split=split, log=_warn)
+        table = evaluate_stores(run, store_dirs, device=device, split=split, precision=precision, log=_warn)
         if as_json:
             out.print_json(json.dumps(table.to_dicts()))
             return
@@ -408,7 +409,7 @@ def eval_(
     store_dir = store_dirs[0] if store_dirs else None
     if split is not None and store_dir is None:
         raise UserError("--split selects rows of a --store; give --store STORE")
-    rep = evaluate_run(run, store_dir, device=device, split=split, log=_warn)
+    rep = evaluate_run(run, store_dir, device=device, split=split, precision=precision, log=_warn)
     if as_json:
         out.print_json(json.dumps(rep))
         return
@@ -427,6 +428,7 @@ def predict(
     store_dir: Annotated[Optional[Path], typer.Option("--store", help="Score every row of this store instead of images.")] = None,
     out_csv: Annotated[Path, typer.Option("--out", help="CSV to write: path, score (probability of fake), pred (1 fake, 0 real), label.")] = Path("scores.csv"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+    precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding workers when embedding images.")] = 2,
 ) -> None:
     """Score a store or images with a trained run, using the threshold chosen at fit time.
@@ -444,11 +446,12 @@ def predict(
     if images is not None:
         from dfclip.pipeline import predict_images
 
-        df = predict_images(run, images, device=device, workers=workers, failures_csv=failures_csv, log=_warn)
+        df = predict_images(run, images, device=device, workers=workers, failures_csv=failures_csv, precision=precision,
+                            log=_warn)
     else:
         from dfclip.heads.run import predict_store
 
-        df = predict_store(run, store_dir, device=device, log=_warn)
+        df = predict_store(run, store_dir, device=device, precision=precision, log=_warn)
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())
     out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real",

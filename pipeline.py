@@ -50,12 +50,14 @@ def _alive(pid: int) -> bool:
 
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",
                    workers: int = 2, progress: bool = True, failures_csv: str | os.PathLike | None = None,
-                   log: Callable[[str], None] = print) -> pl.DataFrame:
+                   precision: str = "auto", log: Callable[[str], None] = print) -> pl.DataFrame:
     """Score a folder of images (or one image file) with a trained run.
 
     The images are embedded exactly as the run's training store was (same model, weights,
     preprocessing and feature, and the blocks of its --feature; embed.config.config_from_provenance), on `device` with
-    `workers` decode processes, and scored with the threshold chosen at fit time.
+    `workers` decode processes, and scored with the threshold chosen at fit time. `precision`
+    (auto, fp32, bf16) is the head's (heads.precision); the backbone runs at the precision the
+    run's store was embedded with.
     Returns path (relative to `images`; the file name for one image), score (probability of
     fake), pred (1 fake, 0 real) and label (from real/fake folder names, -1 when none), sorted by
     path. Images that cannot be read get no row: they are written with their reason to
@@ -84,5 +86,5 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
                 if failures is not None else "no images found"
             where = f"; listed in {failures_csv}" if failures is not None and failures_csv is not None else ""
             raise UserError(f"none of the images in {images} could be scored ({reasons}){where}")
-        return predict_store(run_dir, summary["store"], device=device, log=log)
+        return predict_store(run_dir, summary["store"], device=device, precision=precision, log=log)
 

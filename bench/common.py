@@ -76,3 +76,86 @@ def write_json(path: str | os.PathLike | None, result: dict) -> None:
         result.setdefault("machine", {})["loadavg_end"] = list(os.getloadavg())
         Path(path).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {path}")
+
+
+# --- roofline: the heads' matmul arithmetic against the machine's measured matmul peak ------------
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# (rows, inner, cols): the head's own shape (a noise-doubled batch through a 768-wide layer) and a large one
+PEAK_SHAPES = ((512, 768, 768), (2048, 2048, 2048))
+
+
+def matmul_peak_gflops(device: torch.device, precision: str, seconds: float = 0.5) -> float:
+    """The best GFLOP/s of plain a @ b in `precision` (fp32 / bf16) over PEAK_SHAPES, measured now."""
+    best = 0.0
+    for m, k, n in PEAK_SHAPES:
+        a = torch.randn(m, k, device=device, dtype=DTYPES[precision])
+        b = torch.randn(k, n, device=device, dtype=DTYPES[precision])
+        a @ b  # warm-up: kernels, BLAS handles
+        reps, t0 = 0, clock(device)
+        while reps < 3 or clock(device) - t0 < seconds / len(PEAK_SHAPES):
+            a @ b
+            reps += 1
+        best = max(best, 2 * m * k * n * reps / (clock(device) - t0) / 1e9)
+    return best
+
+
+def head_forward_flops_per_row(cfg, dim: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one row through one head of cfg's kind (MLP or linear)."""
+    if cfg.head == "linear":
+        return 2 * dim
+    hidden = cfg.hidden or dim
+    return 2 * (dim * hidden + (cfg.depth - 1) * hidden * hidden + hidden)
+
+
+def epoch_matmul_flops(cfg, dim: int, train_rows: int, val_rows: int, k: int = 1) -> float:
+    """Matmul FLOPs of one epoch of K heads: training steps (forward + backward = 3 forwards, twice
+    with SAM, on the noise-doubled batch with feature noise) plus one validation forward."""
+    steps = train_rows // cfg.batch_size
+    rows = cfg.batch_size * (2 if cfg.feature_noise else 1)
+    per_row = head_forward_flops_per_row(cfg, dim)
+    train = steps * rows * per_row * 3 * (2 if cfg.sam_rho > 0 else 1)
+    return float(k * (train + val_rows * per_row))
+
+
+# --- ops per training step, from a torch.profiler trace ------------------------------------------
+
+OPTIMIZER_REGIONS = ("Optimizer.step#BatchedAdamW.step", "Optimizer.zero_grad#BatchedAdamW.zero_grad",
+                     "SAM.first_step", "SAM.second_step")
+
+
+def _top_level_ops(events) -> tuple[int, int]:
+    """(all, in OPTIMIZER_REGIONS) counts of aten ops not nested in another aten op: the ops the step issues."""
+    total = optimizer = 0
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        names, parent = [], e.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        if any(n.startswith("aten::") for n in names):
+            continue
+        total += 1
+        optimizer += any(n in OPTIMIZER_REGIONS for n in names)
+    return total, optimizer
+
+
+def ops_per_step(data, cfg, steps: tuple[int, int] = (3, 6)) -> dict:
+    """Ops per training step of heads.train.train on `data` with `cfg` (one epoch of steps[0], then of
+    steps[1] batches; the difference / extra steps is one step, so validation and setup cancel out)."""
+    import dataclasses
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from dfclip.heads.train import train
+
+    counts = []
+    for n in steps:
+        rows = n * cfg.batch_size
+        part = dataclasses.replace(data, x=data.x[:rows], y=data.y[:rows])
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            train(part, [dataclasses.replace(cfg, epochs=1, warmup_epochs=0.0)], log=lambda line: None)
+        counts.append(_top_level_ops(prof.events()))
+    extra = steps[1] - steps[0]
+    return {"step": (counts[1][0] - counts[0][0]) / extra, "optimizer_and_sam": (counts[1][1] - counts[0][1]) / extra}

@@ -23,6 +23,9 @@ baseline, all fp32 on this CPU) and as one full sweep (the whole grid at full le
 Its table gives the times, the ratios and the best val AUC of each side: halving's best must be
 within 0.005 of the full grid's best. The store is synthetic with a weak signal (--signal 1), so
 the AUCs sit well below 1 and the lr matters.
+
+Roofline: the achieved GFLOP/s of the heads' matmuls (counted analytically, bench/common.py
+epoch_matmul_flops; loading excluded) next to the matmul peak measured in the same run and dtype.
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
-from common import clock, describe, machine_info, print_table, resolve_device, setup_threads, write_json
+from common import (clock, describe, epoch_matmul_flops, machine_info, matmul_peak_gflops, print_table, resolve_device,
+                    setup_threads, write_json)
 
 from dfclip import heads  # noqa: E402
 import dfclip.heads.train  # noqa: E402,F401
 from dfclip import store
 from dfclip.heads.config import make_config
 from dfclip.heads.data import load_data
+from dfclip.heads.precision import resolve_precision
 from dfclip.store.synthetic import make_synthetic_store
 
 TARGETS = {"cpu": 6.0, "cuda": 15.0}
@@ -156,13 +161,17 @@ def bench_head(head: str, store_dir: Path, warm_dir: Path, args, device) -> dict
             print(f"{head} round {r + 1}: {len(picks)} fits in {sum(s for s, _ in fits):.2f}s "
                   f"(loading {sum(l for _, l in fits):.2f}s)")
     sweep_s, sweep_load = min(sweeps)
+    data = load_data(store_dir, cfgs[0], device=device)  # its row counts, for the FLOPs
+    flops = sum(epoch_matmul_flops(c, data.dim, data.counts["train"], data.counts["val"]) * c.epochs for c in cfgs)
     out = {"head": head, "k": args.k, "sweep_s": sweep_s, "sweep_load_s": sweep_load, "sweep_rounds": sweeps,
-           "sequential_measured": len(picks)}
+           "sequential_measured": len(picks), "matmul_flops": flops,
+           "sweep_gflops": flops / (sweep_s - sweep_load) / 1e9}
     if n_seq:
         seq_s, seq_load = min(seqs)
         out.update(sequential_extrapolated=scale != 1, sequential_s=seq_s, sequential_load_s=seq_load,
                    sequential_rounds=seqs, ratio_as_called=seq_s / sweep_s,
-                   ratio_resident=(seq_s - seq_load) / (sweep_s - sweep_load))
+                   ratio_resident=(seq_s - seq_load) / (sweep_s - sweep_load),
+                   sequential_gflops=flops / (seq_s - seq_load) / 1e9)
     return out
 
 
@@ -210,6 +219,8 @@ def main() -> None:
                                    "signal": signal, "target": 4.0, "result": result})
             return
         results = [bench_head(h, store_dir, warm_dir, args, device) for h in kinds]
+    precision = resolve_precision("auto", device)  # what the configs' --precision auto runs at here
+    peak = matmul_peak_gflops(device, precision)
 
     target = TARGETS.get(device.type)
     print(f"\nsweep: K={args.k} configs (alpha x gamma x seed, paper config without SAM), {args.epochs} epoch(s) "
@@ -221,14 +232,19 @@ def main() -> None:
         rows.append({"head": r["head"], "sweep": r["sweep_s"], "seq": r.get("sequential_s"),
                      "called": r.get("ratio_as_called"), "resident": r.get("ratio_resident"),
                      "sweep_load": r["sweep_load_s"], "seq_load": r.get("sequential_load_s"),
+                     "sweep_gflops": r["sweep_gflops"], "seq_gflops": r.get("sequential_gflops"),
                      "how": how if "sequential_s" in r else "sweep only"})
     print_table(rows, [("head", "head", ""), ("sweep", "sweep s", ".2f"), ("seq", f"{args.k} fits s", ".2f"),
                        ("resident", "ratio, loading excluded", ".2f"), ("called", "ratio, as called", ".2f"),
                        ("sweep_load", "sweep load s", ".2f"), ("seq_load", "fits load s", ".2f"),
+                       ("sweep_gflops", "sweep GFLOP/s", ".1f"), ("seq_gflops", "fits GFLOP/s", ".1f"),
                        ("how", "sequential", "")])
+    print(f"matmuls in {precision} (--precision auto); {precision} matmul peak measured now: {peak:.0f} GFLOP/s "
+          "(GFLOP/s: the heads' matmul FLOPs over the time without loading)")
     if target:
         print(f"target >= {target:.0f}x on {device.type}; best of {args.rounds} round(s) per side")
     write_json(args.json, {"bench": "sweep", "machine": info, "n_rows": n_rows, "dim": dim, "rounds": args.rounds,
+                           "precision": precision, "matmul_peak_gflops": peak,
                            "epochs": args.epochs, "k": args.k, "target": target, "results": results})
 
 

@@ -107,6 +107,10 @@ class RunConfig:
     patience: int = setting(0, "Stop after this many epochs without improvement; 0 = never stop early.")
     threshold: str = setting("eer", "Decision threshold saved with the run: eer, a probability like 0.5, or "
                                     "fpr@RATE like fpr@0.01.")
+    precision: str = setting("auto", "Precision of the head's hidden matmuls: bf16 (float32 weights, optimizer, "
+                                     "BatchNorm, logits, losses and metrics), fp32, or auto = bf16 on CUDA and on "
+                                     "CPUs with native bf16 (AVX512-BF16 / AMX), else fp32. config.json records "
+                                     "the resolved value.", choices=("auto", "fp32", "bf16"), section="Compute")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -8,10 +8,18 @@ steps never sync with the host.
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
+
+# With K > 1 the parameters are strided views of a [K, P] buffer (_FlatGroup) and so are their
+# gradients; autograd then warns once that the gradient is not contiguous. That layout is on
+# purpose (backward accumulates straight into the optimizer's buffer), so the note is noise.
+warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
 
 
 def _model_count(params: list[Tensor]) -> int:
@@ -37,12 +45,65 @@ def _along_dim0(per_model: Tensor, p: Tensor) -> Tensor:
     return per_model.to(p.dtype).view(-1, *([1] * (p.ndim - 1)))
 
 
+class _FlatGroup:
+    """One param group's parameters as views into ONE [K, P] buffer, and its gradients likewise.
+
+    Row k holds model k's P numbers (every parameter's slice k, flattened, one after another),
+    so an update of all parameters is a few ops on [K, P] with per-model scalars as [K, 1]
+    columns, however many layers the head has. The parameters become views of `params`
+    (their values unchanged); `grads` is the gradient buffer, whose views are bound as .grad
+    so that backward accumulates into it in place.
+    """
+
+    def __init__(self, params: list[Tensor]):
+        self.k = _model_count(params)
+        sizes = [p[0].numel() for p in params]
+        self.bounds = list(zip(itertools.accumulate([0] + sizes[:-1]), itertools.accumulate(sizes)))
+        with torch.no_grad():
+            self.params = torch.cat([p.detach().reshape(self.k, -1) for p in params], dim=1)
+        self.grads = torch.zeros_like(self.params)
+        for p, view in zip(params, self.views(self.params, params)):
+            p.data = view  # same values, now stored in row k of the flat buffer
+        self.grad_views = self.views(self.grads, params)
+
+    def views(self, flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+        """Per-parameter views [K, ...] of a [K, P] buffer."""
+        return [flat[:, a:b].view_as(p) for (a, b), p in zip(self.bounds, like)]
+
+    def gather_grads(self, params: list[Tensor]) -> list[bool]:
+        """Make every gradient a view of `grads`; returns which parameters have one.
+
+        After zero_grad(set_to_none=False) backward already wrote into the buffer (no work
+        here); a gradient assigned from outside or made after set_to_none is copied in once.
+        A parameter without a gradient gets zeros in the buffer (and False here).
+        """
+        has = []
+        for p, view in zip(params, self.grad_views):
+            has.append(p.grad is not None)
+            if p.grad is view:
+                continue
+            with torch.no_grad():
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
+                    p.grad = view
+        return has
+
+
 class BatchedAdamW(torch.optim.Optimizer):
     """AdamW (same maths as torch.optim.AdamW, amsgrad off) with per-model lr and weight decay.
 
     lr and weight_decay are floats or [K] tensors, applied along dim 0 of every parameter.
     `step(lr_scale)` multiplies every lr by the schedule factor the trainer computes
     (warmup / cosine); weight decay is decoupled and scaled by the scheduled lr, as in torch.
+
+    Lean steps: each param group keeps its parameters, gradients and both moments in [K, P]
+    buffers (_FlatGroup; the parameters become views into it), so a step is ~13 tensor ops per
+    group and zero_grad one, whatever the number of layers. The per-model step sizes are
+    computed once per step as [K, 1] columns. zero_grad() zeroes the gradient buffer in place
+    by default (set_to_none=False, unlike torch): backward then accumulates into it and no
+    gradient is copied. Parameters must not be re-created (e.g. by module.to()) after this.
     """
 
     def __init__(
@@ -53,6 +114,7 @@ class BatchedAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float | Tensor = 1e-2,
     ):
+        self.flat: list[_FlatGroup] = []  # one per param group, filled by add_param_group
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -62,36 +124,83 @@ class BatchedAdamW(torch.optim.Optimizer):
         k = _model_count(group["params"])
         for key in ("lr", "weight_decay"):
             group[key] = _per_model(group[key], k, group["params"][0])
+        flat = _FlatGroup(group["params"])
+        self.flat.append(flat)
+        self._bind_state(group, flat, torch.zeros_like(flat.params), torch.zeros_like(flat.params), [0] * len(flat.bounds))
+
+    def _bind_state(self, group: dict, flat: _FlatGroup, exp_avg: Tensor, exp_avg_sq: Tensor, steps: list[int]) -> None:
+        """Per-parameter state (torch's state_dict layout) as views of the [K, P] moments."""
+        flat.exp_avg, flat.exp_avg_sq = exp_avg, exp_avg_sq
+        params = group["params"]
+        for p, m, v, n in zip(params, flat.views(exp_avg, params), flat.views(exp_avg_sq, params), steps):
+            # step: a Python int, so bias corrections need no device read
+            self.state[p] = {"step": n, "exp_avg": m, "exp_avg_sq": v}
 
     @torch.no_grad()
     def step(self, lr_scale: float | Tensor = 1.0) -> None:
         """One AdamW update of every parameter that has a gradient, lr multiplied by lr_scale (float or [K])."""
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr = group["lr"] * lr_scale  # [K]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0  # a Python int: bias correction needs no device read
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                grad, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+        for group, flat in zip(self.param_groups, self.flat):
+            has_grad = flat.gather_grads(group["params"])
+            for p in (p for p, has in zip(group["params"], has_grad) if has):
+                self.state[p]["step"] += 1
+            # Consecutive parameters with gradients and one step count update as one slice of [K, P]
+            # (all of them, in training; torch skips a parameter without a gradient, so do we).
+            for (a, b), step in self._runs(group, flat, has_grad):
+                self._update(group, flat, slice(a, b), step, lr_scale)
 
-                p.mul_(1.0 - _along_dim0(lr * group["weight_decay"], p))  # decoupled decay
-                m.lerp_(grad, 1.0 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                bias_correction1 = 1.0 - beta1 ** state["step"]
-                bias_correction2_sqrt = (1.0 - beta2 ** state["step"]) ** 0.5
-                denom = (v.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-                p.sub_(_along_dim0(lr / bias_correction1, p) * m / denom)
+    def _runs(self, group: dict, flat: _FlatGroup, has_grad: list[bool]) -> list[tuple[tuple[int, int], int]]:
+        """((first, end) columns, step count) of each run of adjacent parameters with a gradient and one step."""
+        runs: list[tuple[tuple[int, int], int]] = []
+        for p, (a, b), has in zip(group["params"], flat.bounds, has_grad):
+            step = self.state[p]["step"]
+            if has and runs and runs[-1][0][1] == a and runs[-1][1] == step:
+                runs[-1] = ((runs[-1][0][0], b), step)
+            elif has:
+                runs.append(((a, b), step))
+        return runs
+
+    def _update(self, group: dict, flat: _FlatGroup, cols: slice, step: int, lr_scale: float | Tensor) -> None:
+        """torch.optim.AdamW's single-tensor update on columns `cols` of the [K, P] buffers."""
+        beta1, beta2 = group["betas"]
+        p, grad = flat.params[:, cols], flat.grads[:, cols]
+        m, v = flat.exp_avg[:, cols], flat.exp_avg_sq[:, cols]
+        if isinstance(lr_scale, Tensor) and lr_scale.ndim == 1:  # a per-model schedule (--schedule sp_cup)
+            lr_scale = lr_scale[:, None]
+        lr = group["lr"][:, None] * lr_scale  # [K, 1]: the per-model scalars, once per step
+        bias_correction1 = 1.0 - beta1**step
+        bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
+        p.mul_(1.0 - lr * group["weight_decay"][:, None])  # decoupled decay
+        m.lerp_(grad, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = v.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
+        p.addcdiv_(m * (lr / bias_correction1), denom, value=-1.0)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero every gradient in one op (they stay views of the flat buffer); set_to_none=True as torch."""
+        with record_function("Optimizer.zero_grad#BatchedAdamW.zero_grad"):  # torch's name for this region
+            self._zero_grad(set_to_none)
+
+    def _zero_grad(self, set_to_none: bool) -> None:
+        for group, flat in zip(self.param_groups, self.flat):
+            if set_to_none:
+                for p in group["params"]:
+                    p.grad = None
+            else:
+                flat.grads.zero_()
+                for p, view in zip(group["params"], flat.grad_views):
+                    p.grad = view
+
+    def flat_params_and_grads(self) -> list[tuple[Tensor, Tensor]]:
+        """(parameters, gradients) [K, P] of every group, gradients gathered (for SAM)."""
+        for group, flat in zip(self.param_groups, self.flat):
+            flat.gather_grads(group["params"])
+        return [(flat.params, flat.grads) for flat in self.flat]
 
     def select(self, indices: list[int], params: list[Tensor]) -> BatchedAdamW:
         """A BatchedAdamW for models `indices` only, over `params`: the rows `indices` of this
         optimizer's parameters (in order, e.g. head.select(indices).parameters()), with those rows'
-        moments, step counts, lr and weight decay, so the kept models continue exactly as before."""
+        moments, step counts, lr and weight decay, so the kept models continue exactly as before
+        (successive halving drops the others)."""
         old = [p for group in self.param_groups for p in group["params"]]
         if len(old) != len(params):
             raise ValueError(f"select needs one new parameter per old one: {len(old)} vs {len(params)}")
@@ -103,20 +212,24 @@ class BatchedAdamW(torch.optim.Optimizer):
                            "weight_decay": group["weight_decay"][rows]})
             at += n
         new = BatchedAdamW(groups)
-        for p_old, p_new in zip(old, params):
-            state = self.state.get(p_old)
-            if state:
-                new.state[p_new] = {"step": state["step"], "exp_avg": state["exp_avg"][rows],
-                                    "exp_avg_sq": state["exp_avg_sq"][rows]}
+        for group, flat, new_group, new_flat in zip(self.param_groups, self.flat, new.param_groups, new.flat):
+            steps = [self.state[p]["step"] for p in group["params"]]
+            new._bind_state(new_group, new_flat, flat.exp_avg[rows].clone(), flat.exp_avg_sq[rows].clone(), steps)
         return new
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict, moving the per-model lr / weight decay to the parameters' device."""
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for group, flat in zip(self.param_groups, self.flat):
+            params = group["params"]
+            like = params[0]
             for key in ("lr", "weight_decay"):
-                like = group["params"][0]
                 group[key] = torch.as_tensor(group[key]).to(device=like.device, dtype=like.dtype).clone()
+            # torch loads per-parameter tensors; copy them back into the [K, P] moments.
+            states = [self.state[p] for p in params]
+            moments = [torch.cat([s[key].reshape(flat.k, -1) for s in states], 1).to(flat.params)
+                       for key in ("exp_avg", "exp_avg_sq")]
+            self._bind_state(group, flat, *moments, [int(s["step"]) for s in states])
 
 
 class SAM:
@@ -139,31 +252,40 @@ class SAM:
         self.adaptive = adaptive
         self.params = [p for group in base_optimizer.param_groups for p in group["params"]]
         self.rho = _per_model(rho, _model_count(self.params), self.params[0])
-        self.saved: dict[Tensor, Tensor] = {}  # theta before the perturbation, per parameter
-        self.perturbed: list[Tensor] = []  # the parameters first_step moved this step
+        self.saved: dict[Tensor, Tensor] = {}  # theta before the perturbation, per chunk (see _chunks)
+        self.perturbed: list[tuple[Tensor, Tensor]] = []  # the chunks first_step moved this step
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.base_optimizer.param_groups
 
+    def _chunks(self) -> list[tuple[Tensor, Tensor]]:
+        """(parameters, gradients) pairs with leading dim K: BatchedAdamW's [K, P] buffers (a few ops
+        per step), or each parameter that has a gradient, for any other base optimizer."""
+        if isinstance(self.base_optimizer, BatchedAdamW):
+            return self.base_optimizer.flat_params_and_grads()
+        return [(p, p.grad) for p in self.params if p.grad is not None]
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> None:
         """Move every parameter to theta + eps (the sharpest nearby point) and remember theta."""
-        with_grad = [p for p in self.params if p.grad is not None]
-        self.perturbed = with_grad
-        if not with_grad:
+        with record_function("SAM.first_step"):  # a named region in profiles (bench/fit.py counts its ops)
+            self._perturb()
+        if zero_grad:
+            self.zero_grad()
+
+    def _perturb(self) -> None:
+        self.perturbed = self._chunks()
+        if not self.perturbed:
             return
         # ||T_w g||^2 per model, summed over parameters; T_w = |w| for ASAM, identity for SAM.
-        sq_norm = sum(self._scaled(p, p.grad).square().reshape(len(p), -1).sum(1) for p in with_grad)
+        sq_norm = sum(self._scaled(p, g).square().reshape(len(p), -1).sum(1) for p, g in self.perturbed)
         scale = self.rho / (sq_norm.sqrt() + 1e-12)  # [K]; +1e-12 keeps a zero gradient finite
-        for p in with_grad:
+        for p, g in self.perturbed:
             if p not in self.saved:
                 self.saved[p] = torch.empty_like(p)
             self.saved[p].copy_(p)
-            eps = self._scaled(p, self._scaled(p, p.grad)) * _along_dim0(scale, p)
-            p.add_(eps)
-        if zero_grad:
-            self.zero_grad()
+            p.add_(self._scaled(p, self._scaled(p, g)) * _along_dim0(scale, p))
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = True, lr_scale: float | Tensor = 1.0) -> None:
@@ -171,8 +293,9 @@ class SAM:
 
         lr_scale (a Python float, or a [K] tensor) is forwarded to the base step, e.g. BatchedAdamW.step.
         """
-        for p in self.perturbed:
-            p.copy_(self.saved[p])
+        with record_function("SAM.second_step"):
+            for p, _ in self.perturbed:
+                p.copy_(self.saved[p])
         self.perturbed = []
         # Base optimizers without lr_scale (e.g. torch.optim.SGD) work with lr_scale=1.
         if isinstance(lr_scale, Tensor) or lr_scale != 1.0:
@@ -185,8 +308,12 @@ class SAM:
     def _scaled(self, p: Tensor, x: Tensor) -> Tensor:
         return p.abs() * x if self.adaptive else x
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+    def zero_grad(self, set_to_none: bool | None = None) -> None:
+        """The base optimizer's zero_grad; None: its default (BatchedAdamW zeroes its buffer in place)."""
+        if set_to_none is None:
+            self.base_optimizer.zero_grad()
+        else:
+            self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state (SAM keeps nothing between steps) plus rho."""

@@ -31,6 +31,7 @@ from dfclip.heads.data import finite_rows, non_finite_note
 from dfclip.heads.report import (check_writable_dir, default_run_name, leaderboard, load_run, plot_heatmap, result_row,
                                  safe_name, save_run, varying_columns)
 from dfclip.heads.models import HEAD_KINDS, head_options
+from dfclip.heads.precision import resolve_precision
 from dfclip.heads.train import EVAL_CHUNK, Halving, predict_logits, train
 from dfclip.runtime import rank_from_env, resolve_device, tf32_precision
 from dfclip.errors import UserError
@@ -232,10 +233,12 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
 
 
 def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
-                 device: str = "auto", split: str | None = None, log: Callable[[str], None] = print) -> dict:
+                 device: str = "auto", split: str | None = None, precision: str = "auto",
+                 log: Callable[[str], None] = print) -> dict:
     """Metrics of a trained run on a store (default: its validation numbers from report.json).
 
-    split: only the store's rows of this split (e.g. "test"); None = every labelled row. Rows
+    split: only the store's rows of this split (e.g. "test"); None = every labelled row.
+    precision: of the head's hidden matmuls on the store (heads.precision: auto, fp32 or bf16). Rows
     whose embeddings are NaN or inf are left out, with one warning line through `log`.
     """
     run_dir = Path(run_dir)
@@ -254,7 +257,7 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
         raise UserError(f"store {store_dir} has no labelled rows{where} to evaluate on; use `dfhead predict` for "
                         "unlabelled data" + (" or another --split" if where else ""))
     x, rows = _finite(*s.load(rows, feature=config["run"]["feature"]), s, log)
-    scores = _scores(head, config, x, dev)
+    scores = _scores(head, config, x, dev, precision)
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
     return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"])[0]
@@ -264,7 +267,7 @@ ROBUSTNESS_METRICS = ("auc", "ap", "eer", "acc")
 
 
 def evaluate_stores(run_dir: str | os.PathLike, store_dirs: list[str | os.PathLike], *,
-                    device: str = "auto", split: str | None = None,
+                    device: str = "auto", split: str | None = None, precision: str = "auto",
                     log: Callable[[str], None] = print) -> pl.DataFrame:
     """A run's metrics on several labelled stores of its model: the robustness table.
 
@@ -275,7 +278,7 @@ def evaluate_stores(run_dir: str | os.PathLike, store_dirs: list[str | os.PathLi
     """
     rows = []
     for store_dir in store_dirs:
-        rep = evaluate_run(run_dir, store_dir, device=device, split=split, log=log)
+        rep = evaluate_run(run_dir, store_dir, device=device, split=split, precision=precision, log=log)
         prov = store.stored_provenance(store_dir) or {}
         rows.append({"store": Path(store_dir).name, "perturb": prov.get("perturb") or "none", "n": rep["n"],
                      **{k: rep.get(k) for k in ROBUSTNESS_METRICS}, "path": str(Path(store_dir).resolve())})
@@ -308,10 +311,12 @@ def plot_robustness(table: pl.DataFrame, path: Path, *, title: str = "") -> None
     plt.close(fig)
 
 
-def _scores(head, config: dict, x: np.ndarray, dev: torch.device) -> torch.Tensor:
-    """Probabilities [K, N] of a loaded run on rows x, at the fp32 precision it was trained and thresholded at."""
+def _scores(head, config: dict, x: np.ndarray, dev: torch.device, precision: str = "auto") -> torch.Tensor:
+    """Probabilities [K, N] of a loaded run on rows x: its l2 normalisation applied, hidden matmuls in
+    `precision` (heads.precision), fp32 matmuls as TF32 on GPUs as in training (runtime.tf32_precision)."""
     with tf32_precision():
-        return torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"]))
+        return torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"],
+                                            precision=resolve_precision(precision, dev)))
 
 
 def _check_same_model(config: dict, s: store.Store) -> None:
@@ -329,9 +334,10 @@ def _finite(x: np.ndarray, rows: pl.DataFrame, s: store.Store, log: Callable[[st
 
 
 def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto",
-                  log: Callable[[str], None] = print) -> pl.DataFrame:
+                  precision: str = "auto", log: Callable[[str], None] = print) -> pl.DataFrame:
     """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store.
 
+    precision: of the head's hidden matmuls (heads.precision: auto, fp32 or bf16).
     Rows whose embeddings are NaN or inf get no score: they are left out, with one warning line through `log`.
     """
     dev = resolve_device(device)
@@ -339,7 +345,7 @@ def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, d
     s = store.open(store_dir)
     _check_same_model(config, s)
     x, rows = _finite(*s.load(feature=config["run"]["feature"]), s, log)
-    scores = _scores(head, config, x, dev)[0]
+    scores = _scores(head, config, x, dev, precision)[0]
     scores = scores.cpu().numpy()
     return pl.DataFrame({"path": rows["path"], "score": scores,
                          "pred": (scores >= config["threshold"]).astype(np.int8), "label": rows["label"]}).sort("path")

@@ -10,6 +10,7 @@ one group in training, so successive halving (Halving) can stop it at a rung and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from dfclip.heads.data import (Data, EvalSet, augment_with_noise, describe_data,
                                load_data)
 from dfclip.heads.models import HEAD_KINDS, Head, build_head, distinct_generators, head_options
 from dfclip.heads.optim import SAM, BatchedAdamW
+from dfclip.heads.precision import matmuls_in, resolve_precision
 from dfclip.heads.report import StepProgress
 from dfclip.runtime import resolve_device, tf32_precision
 
@@ -89,26 +91,30 @@ def _batches_per_epoch(cfg: RunConfig, n: int, batch_size: int) -> tuple[int, bo
 
 
 @torch.no_grad()
-def predict_logits(head: Head, x: torch.Tensor, *, l2_normalize: bool = False) -> torch.Tensor:
-    """Logits [K, N] of every model on shared rows x [N, D], in eval mode, chunked."""
+def predict_logits(head: Head, x: torch.Tensor, *, l2_normalize: bool = False, precision: str = "fp32") -> torch.Tensor:
+    """Logits [K, N] (float32) of every model on shared rows x [N, D], in eval mode, chunked.
+
+    precision: the resolved precision of the hidden matmuls, fp32 or bf16 (heads.precision).
+    """
     was_training = head.training
     head.eval()
     out = []
-    for chunk in x.split(EVAL_CHUNK):
-        chunk = chunk.float()
-        out.append(head(F.normalize(chunk, dim=-1) if l2_normalize else chunk))
+    with matmuls_in(precision, x.device):  # one context: the bf16 weight copies are made once
+        for chunk in x.split(EVAL_CHUNK):
+            chunk = chunk.float()
+            out.append(head(F.normalize(chunk, dim=-1) if l2_normalize else chunk))
     head.train(was_training)
     return torch.cat(out, dim=1) if out else torch.empty(head.k, 0, device=x.device)
 
 
-def validate_epoch(head: Head, val: EvalSet, *, l2_normalize: bool = False
+def validate_epoch(head: Head, val: EvalSet, *, l2_normalize: bool = False, precision: str = "fp32"
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(val_loss, val_auc, val_eer, finite), each [K]: all K models on the same rows, one batched pass.
 
     A diverged head (non-finite logits, e.g. too high an lr) must not stop the others: it
     scores NaN on all three and finite=False, so it never counts as improved.
     """
-    logits = predict_logits(head, val.x, l2_normalize=l2_normalize)
+    logits = predict_logits(head, val.x, l2_normalize=l2_normalize, precision=precision)
     finite = torch.isfinite(logits).all(1)
     logits = torch.where(finite[:, None], logits, 0.0)
     val_loss = F.binary_cross_entropy_with_logits(logits, val.y.float().expand_as(logits), reduction="none").mean(1)
@@ -270,20 +276,26 @@ class GroupRun:
                     xb, yb = _noisy_batch(xb, yb, self.noise_gens)
                 yb = yb.expand(k, -1)  # [K, B] view for the per-head losses
                 scale = epoch_scale if c0.schedule == "sp_cup" else _lr_scale(self.step, self.total, self.warmup)
-                loss = self.loss_fn(head(xb, generator=self.dropout_gens), yb)
+                # One precision context per forward (heads.precision.matmuls_in); logits come out float32.
+                with matmuls_in(c0.precision, data.x.device):
+                    logits = head(xb, generator=self.dropout_gens)
+                loss = self.loss_fn(logits, yb)
                 loss.sum().backward()  # models are independent: the sum gives each its own gradient
                 if self.sam is not None:
                     self.sam.first_step(zero_grad=True)
-                    self.loss_fn(head(xb, update_stats=False, generator=self.dropout_gens), yb).sum().backward()
+                    with matmuls_in(c0.precision, data.x.device):
+                        logits = head(xb, update_stats=False, generator=self.dropout_gens)
+                    self.loss_fn(logits, yb).sum().backward()
                     self.sam.second_step(zero_grad=True, lr_scale=scale)
                 else:
                     self.opt.step(lr_scale=scale)
-                    self.opt.zero_grad(set_to_none=True)
+                    self.opt.zero_grad()  # in place: backward accumulates into the optimizer's flat buffer
                 train_loss += loss.detach()
                 self.step += 1
                 if bar is not None:
                     bar.advance()
-            val_loss, val_auc, val_eer, finite = validate_epoch(head, data.val, l2_normalize=c0.l2_normalize)
+            val_loss, val_auc, val_eer, finite = validate_epoch(head, data.val, l2_normalize=c0.l2_normalize,
+                                                                precision=c0.precision)
             self.best.update(head, epoch, val_loss, val_auc, finite)
             seconds = time.perf_counter() - te
             values = [v.tolist() for v in (train_loss / max(1, len(batches)), val_loss, val_auc, val_eer)]
@@ -388,7 +400,8 @@ def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame
     """
     c0, k = cfgs[0], len(cfgs)
     sets = {"val": data.val} | ({"holdout": data.holdout} if data.holdout is not None else {})
-    scores = {name: torch.sigmoid(predict_logits(head, s.x, l2_normalize=c0.l2_normalize)) for name, s in sets.items()}
+    scores = {name: torch.sigmoid(predict_logits(head, s.x, l2_normalize=c0.l2_normalize, precision=c0.precision))
+              for name, s in sets.items()}
     thresholds = torch.cat([metrics.pick_threshold(c.threshold, scores["val"][i:i + 1], data.val.y)
                             for i, c in enumerate(cfgs)])
     reports = {name: metrics.evaluate(scores[name], s.y, sources=s.meta["source"].to_list(), groups=s.groups,
@@ -434,6 +447,9 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
     by_feature: dict[str, list[int]] = {}
     for i, c in enumerate(cfgs):
         by_feature.setdefault(c.feature, []).append(i)
+    # "auto" becomes what it means on this device, so results and config.json record the precision used.
+    dev = data.x.device if isinstance(data, Data) else resolve_device(device)
+    cfgs = [dataclasses.replace(c, precision=resolve_precision(c.precision, dev)) for c in cfgs]
     results: list[RunResult | None] = [None] * len(cfgs)
     with tf32_precision():  # as in evaluate_run and predict_store
         # Configs with different features train in separate groups, each on its own feature's rows;
@@ -442,9 +458,9 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
         for idx in by_feature.values():
             loaded = None  # free the previous feature's rows before loading the next
             loaded = data if isinstance(data, Data) else load_data(data, cfgs[idx[0]], val_store=val_store,
-                                                                   device=resolve_device(device))
+                                                                   device=dev)
             mine = [cfgs[i] for i in idx]
-            log(describe_data(loaded, mine[0]))
+            log(f"{describe_data(loaded, mine[0])}; head matmuls in {' and '.join(sorted({c.precision for c in mine}))}")
             for note in loaded.notes:
                 log(note)
             note_small_batches(loaded, mine, log)

@@ -78,11 +78,12 @@ def test_choices_and_errors_come_from_the_fields():
     assert C.CHOICES == {"head": ("mlp", "linear", "layermix"), "auc_kind": ("logistic", "squared_hinge", "clamped_logistic"),
                          "loss": ("bce", "vs"), "select": ("auc", "loss", "last"), "schedule": ("cosine", "sp_cup"),
                          "objective": ("dfclip", "sp_cup:erm", "sp_cup:dag", "sp_cup:auc", "sp_cup:vs",
-                                       "sp_cup:vs_cvar_auc")}
+                                       "sp_cup:vs_cvar_auc"),
+                         "precision": ("auto", "fp32", "bf16")}
     assert C.option_name("holdout_sources") == "--holdout-source"
     assert C.option_name("cvar_alpha") == "--cvar-alpha"
     assert C.value_type("hidden") is int and C.value_type("holdout_sources") is str
-    assert set(C.SECTION.values()) == {"Head", "Loss", "Optimisation", "Data", "Selection and threshold"}
+    assert set(C.SECTION.values()) == {"Head", "Loss", "Optimisation", "Data", "Selection and threshold", "Compute"}
 
 
 def test_bad_loss_names_the_loss_option(dfhead, tmp_path):

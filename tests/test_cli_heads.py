@@ -84,6 +84,9 @@ ERRORS = [
     (["fit", "{good}", "--threshold", "fpr@2"], "--threshold must be eer"),
     (["fit", "{good}", "--threshold", "youden"], "--threshold must be eer"),
     (["fit", "{good}", "--preset", "nope"], "unknown preset 'nope'"),
+    (["fit", "{good}", "--precision", "fp16"], "--precision must be one of auto, fp32, bf16"),
+    (["eval", "{run}", "--store", "{val}", "--precision", "fp8"], "--precision must be one of auto, fp32, bf16"),
+    (["predict", "{run}", "--store", "{val}", "--precision", "half"], "--precision must be one of auto, fp32, bf16"),
     (["eval", "{not_a_run}"], "not a dfclip run directory"),
     (["eval", "{not_a_run}", "--store", "{good}"], "not a dfclip run directory"),
     (["predict", "{not_a_run}", "--store", "{good}"], "not a dfclip run directory"),
@@ -223,6 +226,28 @@ def test_eval_json_equals_sklearn_on_predicts_scores(env, fitted, monkeypatch, c
     i = int(np.argmin(gap))
     assert rep["eer"] == pytest.approx((fpr[i] + 1 - tpr[i]) / 2, abs=1e-9)
     assert rep["acc@eer"] == pytest.approx(skm.accuracy_score(y, s >= thr[i]), abs=1e-12)
+
+
+def test_config_json_records_the_resolved_precision(env, fitted, monkeypatch, capsys, tmp_path):
+    from dfclip.heads.precision import resolve_precision
+
+    assert json.loads((fitted / "config.json").read_text())["run"]["precision"] == resolve_precision(
+        "auto", torch.device("cpu"))  # what "auto" meant here, never "auto"
+    code, out, err = dfhead(monkeypatch, capsys, "fit", env["good"], "--val-store", env["val"], *FAST, "--epochs", "1",
+                            "--precision", "bf16", "--runs-dir", tmp_path, "--name", "bf16")
+    assert code == 0, err
+    assert "head matmuls in bf16" in out
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["run"]["precision"] == "bf16"
+
+
+def test_eval_in_bf16_and_fp32_agree(env, fitted, monkeypatch, capsys):
+    reps = {}
+    for precision in ("fp32", "bf16"):
+        code, out, err = dfhead(monkeypatch, capsys, "eval", fitted, "--store", env["val"], "--json", "--device", "cpu",
+                                "--precision", precision)
+        assert code == 0, err
+        reps[precision] = json.loads(out)
+    assert reps["bf16"]["auc"] == pytest.approx(reps["fp32"]["auc"], abs=5e-3)
 
 
 def test_eval_without_store_prints_the_fit_report(env, fitted, monkeypatch, capsys):

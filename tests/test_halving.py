@@ -24,7 +24,8 @@ from dfclip.heads.run import sweep
 from dfclip.store.synthetic import make_synthetic_store
 
 QUIET = {"log": lambda line: None}
-FAST = dict(epochs=3, lr=1e-2, batch_size=64)
+# fp32: parity with a fit is exact in fp32; bf16 matmuls of K heads may round apart from K = 1 ones.
+FAST = dict(epochs=3, lr=1e-2, batch_size=64, precision="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,11 @@ def test_batched_adamw_state_dict_roundtrip_and_zero_grad():
     run(opt_b, params_b, grads[2:])
     for p, q in zip(params_a, params_b):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+    # zero_grad() zeroes the one gradient buffer in place (backward accumulates into it); set_to_none as torch
+    grads_before = [p.grad for p in params_b]
     opt_b.zero_grad()
+    assert all(p.grad is g and not p.grad.any() for p, g in zip(params_b, grads_before))
+    opt_b.zero_grad(set_to_none=True)
     assert all(p.grad is None for p in params_b)
 
 
@@ -153,7 +157,7 @@ def test_sam_with_batched_adamw_base_forwards_lr_scale():
     sam.second_step(lr_scale=lr_scale)
     torch.testing.assert_close(theta.detach(), want_theta, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(phi.detach(), want_phi, rtol=1e-7, atol=1e-9)
-    assert theta.grad is None
+    assert not theta.grad.any()  # BatchedAdamW zeroes its gradient buffer in place
 
 
 @contextlib.contextmanager
@@ -185,3 +189,37 @@ def test_training_step_reads_no_tensor_values_on_host():
             head_loss(torch.einsum("kbd,kd->kb", x, weight) + bias[:, None], labels, **hyper).sum().backward()
             sam.second_step(lr_scale=0.5)
     assert not torch.equal(weight.detach(), start) and bias.abs().sum() > 0
+
+
+def test_a_sam_adamw_step_is_a_few_ops_whatever_the_number_of_parameters():
+    """The lean step: BatchedAdamW + SAM work on [K, P] buffers, so their op count does not grow with
+    the parameter count (the per-parameter version issued ~13 ops per parameter and step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dfclip.heads.models import build_head
+
+    def ops_of_one_step(depth: int) -> int:
+        head = build_head("mlp", K, 16, seeds=[0, 1, 2], depth=depth, dropout=0.0)
+        sam = SAM(BatchedAdamW(list(head.parameters()), lr=torch.tensor([1e-2, 3e-3, 5e-2])), rho=0.05)
+        x = torch.randn(32, 16)
+        for step in range(2):  # the second step is the steady state (no first-use allocations)
+            head(x).square().sum().backward()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                sam.first_step()
+            head(x).square().sum().backward()
+            with profile(activities=[ProfilerActivity.CPU]) as prof2:
+                sam.second_step(lr_scale=0.5)
+        events = [*prof.events(), *prof2.events()]
+
+        def top_level(e) -> bool:
+            parent = e.cpu_parent
+            while parent is not None:
+                if parent.name.startswith("aten::"):
+                    return False
+                parent = parent.cpu_parent
+            return e.name.startswith("aten::")
+
+        return sum(top_level(e) for e in events)
+
+    shallow, deep = ops_of_one_step(1), ops_of_one_step(6)  # 8 vs 28 parameter tensors
+    assert shallow == deep and deep <= 60, (shallow, deep)

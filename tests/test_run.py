@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from dfclip import store
 from dfclip.heads import run as R
+from dfclip.heads.precision import matmuls_in, resolve_precision
 from dfclip.heads.config import make_config
 from dfclip.heads import train as T
 from dfclip.heads.report import flat_metrics, load_run, load_run_config, plot_roc_pr
@@ -89,7 +90,8 @@ def test_fit_learns_the_signal_and_writes_every_artifact(stores, fitted):
     assert report["val"]["auc"] >= 0.95
 
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["run"] == cfg.to_dict()  # every setting
+    # every setting, with --precision auto recorded as what it meant on this machine
+    assert config["run"] == cfg.to_dict() | {"precision": resolve_precision("auto", torch.device("cpu"))}
     assert config["provenance"] == store.open(stores["train"]).provenance
     assert config["data"]["store"] == stores["train"] and config["data"]["val_store"] == stores["val"]
     assert config["threshold"] == report["threshold"] and config["best_epoch"] == report["best_epoch"]
@@ -164,7 +166,8 @@ def test_holdout_report_ranks_the_unseen_source_against_val_reals(stores, fitted
     x_real, _ = store.open(stores["val"]).load(label=0)
     x = np.concatenate([x_gan, x_real]).astype(np.float32)
     y = np.r_[np.ones(len(x_gan)), np.zeros(len(x_real))]
-    with torch.no_grad():
+    cpu = torch.device("cpu")
+    with torch.no_grad(), matmuls_in(resolve_precision("auto", cpu), cpu):  # as the fit scored it
         s = torch.sigmoid(head(torch.from_numpy(x)))[0].numpy()
     assert (holdout["n"], holdout["n_fake"]) == (len(y), len(x_gan))
     assert holdout["per_source"]["gan"]["auc"] == pytest.approx(roc_auc_score(y, s), abs=1e-6)
