@@ -4,9 +4,11 @@ The repository root is the `dfclip` package (pyproject maps it), so its folders 
 `dfclip.embed` (images -> features), `dfclip.store` (the on-disk format) and
 `dfclip.heads` (losses, models, training, metrics); `dfclip.cli` is the command line.
 
-    from dfclip import store
-    from dfclip.heads import RunConfig, fit, sweep, grid
-    from dfclip.embed import EmbedConfig, extract
+    from dfclip import store                            # store.open(dir).load()
+    from dfclip.embed import EmbedConfig, extract       # images -> a store
+    from dfclip.heads.config import RunConfig, make_config
+    from dfclip.heads.run import fit, sweep, grid, evaluate_run, predict_store
+    from dfclip.pipeline import predict_images          # images -> scores with a trained run
 """
 
 __version__ = "0.2.0"
