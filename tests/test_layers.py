@@ -23,11 +23,7 @@ from dfclip.store import format as fmt
 TINY = ["--model", "dfclip-tiny"]
 
 
-def _picture(width: int, height: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    coarse = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
-    pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-20, 21, (height, width, 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+from test_extract import smooth_image as _picture  # noqa: E402  the same deterministic test pictures
 
 
 @pytest.fixture(scope="module")
