@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import polars as pl
 import torch
 import torch.nn.functional as F
@@ -490,6 +489,9 @@ class Halving:
             raise UserError(f"--halving needs one --epochs for the whole sweep, got {sorted(epochs)}")
         if not 1 <= self.min_epochs <= cfgs[0].epochs:
             raise UserError(f"--min-epochs must be between 1 and --epochs ({cfgs[0].epochs}), got {self.min_epochs}")
+        selects = {c.select for c in cfgs}
+        if len(selects) > 1:  # rungs rank every config by one score: val AUC and val loss cannot be mixed
+            raise UserError(f"--halving needs one --select for the whole sweep, got {', '.join(sorted(selects))}")
 
     def rungs(self, epochs: int) -> list[int]:
         """The epochs at which configs are ranked: [1, 3, 9, 10] for eta 3, min_epochs 1, 10 epochs."""
@@ -550,7 +552,7 @@ def _train_groups(data: Data, cfgs: list[RunConfig], *, log, progress, halving: 
     # Every chunk stays resident (weights, moments, best states) until its models are dropped.
     runs = [GroupRun(data, [cfgs[i] for i in chunk], ids=chunk, log=log, progress=progress,
                      batch_seed=first_seed[group_key(cfgs[chunk[0]])]) for chunk in _chunks(data, cfgs)]
-    select = cfgs[0].select if len({c.select for c in cfgs}) == 1 else "auc"
+    select = cfgs[0].select  # one value: Halving.check
     rungs = halving.rungs(cfgs[0].epochs)
     for n, rung in enumerate(rungs):
         for run in runs:

@@ -203,3 +203,11 @@ def test_cpu_chunks_do_not_change_mlp_results_with_dropout_and_noise(data, monke
     for a, b in zip(whole, chunked):
         assert effective_diff(a, b) < 1e-5
         assert a.reports["val"]["auc"] == pytest.approx(b.reports["val"]["auc"], abs=1e-4)
+
+
+def test_halving_needs_one_select():
+    """Rungs rank every config by one score; val AUC (higher is better) and val loss (lower) cannot be mixed."""
+    cfgs = [make_config(**FAST, select="auc"), make_config(**FAST, select="loss")]
+    with pytest.raises(UserError, match="--halving needs one --select for the whole sweep, got auc, loss"):
+        T.Halving(3).check(cfgs)
+    T.Halving(3).check(cfgs[:1])  # one value is fine
