@@ -524,15 +524,11 @@ def sweep(
     cfgs = grid(make_config(preset, **settings), seeds=seeds, **parse_grid_values(lists))
     from dfclip.runtime import rank_from_env
 
-    if halving:
-        from dfclip.heads.train import Halving
-
-        Halving(3 if eta is None else eta, 1 if min_epochs is None else min_epochs).check(cfgs)
     if rank_from_env().rank == 0:
         out.print(f"sweep {name}: {len(cfgs)} heads")
     out_dir, board = sweep_run(store_dir, cfgs, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
                                log=out.print, progress=True, halving=halving,
-                               eta=3 if eta is None else eta, min_epochs=1 if min_epochs is None else min_epochs)
+                               **{k: v for k, v in (("eta", eta), ("min_epochs", min_epochs)) if v is not None})
     if board.height:
         from dfclip.heads.report import varying_columns
 

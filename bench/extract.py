@@ -34,11 +34,11 @@ import torch
 from PIL import Image
 
 
-from dfclip.embed.backbone import load_backbone, split_preprocess  # noqa: E402
-from dfclip.embed.config import EmbedConfig  # noqa: E402
-from dfclip.embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_workers, extract, make_loader,  # noqa: E402
+from dfclip.embed.backbone import load_backbone, split_preprocess
+from dfclip.embed.config import EmbedConfig
+from dfclip.embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_workers, extract, make_loader,
                            rank_from_env, resolve_device, resolve_precision)
-from dfclip.embed.sources import scan_folder  # noqa: E402
+from dfclip.embed.sources import scan_folder
 
 
 def make_images(folder: Path, n: int, size: int, seed: int = 0) -> None:

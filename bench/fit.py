@@ -39,8 +39,8 @@ import reference
 from common import (PEAK_SHAPES, clock, describe, epoch_matmul_flops, machine_info, matmul_peak_gflops, ops_per_step, print_table,
                     resolve_device, setup_threads, write_json)
 
-from dfclip import heads  # noqa: E402
-import dfclip.heads.train  # noqa: E402,F401
+from dfclip import heads
+import dfclip.heads.train  # noqa: F401
 from dfclip import store
 from dfclip.heads.config import make_config
 from dfclip.heads.data import load_data, split_rows

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dfclip import store  # noqa: E402
+from dfclip import store
 
 PROVENANCE = {"model": "bench", "feature": "proj"}
 

@@ -19,7 +19,7 @@ small store runs first; --rounds R repeats sweep and fits R times and keeps each
 --halving measures `dfhead sweep --halving` (heads.train.train(..., halving=Halving(eta, min_epochs)))
 instead: K=24 MLP configs, alpha {0.1, 0.3, 0.5, 1} x gamma {0, 0.5} x lr {1e-4, 1e-3, 1e-2} (the lr
 spread makes the configs really differ), against the same 24 configs as sequential fits (the
-baseline, all fp32 on this CPU) and as one full sweep (the whole grid at full length, batched).
+baseline, at the same --precision auto as the sweep) and as one full sweep (the whole grid at full length, batched).
 Its table gives the times, the ratios and the best val AUC of each side: halving's best must be
 within 0.005 of the full grid's best. The store is synthetic with a weak signal (--signal 1), so
 the AUCs sit well below 1 and the lr matters.
@@ -43,8 +43,8 @@ import numpy as np
 from common import (clock, describe, epoch_matmul_flops, machine_info, matmul_peak_gflops, print_table, resolve_device,
                     setup_threads, write_json)
 
-from dfclip import heads  # noqa: E402
-import dfclip.heads.train  # noqa: E402,F401
+from dfclip import heads
+import dfclip.heads.train  # noqa: F401
 from dfclip import store
 from dfclip.heads.config import make_config
 from dfclip.heads.data import load_data

@@ -249,12 +249,17 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
         return json.loads((run_dir / "report.json").read_text())
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
-    s = store.open(store_dir)
+    return _evaluate_loaded(head, config, store.open(store_dir), dev, split, precision, log)
+
+
+def _evaluate_loaded(head, config: dict, s: store.Store, dev: torch.device, split: str | None, precision: str,
+                     log: Callable[[str], None]) -> dict:
+    """evaluate_run on a loaded run and an open store (a robustness table loads the run once)."""
     _check_same_model(config, s)
     rows = s.select(label=[0, 1], split=split)
     if rows.height == 0:
         where = f" in split {split!r}" if split is not None else ""
-        raise UserError(f"store {store_dir} has no labelled rows{where} to evaluate on; use `dfhead predict` for "
+        raise UserError(f"store {s.root} has no labelled rows{where} to evaluate on; use `dfhead predict` for "
                         "unlabelled data" + (" or another --split" if where else ""))
     x, rows = _finite(*s.load(rows, feature=config["run"]["feature"]), s, log)
     scores = _scores(head, config, x, dev, precision)
@@ -276,11 +281,13 @@ def evaluate_stores(run_dir: str | os.PathLike, store_dirs: list[str | os.PathLi
     threshold, over every labelled row (or those of `split`). Written into the run directory as robustness.parquet and robustness.png (a bar
     chart of AUC and accuracy per store); returned.
     """
+    dev = resolve_device(device)
+    head, config = load_run(run_dir, dev)
     rows = []
     for store_dir in store_dirs:
-        rep = evaluate_run(run_dir, store_dir, device=device, split=split, precision=precision, log=log)
-        prov = store.stored_provenance(store_dir) or {}
-        rows.append({"store": Path(store_dir).name, "perturb": prov.get("perturb") or "none", "n": rep["n"],
+        s = store.open(store_dir)
+        rep = _evaluate_loaded(head, config, s, dev, split, precision, log)
+        rows.append({"store": Path(store_dir).name, "perturb": s.provenance.get("perturb") or "none", "n": rep["n"],
                      **{k: rep.get(k) for k in ROBUSTNESS_METRICS}, "path": str(Path(store_dir).resolve())})
     table = pl.DataFrame(rows)
     table.write_parquet(Path(run_dir) / "robustness.parquet")

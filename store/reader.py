@@ -207,7 +207,7 @@ class Store:
             if fmt.identity(s.provenance) != ident:
                 # Name the differing keys: model_config / preprocess differences don't show in the short form.
                 differ = [k for k in fmt.IDENTITY_KEYS
-                          if fmt.identity({k: s.provenance.get(k)}) != fmt.identity({k: self.provenance.get(k)})]
+                          if fmt.identity(s.provenance, (k,)) != fmt.identity(self.provenance, (k,))]
                 raise UserError(
                     f"store {self.root} mixes embeddings: {s.path.name} has {fmt.describe_identity(s.provenance)} but "
                     f"{self.shards[0].path.name} has {fmt.describe_identity(self.provenance)} "
@@ -322,10 +322,8 @@ class Store:
 
     def feature_dim(self, feature: str = fmt.DEFAULT_FEATURE) -> int:
         """Columns of `feature` ("proj", "block16", "block8+block16": the sum of its parts)."""
-        return sum(self._part_dim(p) for p in self._check_feature(feature))
-
-    def _part_dim(self, part: str) -> int:
-        return self.dim if part == fmt.DEFAULT_FEATURE else int(self.provenance["layer_width"])
+        self._check_feature(feature)
+        return fmt.feature_width(self.provenance, feature)
 
     def _check_feature(self, feature: str) -> list[str]:
         parts = fmt.feature_parts(feature)
@@ -349,7 +347,7 @@ class Store:
         if len(parts) > 1:
             loaded = [self.load(rows, dtype=dtype, feature=p, **filters) for p in parts]
             return np.concatenate([x for x, _ in loaded], axis=1), loaded[0][1]
-        dataset, width = fmt.feature_dataset(parts[0]), self._part_dim(parts[0])
+        dataset, width = fmt.feature_dataset(parts[0]), fmt.feature_width(self.provenance, parts[0])
         rows = self.select(**filters) if rows is None else rows
         rows = rows.sort(["shard", "row"])  # storage order: long contiguous runs, each shard opened once
         dtype = np.dtype(dtype or self.provenance.get("dtype", "float32"))

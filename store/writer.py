@@ -144,20 +144,23 @@ class ShardWriter:
         bad = [c for c in self._meta if c not in rows or len(rows[c]) != len(embeddings)]
         if bad:
             raise ValueError(f"rows must have {len(embeddings)} entries in each of {list(self._meta)}; check {bad}")
+        # Converted to the stored dtype once: the finiteness check and the buffer both use it.
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is exactly what is checked
             stored = embeddings.astype(self.dtype, copy=False)
             non_finite = ~np.isfinite(stored).all(axis=1)
+            stored_blocks = np.asarray(blocks).astype(self.dtype, copy=False) if self.layers else None
             if self.layers:
-                non_finite |= ~np.isfinite(np.asarray(blocks).astype(self.dtype, copy=False)).all(axis=(1, 2))
+                non_finite |= ~np.isfinite(stored_blocks).all(axis=(1, 2))
         if non_finite.any():
             keep = np.flatnonzero(~non_finite)
-            embeddings, rows = self._divert_non_finite(embeddings, rows, non_finite)
-            blocks = np.asarray(blocks)[keep] if self.layers else None
-        self._buffer(embeddings, rows, blocks)
+            rows = self._divert_non_finite(embeddings, rows, non_finite, keep)
+            stored = stored[keep]
+            stored_blocks = stored_blocks[keep] if self.layers else None
+        self._buffer(stored, rows, stored_blocks)
         return non_finite
 
-    def _divert_non_finite(self, embeddings: np.ndarray, rows: dict, non_finite: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Log rows with NaN/inf embeddings as failures; return the other rows."""
+    def _divert_non_finite(self, embeddings: np.ndarray, rows: dict, non_finite: np.ndarray, keep: np.ndarray) -> dict:
+        """Log rows with NaN/inf embeddings as failures; return the metadata of the rows `keep`."""
         source_finite = np.isfinite(embeddings[non_finite]).all(axis=1)
         for i, overflow in zip(np.flatnonzero(non_finite), source_finite):
             message = (f"embedding overflows {self.dtype} (a value beyond +-65504); --dtype float32 stores it"
@@ -166,9 +169,8 @@ class ShardWriter:
                              message)
         self.non_finite += int(non_finite.sum())
         self.non_finite_overflow += int(source_finite.sum())
-        keep = np.flatnonzero(~non_finite)
-        return embeddings[keep], {c: [rows[c][i] for i in keep] if isinstance(rows[c], list) else np.asarray(rows[c])[keep]
-                                  for c in self._meta}
+        return {c: [rows[c][i] for i in keep] if isinstance(rows[c], list) else np.asarray(rows[c])[keep]
+                for c in self._meta}
 
     def _buffer(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray], blocks: np.ndarray | None) -> None:
         n, start = len(embeddings), 0
