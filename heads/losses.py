@@ -1,10 +1,12 @@
 """Training losses for the classifier heads: per-sample BCE / VS, CVaR, pairwise AUC.
 
 Every function works on logits shaped [K, B] (K models of a sweep, each with its own
-batch of B samples) or plain [B] (K absent). Labels are 1 = fake, 0 = real; unknown
+batch of B samples) or plain [B] (K absent). Labels are [K, B] like the logits, or one [B]
+vector for every model (a sweep's shared batch). Labels are 1 = fake, 0 = real; unknown
 (-1) samples must be dropped before calling a loss. Per-model hyperparameters (alpha,
 gamma) are floats or [K] tensors, best already on the logits' device. Nothing here
-syncs with the host, so the losses can run every step on a GPU; range checks live in
+syncs with the host on a GPU, so the losses can run every step there (on a CPU the pair
+term of shared labels gathers fakes and reals by index); range checks live in
 heads.config.validate, the one check of a configuration.
 
 The total head loss follows the paper (arXiv 2505.02182) and its reference code:
@@ -39,8 +41,8 @@ def _per_model(value: float | Tensor, like: Tensor) -> Tensor:
 
 
 def bce_per_sample(logits: Tensor, labels: Tensor) -> Tensor:
-    """Binary cross-entropy with logits for every sample, same shape as `logits`."""
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+    """Binary cross-entropy with logits for every sample, same shape as `logits` (labels broadcast)."""
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype).expand_as(logits), reduction="none")
 
 
 def vs_logits(
@@ -170,6 +172,8 @@ def pairwise_auc_loss(logits: Tensor, labels: Tensor, kind: str = "logistic", **
     shape logits.shape[:-1].
     """
     entry = _entry(AUC_TERMS, kind, "AUC loss kind")
+    if labels.dim() == 1 and logits.device.type == "cpu":
+        return _shared_label_pairs(entry, logits, labels, options)
     diff = logits.unsqueeze(-1) - logits.unsqueeze(-2)  # [.., i, j] = z_i - z_j
     is_pair = (labels == 1).unsqueeze(-1) & (labels == 0).unsqueeze(-2)  # i fake, j real
     pair_loss = entry.fn(diff, **_own(entry, options))
@@ -177,6 +181,17 @@ def pairwise_auc_loss(logits: Tensor, labels: Tensor, kind: str = "logistic", **
     total = torch.where(is_pair, pair_loss, 0.0).sum((-2, -1))
     n_pairs = is_pair.sum((-2, -1)).clamp(min=1)  # 0 pairs -> 0 / 1 = 0, never NaN
     return total / n_pairs
+
+
+def _shared_label_pairs(entry: LossKind, logits: Tensor, labels: Tensor, options) -> Tensor:
+    """pairwise_auc_loss when one label vector [B] serves every model: the fakes and the reals are
+    gathered once, so the pair matrix is [.., fakes, reals] with no mask, a quarter or less of the
+    [.., B, B] one (the CPU path: finding them reads the labels back, which a GPU would wait for)."""
+    fakes, reals = (labels == 1).nonzero().squeeze(1), (labels == 0).nonzero().squeeze(1)
+    if fakes.numel() == 0 or reals.numel() == 0:  # no pairs: exactly 0, and 0 gradient
+        return logits.new_zeros(logits.shape[:-1])
+    diff = logits[..., fakes, None] - logits[..., None, reals]
+    return entry.fn(diff, **_own(entry, options)).mean((-2, -1))
 
 
 def head_loss(
@@ -208,7 +223,8 @@ def head_loss(
     if auc_rows is None:
         return total + gamma * pairwise_auc_loss(logits, labels, auc_kind, **(auc_options or {}))
     rows = {k: v[auc_rows] if isinstance(v, Tensor) and v.ndim else v for k, v in (auc_options or {}).items()}
-    auc = pairwise_auc_loss(logits[auc_rows], labels[auc_rows], auc_kind, **rows)
+    shared = labels.dim() < logits.dim()  # one label vector for every model
+    auc = pairwise_auc_loss(logits[auc_rows], labels if shared else labels[auc_rows], auc_kind, **rows)
     return total.index_add(0, auc_rows, gamma[auc_rows] * auc)
 
 
@@ -338,7 +354,7 @@ class Objective:
         self.auc_rows = None if len(auc_models) == len(cfgs) else torch.tensor(auc_models, device=device)
 
     def __call__(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Loss per model [K] of logits [K, B] against labels [K, B]."""
+        """Loss per model [K] of logits [K, B] against labels [K, B], or [B] shared by the K models."""
         if self.sp_cup_mode is not None:
             return sp_cup_loss(logits, labels, self.sp_cup_mode, self.alpha, self.gamma, self.vs)
         return head_loss(logits, labels, alpha=self.alpha, gamma=self.gamma, loss=self.loss, auc_kind=self.auc_kind,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfclip.errors import UserError
+from dfclip.heads.mlp_layer import HiddenLayer, keep_mask
 
 # One generator for the whole [K, ...] draw, or one per model (model k's randomness then
 # does not depend on K or on the other models; models given the same object share its draws).
@@ -97,21 +98,6 @@ class BatchedBatchNorm(nn.Module):
             centred = x - mean[:, None, :]
         scale = self.weight * torch.rsqrt(var + self.eps)  # [K, H]
         return centred * scale[:, None, :] + self.bias[:, None, :]
-
-
-def _dropout(x: torch.Tensor, p: float, training: bool, generator: Generators) -> torch.Tensor:
-    """Dropout on [K, B, H], independent masks everywhere; optional generator(s) for the masks."""
-    if not training or p == 0.0:
-        return x
-    if generator is None:
-        return F.dropout(x, p, training=True)
-    if isinstance(generator, torch.Generator):
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    else:
-        unique, which = distinct_generators(generator)
-        draws = [torch.rand(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in unique]
-        u = draws[0].expand(x.shape) if len(draws) == 1 else torch.stack(draws)[which]
-    return x * (u >= p) / (1.0 - p)
 
 
 def distinct_generators(generators: Sequence[torch.Generator]) -> tuple[list[torch.Generator], list[int]]:
@@ -193,12 +179,34 @@ class BatchedMLP(nn.Module):
         generator: dropout masks from one generator, or one per model (list of K); generators
         must live on x's device. None uses torch's global RNG.
         """
+        if self.training:
+            return self._train_forward(x, update_stats, generator)
         h = x.to(self.out.weight.dtype)
         for linear, norm in zip(self.linears, self.norms):
             # Under a bf16 autocast (heads.precision) the matmul runs in bf16; BatchNorm returns float32.
-            h = norm(linear(h), update_stats=update_stats)
-            h = _dropout(torch.relu(h), self.dropout, self.training, generator)
+            h = torch.relu(norm(linear(h), update_stats=update_stats))
         return _float32_logits(self.out, h)
+
+    def _train_forward(self, x: torch.Tensor, update_stats: bool, generator: Generators) -> torch.Tensor:
+        """Train mode: each hidden layer is one mlp_layer.HiddenLayer, in the autocast dtype if a
+        bf16 autocast is on (heads.precision.matmuls_in), else in the weights' dtype."""
+        device = x.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.out.weight.dtype
+        rows = x.shape[-2]
+        if generator is None or isinstance(generator, torch.Generator):  # one stream: K draws in turn
+            draws, which = [generator] * self.k, list(range(self.k))
+        else:
+            draws, which = distinct_generators(generator)
+        with torch.autocast(device.type, enabled=False):
+            h = x.to(dtype)
+            for linear, norm in zip(self.linears, self.norms):
+                keep = None if self.dropout == 0 else keep_mask(rows, norm.weight.shape[1], self.dropout, draws,
+                                                                which, dtype, device)
+                h = HiddenLayer.apply(h, linear.weight, linear.bias, norm.weight, norm.bias, keep,
+                                      1.0 / (1.0 - self.dropout), norm.eps,
+                                      norm.running_mean if update_stats else None,
+                                      norm.running_var if update_stats else None, norm.momentum)
+            return _float32_logits(self.out, h)
 
     def select(self, indices: Sequence[int]) -> BatchedMLP:
         """A new BatchedMLP holding copies of models `indices` (weights, BN buffers, seeds, mode)."""

@@ -2,15 +2,16 @@
 
 Every parameter has a leading model dimension K; model k's slice sees only its own
 gradient, so these behave exactly like K independent optimizers, one per head, without
-a Python loop over models. Per-model hyperparameters are floats or [K] tensors. The
-steps never sync with the host.
+a Python loop over layers. Per-model hyperparameters are floats or [K] tensors. The
+steps never wait for the device (a per-model lr_scale given as a device tensor is the one exception).
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
-from typing import Any, Iterable
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -65,6 +66,9 @@ class _FlatGroup:
         for p, view in zip(params, self.views(self.params, params)):
             p.data = view  # same values, now stored in row k of the flat buffer
         self.grad_views = self.views(self.grads, params)
+        self.host_hparams: list[tuple[float, float]] = []  # (lr, weight decay) per model, set by the optimizer
+        self.step_tensor: Tensor | None = None  # the step count the fused kernel reads
+        self.step_value = -1
 
     def views(self, flat: Tensor, like: list[Tensor]) -> list[Tensor]:
         """Per-parameter views [K, ...] of a [K, P] buffer."""
@@ -99,11 +103,14 @@ class BatchedAdamW(torch.optim.Optimizer):
     (warmup / cosine); weight decay is decoupled and scaled by the scheduled lr, as in torch.
 
     Lean steps: each param group keeps its parameters, gradients and both moments in [K, P]
-    buffers (_FlatGroup; the parameters become views into it), so a step is ~13 tensor ops per
-    group and zero_grad one, whatever the number of layers. The per-model step sizes are
-    computed once per step as [K, 1] columns. zero_grad() zeroes the gradient buffer in place
-    by default (set_to_none=False, unlike torch): backward then accumulates into it and no
-    gradient is copied. Parameters must not be re-created (e.g. by module.to()) after this.
+    buffers (_FlatGroup; the parameters become views into it). A step is one call of torch's
+    fused AdamW kernel (the one torch.optim.AdamW(fused=True) runs: one pass over the buffers)
+    per distinct (lr, weight decay) among the K models, each on those models' rows, whatever
+    the number of layers; zero_grad is one op. The per-model lr and weight decay are kept as
+    host floats too, so a step never reads them back from the device. zero_grad() zeroes the
+    gradient buffer in place by default (set_to_none=False, unlike torch): backward then
+    accumulates into it and no gradient is copied. Parameters must not be re-created (e.g. by
+    module.to()) after this.
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class BatchedAdamW(torch.optim.Optimizer):
         for key in ("lr", "weight_decay"):
             group[key] = _per_model(group[key], k, group["params"][0])
         flat = _FlatGroup(group["params"])
+        flat.host_hparams = list(zip(group["lr"].tolist(), group["weight_decay"].tolist()))
         self.flat.append(flat)
         self._bind_state(group, flat, torch.zeros_like(flat.params), torch.zeros_like(flat.params), [0] * len(flat.bounds))
 
@@ -137,8 +145,9 @@ class BatchedAdamW(torch.optim.Optimizer):
             self.state[p] = {"step": n, "exp_avg": m, "exp_avg_sq": v}
 
     @torch.no_grad()
-    def step(self, lr_scale: float | Tensor = 1.0) -> None:
-        """One AdamW update of every parameter that has a gradient, lr multiplied by lr_scale (float or [K])."""
+    def step(self, lr_scale: float | Sequence[float] | Tensor = 1.0) -> None:
+        """One AdamW update of every parameter that has a gradient, lr multiplied by lr_scale:
+        one float, or one per model (a list, or a [K] tensor, which is read to the host)."""
         for group, flat in zip(self.param_groups, self.flat):
             has_grad = flat.gather_grads(group["params"])
             for p in (p for p, has in zip(group["params"], has_grad) if has):
@@ -159,21 +168,30 @@ class BatchedAdamW(torch.optim.Optimizer):
                 runs.append(((a, b), step))
         return runs
 
-    def _update(self, group: dict, flat: _FlatGroup, cols: slice, step: int, lr_scale: float | Tensor) -> None:
-        """torch.optim.AdamW's single-tensor update on columns `cols` of the [K, P] buffers."""
+    def _update(self, group: dict, flat: _FlatGroup, cols: slice, step: int,
+                lr_scale: float | Sequence[float] | Tensor) -> None:
+        """torch.optim.AdamW's update on columns `cols` of the [K, P] buffers: torch's fused kernel,
+        one call per distinct (scheduled lr, weight decay), on the rows of the models that have it."""
         beta1, beta2 = group["betas"]
-        p, grad = flat.params[:, cols], flat.grads[:, cols]
-        m, v = flat.exp_avg[:, cols], flat.exp_avg_sq[:, cols]
-        if isinstance(lr_scale, Tensor) and lr_scale.ndim == 1:  # a per-model schedule (--schedule sp_cup)
-            lr_scale = lr_scale[:, None]
-        lr = group["lr"][:, None] * lr_scale  # [K, 1]: the per-model scalars, once per step
-        bias_correction1 = 1.0 - beta1**step
-        bias_correction2_sqrt = (1.0 - beta2**step) ** 0.5
-        p.mul_(1.0 - lr * group["weight_decay"][:, None])  # decoupled decay
-        m.lerp_(grad, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = v.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
-        p.addcdiv_(m * (lr / bias_correction1), denom, value=-1.0)
+        k = flat.k
+        scales = lr_scale.tolist() if isinstance(lr_scale, Tensor) else lr_scale
+        scales = [float(scales)] * k if isinstance(scales, (int, float)) else [float(s) for s in scales]
+        if len(scales) != k:
+            raise ValueError(f"lr_scale has {len(scales)} values for K={k} models")
+        rows_of: dict[tuple[float, float], list[int]] = {}
+        for row, ((lr, wd), scale) in enumerate(zip(flat.host_hparams, scales)):
+            rows_of.setdefault((lr * scale, wd), []).append(row)
+        if flat.step_tensor is None or flat.step_value != step:  # the kernel reads the step from a tensor
+            if flat.step_tensor is None:
+                flat.step_tensor = torch.zeros((), dtype=torch.float32, device=flat.params.device)
+            flat.step_tensor.fill_(step)  # an op on the device, not a host-to-device copy
+            flat.step_value = step
+        for (lr, wd), rows in rows_of.items():
+            def pick(t: Tensor) -> list[Tensor]:
+                return [t[r, cols] for r in rows]
+            torch._fused_adamw_(pick(flat.params), pick(flat.grads), pick(flat.exp_avg), pick(flat.exp_avg_sq), [],
+                                [flat.step_tensor] * len(rows), lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,
+                                eps=group["eps"], amsgrad=False, maximize=False)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient in one op (they stay views of the flat buffer); set_to_none=True as torch."""
@@ -225,6 +243,7 @@ class BatchedAdamW(torch.optim.Optimizer):
             like = params[0]
             for key in ("lr", "weight_decay"):
                 group[key] = torch.as_tensor(group[key]).to(device=like.device, dtype=like.dtype).clone()
+            flat.host_hparams = list(zip(group["lr"].tolist(), group["weight_decay"].tolist()))
             # torch loads per-parameter tensors; copy them back into the [K, P] moments.
             states = [self.state[p] for p in params]
             moments = [torch.cat([s[key].reshape(flat.k, -1) for s in states], 1).to(flat.params)

@@ -264,16 +264,14 @@ class GroupRun:
             train_loss = torch.zeros(k, device=data.x.device)
             batches = epoch_batches(data.y, 1, self.batch_size, [self.batch_gen], drop_last=not self.keep_last,
                                     balanced_fake_rate=c0.fake_rate if c0.balanced else None)
-            if c0.schedule == "sp_cup":  # one lr per epoch; a [K] scale, as min_lr is absolute
-                lrs = _per_model(self.cfgs, "lr", data.x.device)
-                epoch_scale = sp_cup_lr(epoch - 1, c0.epochs, lrs, c0.min_lr) / lrs
+            if c0.schedule == "sp_cup":  # one lr per epoch; a scale per model, as min_lr is absolute
+                epoch_scale = [sp_cup_lr(epoch - 1, c0.epochs, c.lr, c0.min_lr) / c.lr for c in self.cfgs]
             for idx in batches:
                 xb, yb = data.x[idx[0]].float(), data.y[idx[0]]  # [B, D], [B]: shared by the K heads
                 if c0.l2_normalize:
                     xb = F.normalize(xb, dim=-1)
                 if c0.feature_noise:
                     xb, yb = _noisy_batch(xb, yb, self.noise_gens)
-                yb = yb.expand(k, -1)  # [K, B] view for the per-head losses
                 scale = epoch_scale if c0.schedule == "sp_cup" else _lr_scale(self.step, self.total, self.warmup)
                 # One precision context per forward (heads.precision.matmuls_in); logits come out float32.
                 with matmuls_in(c0.precision, data.x.device):

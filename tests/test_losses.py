@@ -10,11 +10,13 @@ from dfclip.heads.config import CHOICES, FIELDS, make_config
 from dfclip.heads.losses import (
     AUC_TERMS,
     PER_SAMPLE_LOSSES,
+    SP_CUP_MODES,
     Objective,
     bce_per_sample,
     cvar_loss,
     head_loss,
     pairwise_auc_loss,
+    sp_cup_loss,
     vs_logits,
 )
 
@@ -38,7 +40,12 @@ def brute_auc(z: list[float], y: list[int], kind: str, margin: float = 1.0) -> f
         for j in range(len(z)):
             if y[i] == 1 and y[j] == 0:
                 d = z[i] - z[j]
-                total += math.log1p(math.exp(-d)) if kind == "logistic" else max(0.0, margin - d) ** 2
+                if kind == "logistic":
+                    total += math.log1p(math.exp(-d))
+                elif kind == "clamped_logistic":
+                    total += -math.log(min(max(1 / (1 + math.exp(-d)), 1e-6), 1 - 1e-6))
+                else:
+                    total += max(0.0, margin - d) ** 2
                 pairs += 1
     return total / pairs if pairs else 0.0
 
@@ -258,3 +265,33 @@ def test_objective_pays_for_pairs_only_where_gamma_is_positive(monkeypatch):
     off = [make_config(auc_gamma=0.0, cvar_alpha=a) for a in (1.0, 0.5)]
     Objective(off)(logits[:2], labels[:2])
     assert seen == []
+
+
+@pytest.mark.parametrize("kind", sorted(AUC_TERMS))
+def test_shared_labels_give_the_per_model_losses(kind):
+    """One [B] label vector for every model (a sweep's shared batch: the gathered pair path on a
+    CPU) gives each loss exactly what the same labels repeated as [K, B] give, gradients included."""
+    torch.manual_seed(3)
+    labels = (torch.rand(13) < 0.3).long()
+    logits = (torch.randn(4, 13, dtype=torch.float64) * 3).requires_grad_()
+    repeated = labels.expand(4, -1).clone()
+    margin = torch.tensor([0.5, 1.0, 1.5, 2.0], dtype=torch.float64)[:, None, None]
+    shared = pairwise_auc_loss(logits, labels, kind=kind, margin=margin)
+    dense = pairwise_auc_loss(logits, repeated, kind=kind, margin=margin)
+    torch.testing.assert_close(shared, dense, rtol=1e-12, atol=1e-12)
+    for k in range(4):
+        want = brute_auc(logits[k].tolist(), labels.tolist(), kind, margin=0.5 + 0.5 * k)
+        assert shared[k].item() == pytest.approx(want, rel=1e-10)
+    g_shared, = torch.autograd.grad(shared.sum(), logits)
+    g_dense, = torch.autograd.grad(dense.sum(), logits)
+    torch.testing.assert_close(g_shared, g_dense, rtol=1e-12, atol=1e-12)
+    one_class = pairwise_auc_loss(logits, torch.ones(13, dtype=torch.long), kind=kind)
+    assert (one_class == 0).all()
+    gammas = torch.tensor([0.0, 0.5, 0.0, 2.0], dtype=torch.float64)
+    rows = torch.tensor([1, 3])
+    for loss in ("bce", "vs"):
+        torch.testing.assert_close(head_loss(logits, labels, alpha=0.3, gamma=gammas, loss=loss, auc_kind=kind,
+                                             auc_rows=rows),
+                                   head_loss(logits, repeated, alpha=0.3, gamma=gammas, loss=loss, auc_kind=kind))
+    for mode in SP_CUP_MODES:
+        torch.testing.assert_close(sp_cup_loss(logits, labels, mode), sp_cup_loss(logits, repeated, mode))

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from dfclip.heads.config import CHOICES, FIELDS, make_config
-from dfclip.heads.models import (HEAD_KINDS, BatchedLinear, BatchedLinearLayer, BatchedMLP, _dropout, build_head,
+from dfclip.heads.models import (HEAD_KINDS, BatchedLinear, BatchedLinearLayer, BatchedMLP, build_head,
                                  head_from_config, head_options)
 from dfclip.errors import UserError
+from dfclip.heads.mlp_layer import HiddenLayer, keep_mask
 
 D, H, DEPTH = 12, 10, 3
 
@@ -182,14 +183,65 @@ def test_dropout_generators_per_model_are_independent_of_k():
     torch.testing.assert_close(out3, again)
 
 
-def test_dropout_rate_and_scaling():
-    x = torch.ones(4, 500, 100)
-    for gen in (None, torch.Generator().manual_seed(0), [torch.Generator().manual_seed(i) for i in range(4)]):
-        y = _dropout(x, 0.3, True, gen)
-        dropped = (y == 0).float().mean().item()
-        assert abs(dropped - 0.3) < 0.01
-        torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
-    assert _dropout(x, 0.3, False, None) is x
+def test_keep_mask_rate_values_and_streams():
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    mask = keep_mask(500, 100, 0.3, gens, [0, 1, 2, 1], torch.float32, torch.device("cpu"))
+    assert mask.shape == (500, 4, 100) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert abs(1 - mask.mean().item() - 0.3) < 0.01
+    torch.testing.assert_close(mask[:, 1], mask[:, 3], atol=0, rtol=0)  # one generator, one draw
+    assert not torch.equal(mask[:, 0], mask[:, 1])
+    # Model k's mask is its generator's own draw, whatever else is drawn alongside.
+    alone = keep_mask(500, 100, 0.3, [torch.Generator().manual_seed(1)], [0], torch.float32, torch.device("cpu"))
+    assert alone.shape == (500, 1, 100)
+    torch.testing.assert_close(alone[:, 0], mask[:, 1], atol=0, rtol=0)
+    # The drop probability is p to 16 bits, at the extremes too.
+    for p in (1e-4, 0.5, 0.9999):
+        m = keep_mask(4000, 1000, p, [torch.Generator().manual_seed(5)], [0], torch.bfloat16, torch.device("cpu"))
+        assert m.dtype == torch.bfloat16
+        assert abs(1 - m.float().mean().item() - p) < 5e-3
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_hidden_layer_is_linear_batchnorm_relu_dropout_with_their_gradients(shared, dtype):
+    """HiddenLayer against its definition, written with the modules' maths and autograd: the output,
+    the running statistics and the gradient of every input, for K = 3, a shared or per-model input,
+    in float64 (exact) and in bf16 (to bf16's precision)."""
+    k, b, fan_in, width, p = 3, 16, D, H, 0.4
+    torch.manual_seed(0)
+    params = [torch.randn(k, width, fan_in, dtype=torch.float64) / fan_in**0.5, torch.randn(k, width, dtype=torch.float64),
+              torch.rand(k, width, dtype=torch.float64) + 0.5, torch.randn(k, width, dtype=torch.float64)]
+    h = torch.randn(*(() if shared else (k,)), b, fan_in, dtype=torch.float64)
+    keep = (torch.rand(b, k, width) > p).to(torch.float64)
+    stats = [torch.randn(k, width, dtype=torch.float64), torch.rand(k, width, dtype=torch.float64) + 0.5]
+
+    def definition(h, weight, bias, gamma, beta):
+        z = (h.expand(k, b, fan_in) @ weight.transpose(1, 2)) + bias[:, None, :]  # [K, B, H]
+        mean, var = z.mean(1, keepdim=True), z.var(1, unbiased=False, keepdim=True)
+        y = torch.relu((z - mean) / torch.sqrt(var + 1e-5) * gamma[:, None] + beta[:, None])
+        return y * keep.transpose(0, 1) / (1 - p), mean.squeeze(1), z.var(1, unbiased=True)
+
+    want_params = [t.clone().requires_grad_() for t in params]
+    want_h = h.clone().requires_grad_()
+    want, mean, var = definition(want_h, *want_params)
+    upstream = torch.randn(k, b, width, dtype=torch.float64)
+    (want * upstream).sum().backward()
+
+    # float32 parameters under bf16, as in training (torch's mixed-dtype batch norm wants float32)
+    got_params = [t.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_() for t in params]
+    got_h = h.to(dtype).requires_grad_()
+    running = [t.to(got_params[0].dtype, copy=True) for t in stats]
+    got = HiddenLayer.apply(got_h, *got_params, keep.to(dtype), 1 / (1 - p), 1e-5, *running, 0.1)
+    assert got.shape == (k, b, width) and got.dtype == dtype
+    (got.double() * upstream).sum().backward()
+    tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(got.double(), want.detach(), **tol)
+    torch.testing.assert_close(running[0].double(), 0.9 * stats[0] + 0.1 * mean.detach(), **tol)
+    torch.testing.assert_close(running[1].double(), 0.9 * stats[1] + 0.1 * var.detach(), **tol)
+    for name, g, w in zip(["h", "weight", "bias", "bn weight", "bn bias"], [got_h, *got_params], [want_h, *want_params]):
+        assert g.grad.dtype == g.dtype, name
+        scale = w.grad.abs().max().clamp(min=1.0)  # the bias gradient is 0 up to rounding (BatchNorm cancels it)
+        torch.testing.assert_close(g.grad.double() / scale, w.grad / scale, **tol, msg=name)
 
 
 def test_linear_head_matches_nn_linear():

@@ -210,7 +210,7 @@ def _record_steps(monkeypatch) -> list:
     real_step = BatchedAdamW.step
 
     def record(self, lr_scale=1.0):
-        seen.append(self.param_groups[0]["lr"] * lr_scale)
+        seen.append(self.param_groups[0]["lr"] * torch.as_tensor(lr_scale, dtype=torch.float32))
         return real_step(self, lr_scale=lr_scale)
 
     monkeypatch.setattr(BatchedAdamW, "step", record)
