@@ -46,6 +46,17 @@ def _along_dim0(per_model: Tensor, p: Tensor) -> Tensor:
     return per_model.to(p.dtype).view(-1, *([1] * (p.ndim - 1)))
 
 
+def _adjacent(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row indices as [first, end) runs of adjacent rows: [0, 1, 2, 5] -> [(0, 3), (5, 6)]."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
 class _FlatGroup:
     """One param group's parameters as views into ONE [K, P] buffer, and its gradients likewise.
 
@@ -186,11 +197,15 @@ class BatchedAdamW(torch.optim.Optimizer):
                 flat.step_tensor = torch.zeros((), dtype=torch.float32, device=flat.params.device)
             flat.step_tensor.fill_(step)  # an op on the device, not a host-to-device copy
             flat.step_value = step
+        whole = cols.start == 0 and cols.stop == flat.params.shape[1]
         for (lr, wd), rows in rows_of.items():
+            # Adjacent rows go as one block when the columns span the row (a contiguous [rows, P] view).
+            blocks = _adjacent(rows) if whole else [(r, r + 1) for r in rows]
+
             def pick(t: Tensor) -> list[Tensor]:
-                return [t[r, cols] for r in rows]
+                return [t[a:b] if whole else t[a, cols] for a, b in blocks]
             torch._fused_adamw_(pick(flat.params), pick(flat.grads), pick(flat.exp_avg), pick(flat.exp_avg_sq), [],
-                                [flat.step_tensor] * len(rows), lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,
+                                [flat.step_tensor] * len(blocks), lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,
                                 eps=group["eps"], amsgrad=False, maximize=False)
 
     def zero_grad(self, set_to_none: bool = False) -> None:

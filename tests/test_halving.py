@@ -205,6 +205,21 @@ def test_cpu_chunks_do_not_change_mlp_results_with_dropout_and_noise(data, monke
         assert a.reports["val"]["auc"] == pytest.approx(b.reports["val"]["auc"], abs=1e-4)
 
 
+def test_cpu_splits_a_noisy_group_by_seed_without_changing_results(data, monkeypatch):
+    """On a CPU each chunk of a group with feature noise holds one seed (one shared noisy batch);
+    the whole group in one run (as on a GPU: each head its seed's copy of the batch) trains the same."""
+    cfgs = [make_config(**(FAST | dict(feature_noise=True, seed=s, cvar_alpha=a, head=h)))
+            for h in ("mlp", "linear") for s, a in ((0, 1.0), (1, 0.5), (0, 0.3))]
+    assert T._chunks(data, cfgs) == [[0, 2], [1], [3, 5], [4]]
+    split = run(data, cfgs)
+    monkeypatch.setattr(T, "_split_by_seed", lambda cfg, device: False)
+    assert T._chunks(data, cfgs) == [[0, 1, 2], [3, 4, 5]]
+    whole = run(data, cfgs)
+    for a, b in zip(split, whole):
+        assert effective_diff(a, b) < 1e-5
+        assert a.reports["val"]["auc"] == pytest.approx(b.reports["val"]["auc"], abs=1e-4)
+
+
 def test_halving_needs_one_select():
     """Rungs rank every config by one score; val AUC (higher is better) and val loss (lower) cannot be mixed."""
     cfgs = [make_config(**FAST, select="auc"), make_config(**FAST, select="loss")]

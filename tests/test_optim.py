@@ -19,9 +19,10 @@ def make_params(dtype=torch.float32):
     return [weight, torch.randn(K, 4, dtype=dtype, requires_grad=True)]
 
 
-def test_batched_adamw_matches_k_torch_adamw():
-    lr = torch.tensor([1e-2, 3e-3, 5e-2])
-    wd = torch.tensor([0.0, 0.1, 0.5])
+@pytest.mark.parametrize("lr,wd", [([1e-2, 3e-3, 5e-2], [0.0, 0.1, 0.5]),  # every model its own kernel call
+                                   ([1e-2, 1e-2, 5e-2], [0.1, 0.1, 0.1])])  # models 0 and 1 as one block
+def test_batched_adamw_matches_k_torch_adamw(lr, wd):
+    lr, wd = torch.tensor(lr), torch.tensor(wd)
     batched = make_params()
     opt = BatchedAdamW(batched, lr=lr, betas=(0.8, 0.95), eps=1e-6, weight_decay=wd)
     singles = [[p[k].detach().clone().requires_grad_() for p in batched] for k in range(K)]
