@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dfclip.runtime import resolve_device  # noqa: F401  (re-exported for the bench scripts)
+from dfclip.store.format import feature_parts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,22 +100,30 @@ def matmul_peak_gflops(device: torch.device, precision: str, seconds: float = 0.
     return best
 
 
-def head_forward_flops_per_row(cfg, dim: int) -> int:
-    """Matmul FLOPs (2 per multiply-add) of one row through one head of cfg's kind (MLP or linear)."""
+def head_matmul_flops_per_row(cfg, dim: int) -> tuple[int, int]:
+    """(forward FLOPs, backward FLOPs skipped) of the matmuls for one row through one head of cfg's
+    kind, 2 per multiply-add. Backward is twice the forward (the weight and the input gradient of
+    each matmul) less the input gradient of the head's first matmul when its input (the stored
+    embedding) needs none, which autograd and HiddenLayer skip."""
     if cfg.head == "linear":
-        return 2 * dim
+        return 2 * dim, 2 * dim
+    if cfg.head == "layermix":  # the softmax mix of L blocks (an einsum), then the MLP on width dim / L
+        width = dim // len(feature_parts(cfg.feature))
+        hidden = cfg.hidden or width
+        mlp = 2 * (width * hidden + (cfg.depth - 1) * hidden * hidden + hidden)
+        return 2 * dim + mlp, 2 * dim  # the MLP's input needs its gradient (for the mixing weights)
     hidden = cfg.hidden or dim
-    return 2 * (dim * hidden + (cfg.depth - 1) * hidden * hidden + hidden)
+    return 2 * (dim * hidden + (cfg.depth - 1) * hidden * hidden + hidden), 2 * dim * hidden
 
 
 def epoch_matmul_flops(cfg, dim: int, train_rows: int, val_rows: int, k: int = 1) -> float:
-    """Matmul FLOPs of one epoch of K heads: training steps (forward + backward = 3 forwards, twice
-    with SAM, on the noise-doubled batch with feature noise) plus one validation forward."""
+    """Matmul FLOPs of one epoch of K heads: training steps (forward + backward, twice with SAM, on
+    the noise-doubled batch with feature noise) plus one validation forward."""
     steps = train_rows // cfg.batch_size
     rows = cfg.batch_size * (2 if cfg.feature_noise else 1)
-    per_row = head_forward_flops_per_row(cfg, dim)
-    train = steps * rows * per_row * 3 * (2 if cfg.sam_rho > 0 else 1)
-    return float(k * (train + val_rows * per_row))
+    forward, skipped = head_matmul_flops_per_row(cfg, dim)
+    train = steps * rows * (3 * forward - skipped) * (2 if cfg.sam_rho > 0 else 1)
+    return float(k * (train + val_rows * forward))
 
 
 # --- ops per training step, from a torch.profiler trace ------------------------------------------

@@ -18,8 +18,9 @@ with SAM and of the baseline, and the best epoch of each is reported (shared mac
 --baseline-rows measures the baseline on a subset and extrapolates per row; the table says so.
 
 Also printed, all from this one run: the achieved GFLOP/s of each epoch's matmuls (counted
-analytically: forward + backward = 3 forwards, x2 with SAM, the noise-doubled batch, plus the
-validation forward) next to the matmul peak measured now in the same dtype; the ops issued per
+analytically, bench/common.py, checked against torch's FlopCounterMode in tests: forward +
+backward, less the input gradient of the first matmul, x2 with SAM, the noise-doubled batch, plus
+the validation forward) next to the matmul peak measured now in the same dtype; the ops issued per
 training step and by the optimizer + SAM (torch.profiler); and the val AUC of fp32 vs bf16 fits
 of --auc-seeds seeds (--auc-epochs epochs each, the paper config with SAM) on the same data.
 """

@@ -49,6 +49,7 @@ from dfclip import store
 from dfclip.heads.config import make_config
 from dfclip.heads.data import load_data
 from dfclip.heads.precision import resolve_precision
+from dfclip.heads.run import grid
 from dfclip.store.synthetic import make_synthetic_store
 
 TARGETS = {"cpu": 6.0, "cuda": 15.0}
@@ -67,10 +68,9 @@ HALVING_ALPHAS, HALVING_GAMMAS, HALVING_LRS = (0.1, 0.3, 0.5, 1.0), (0.0, 0.5), 
 
 
 def halving_configs(epochs: int) -> list:
-    """The 24 MLP configs of the halving comparison: the paper config (SAM off), alpha x gamma x lr, one seed."""
+    """The 24 MLP configs of the halving comparison: the paper config (SAM off), lr x alpha x gamma, one seed."""
     base = make_config("paper", head="mlp", sam_rho=0.0, epochs=epochs)
-    return [dataclasses.replace(base, cvar_alpha=a, auc_gamma=g, lr=lr)
-            for lr, a, g in itertools.product(HALVING_LRS, HALVING_ALPHAS, HALVING_GAMMAS)]
+    return grid(base, lr=list(HALVING_LRS), cvar_alpha=list(HALVING_ALPHAS), auc_gamma=list(HALVING_GAMMAS))
 
 
 def bench_halving(store_dir: Path, warm_dir: Path, args, device) -> dict:

@@ -240,8 +240,6 @@ class GroupRun:
         self.dropout_gens = _seed_generators(cfgs, device, DROPOUT_STREAM)
         self.batch_size = min(c0.batch_size, data.y.numel())  # train() says so once (note_small_batches)
         self.steps, self.keep_last = _batches_per_epoch(c0, data.y.numel(), self.batch_size)
-        if not c0.drop_last and not self.keep_last and data.y.numel() % self.batch_size:
-            log("note: the last batch of each epoch has one row, which BatchNorm cannot normalise: it is dropped")
         self.total, self.warmup = c0.epochs * self.steps, int(c0.warmup_epochs * self.steps)
         self.best = BestStates(self.head, c0.select, c0.patience)
         self.rows: list[dict] = []
@@ -382,11 +380,17 @@ def _per_model_text(cfg: RunConfig) -> str:
 
 
 def note_small_batches(data: Data, cfgs: list[RunConfig], log: Callable[[str], None]) -> None:
-    """One line, once per fit or sweep, when the training set is smaller than a batch."""
+    """One line each, once per fit or sweep (not per group or chunk): the training set is smaller
+    than a batch; a kept last batch would hand BatchNorm a single row, so it is dropped."""
     n = data.y.numel()
     sizes = sorted({c.batch_size for c in cfgs if c.batch_size > n})
     if sizes:
         log(f"note: only {n} training rows, so batches are {n} rows, not {', '.join(map(str, sizes))}")
+    for c in cfgs:
+        size = min(c.batch_size, n)
+        if not c.drop_last and n % size and not _batches_per_epoch(c, n, size)[1]:
+            log("note: the last batch of each epoch has one row, which BatchNorm cannot normalise: it is dropped")
+            break
 
 
 def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame, best_epoch: list[int],

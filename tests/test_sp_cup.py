@@ -8,6 +8,7 @@ wherever the gradient is unique.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -301,3 +302,17 @@ def test_the_readme_reproduction_commands_run(tmp_path, dfembed, dfhead):
     board = pl.read_parquet(tmp_path / "runs" / "grid" / "leaderboard.parquet")
     assert sorted(zip(board["objective"], board["cvar_alpha"])) == [
         ("sp_cup:dag", 0.5), ("sp_cup:dag", 0.9), ("sp_cup:vs_cvar_auc", 0.5), ("sp_cup:vs_cvar_auc", 0.9)]
+
+
+def test_the_one_row_last_batch_note_is_said_once_per_sweep(small_store):
+    """A sweep of several groups and chunks says the one-row note once, not once per chunk."""
+    cfg = make_config(drop_last=False, feature_noise=False, head="mlp", epochs=1, precision="fp32")
+    loaded = T.load_data(small_store, cfg, device=torch.device("cpu"))
+    n = loaded.counts["train"]
+    cfgs = [dataclasses.replace(cfg, batch_size=n - 1, seed=s, depth=d) for s in (0, 1) for d in (1, 2)]
+    lines = []
+    T.train(loaded, cfgs, log=lines.append)
+    assert sum("last batch of each epoch has one row" in line for line in lines) == 1
+    lines.clear()
+    T.train(loaded, [dataclasses.replace(c, batch_size=n - 2) for c in cfgs], log=lines.append)
+    assert not any("last batch of each epoch" in line for line in lines)
