@@ -62,10 +62,12 @@ def _init_linears(layers: Sequence[BatchedLinearLayer], seeds: Sequence[int]) ->
 
 
 class BatchedBatchNorm(nn.Module):
-    """K independent nn.BatchNorm1d(H) on x [K, B, H]: statistics over each model's own batch.
+    """K independent nn.BatchNorm1d(H): parameters [K, H] and running statistics [K, H].
 
     Same maths as nn.BatchNorm1d (eps 1e-5, momentum 0.1, biased variance to normalise,
-    unbiased variance in running_var).
+    unbiased variance in running_var). In training, BatchedMLP runs it inside
+    mlp_layer.HiddenLayer (torch's batch-norm kernels, on these parameters and buffers);
+    this forward is eval mode, x [K, B, H] normalised with the running statistics.
     """
 
     def __init__(self, k: int, features: int, eps: float = 1e-5, momentum: float = 0.1):
@@ -76,28 +78,12 @@ class BatchedBatchNorm(nn.Module):
         self.register_buffer("running_mean", torch.zeros(k, features))
         self.register_buffer("running_var", torch.ones(k, features))
 
-    def forward(self, x: torch.Tensor, *, update_stats: bool = True) -> torch.Tensor:
-        # Statistics in the parameters' precision (float32) even under autocast, as nn.BatchNorm1d does.
-        x = x.to(self.weight.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
-            batch = x.shape[1]
-            if batch < 2:
-                raise ValueError(f"BatchNorm in train mode needs at least 2 rows per model, got {batch}")
-            # Two passes (mean, then the mean square of the centred rows, which the output reuses):
-            # torch.var_mean over the batch dim, not the innermost one, is ~5x slower on a CPU.
-            mean = x.mean(1)  # [K, H]
-            centred = x - mean[:, None, :]
-            var = centred.square().mean(1)  # biased, as BatchNorm normalises
-            if update_stats:
-                with torch.no_grad():
-                    m = self.momentum
-                    self.running_mean.mul_(1 - m).add_(mean, alpha=m)
-                    self.running_var.mul_(1 - m).add_(var * (batch / (batch - 1)), alpha=m)
-        else:
-            mean, var = self.running_mean, self.running_var
-            centred = x - mean[:, None, :]
-        scale = self.weight * torch.rsqrt(var + self.eps)  # [K, H]
-        return centred * scale[:, None, :] + self.bias[:, None, :]
+            raise RuntimeError("BatchedBatchNorm trains inside mlp_layer.HiddenLayer; call it in eval mode only")
+        # In the parameters' precision (float32) even under autocast, as nn.BatchNorm1d.
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)  # [K, H]
+        return (x.to(self.weight.dtype) - self.running_mean[:, None, :]) * scale[:, None, :] + self.bias[:, None, :]
 
 
 def distinct_generators(generators: Sequence[torch.Generator]) -> tuple[list[torch.Generator], list[int]]:
@@ -184,7 +170,7 @@ class BatchedMLP(nn.Module):
         h = x.to(self.out.weight.dtype)
         for linear, norm in zip(self.linears, self.norms):
             # Under a bf16 autocast (heads.precision) the matmul runs in bf16; BatchNorm returns float32.
-            h = torch.relu(norm(linear(h), update_stats=update_stats))
+            h = torch.relu(norm(linear(h)))
         return _float32_logits(self.out, h)
 
     def _train_forward(self, x: torch.Tensor, update_stats: bool, generator: Generators) -> torch.Tensor:
@@ -193,6 +179,8 @@ class BatchedMLP(nn.Module):
         device = x.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.out.weight.dtype
         rows = x.shape[-2]
+        if rows < 2:
+            raise ValueError(f"BatchNorm in train mode needs at least 2 rows per model, got {rows}")
         if generator is None or isinstance(generator, torch.Generator):  # one stream: K draws in turn
             draws, which = [generator] * self.k, list(range(self.k))
         else:
