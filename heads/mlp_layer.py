@@ -93,19 +93,19 @@ class HiddenLayer(torch.autograd.Function):
         out = out.relu_().view(rows, k, width)
         if keep is not None:
             out.mul_(keep)
-        ctx.save_for_backward(h, w, z, gamma, mean, invstd, out, keep)
+        ctx.save_for_backward(h, w, z, gamma, mean, invstd, out)
         ctx.scale, ctx.eps, ctx.param_dtype = scale, eps, weight.dtype
         return out.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        h, w, z, gamma, mean, invstd, out, keep = ctx.saved_tensors
+        h, w, z, gamma, mean, invstd, out = ctx.saved_tensors
         k, width, fan_in = w.shape
         rows = z.shape[0]
         g = grad.transpose(0, 1).to(out.dtype)  # [B, K, H], as out
-        if keep is not None:
-            g = g * keep
-        g = torch.ops.aten.threshold_backward(g, out, 0).reshape(rows, k * width)  # ReLU: out > 0 passes
+        # Where out > 0 the unit passed ReLU and was kept (keep = 1: the scale is in gamma); elsewhere
+        # its gradient is 0. So one threshold on out is the ReLU and the dropout backward together.
+        g = torch.ops.aten.threshold_backward(g, out, 0).reshape(rows, k * width)
         dz, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
             g, z, gamma, None, None, mean, invstd, True, ctx.eps, [True, True, True])
         dbias = dz.sum(0, dtype=ctx.param_dtype).view(k, width)
