@@ -1,5 +1,6 @@
-"""One hidden layer of the batched MLP in training: Linear -> BatchNorm (batch statistics) -> ReLU
--> Dropout, for K models at once, with its backward written out.
+"""One hidden layer of the batched MLP: Linear -> BatchNorm -> ReLU (-> Dropout in training), for K
+models at once; in training an autograd Function with its backward written out (HiddenLayer), in
+eval a plain function (eval_hidden_layer) on the same kernels.
 
 Why not plain autograd over the modules: on a CPU most of a step's time went to glue, not
 arithmetic (measured on the 2-core development box, paper head, bf16). Autocast copied each
@@ -62,6 +63,35 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     return (a[0] @ b[0]).unsqueeze(0) if a.shape[0] == 1 else torch.bmm(a, b)
 
 
+def _matmul_by_rows(h: Tensor, w: Tensor) -> Tensor:
+    """z = h @ W^T of every model, as the [B, K*H] matrix BatchNorm's kernels normalise by column.
+    h: [B, in] shared or [K, B, in]; w: [K, H, in] in h's dtype."""
+    k, width, fan_in = w.shape
+    if h.dim() == 2:  # shared input: one [B, in] x [in, K*H] matmul, already [B, K*H]
+        return h @ w.reshape(k * width, fan_in).T
+    return _bmm(h, w.transpose(1, 2)).transpose(0, 1).reshape(h.shape[1], k * width)
+
+
+def eval_hidden_layer(h: Tensor, weight: Tensor, bias: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                      running_mean: Tensor, running_var: Tensor, eps: float) -> Tensor:
+    """Eval mode: Linear -> BatchNorm (running statistics) -> ReLU, in h's dtype; arguments as HiddenLayer's.
+
+    With running statistics, Linear + BatchNorm is one affine map per column of z = h @ W^T:
+        (z + b - mean) * s + beta = z * s + t,  s = gamma / sqrt(var + eps),  t = beta + (b - mean) * s.
+    s and t are float32 (and differentiable); torch's eval batch-norm kernel applies them with mean 0,
+    var 1 and eps 0, i.e. exactly z * s + t, in float32 inside the kernel even for a bf16 z.
+    Returns [K, B, H] (a view of a [B, K*H] matrix).
+    """
+    k, width, _ = weight.shape
+    z = _matmul_by_rows(h, weight.to(h.dtype))
+    scale = bn_weight * torch.rsqrt(running_var + eps)
+    shift = bn_bias + (bias - running_mean) * scale
+    zeros = torch.zeros(k * width, dtype=scale.dtype, device=scale.device)
+    out = torch.native_batch_norm(z, scale.reshape(-1), shift.reshape(-1), zeros, torch.ones_like(zeros), False,
+                                  0.0, 0.0)[0]
+    return out.relu_().view(z.shape[0], k, width).transpose(0, 1)
+
+
 class HiddenLayer(torch.autograd.Function):
     """Linear -> BatchNorm (train mode) -> ReLU -> Dropout for K models; see the module docstring.
 
@@ -79,10 +109,7 @@ class HiddenLayer(torch.autograd.Function):
                 running_var: Tensor | None, momentum: float) -> Tensor:
         k, width, fan_in = weight.shape
         w = weight.to(h.dtype)  # the compute-dtype copy, made once per forward
-        if h.dim() == 2:  # shared input: one [B, in] x [in, K*H] matmul, already [B, K*H]
-            z = h @ w.reshape(k * width, fan_in).T
-        else:
-            z = _bmm(h, w.transpose(1, 2)).transpose(0, 1).reshape(h.shape[1], k * width)
+        z = _matmul_by_rows(h, w)
         rows = z.shape[0]
         gamma, beta = (bn_weight * scale).reshape(-1), (bn_bias * scale).reshape(-1)  # the dropout scale, folded in
         out, mean, invstd = torch.native_batch_norm(

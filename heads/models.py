@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfclip.errors import UserError
-from dfclip.heads.mlp_layer import HiddenLayer, keep_mask
+from dfclip.heads.mlp_layer import HiddenLayer, eval_hidden_layer, keep_mask
 
 # One generator for the whole [K, ...] draw, or one per model (model k's randomness then
 # does not depend on K or on the other models; models given the same object share its draws).
@@ -65,9 +65,8 @@ class BatchedBatchNorm(nn.Module):
     """K independent nn.BatchNorm1d(H): parameters [K, H] and running statistics [K, H].
 
     Same maths as nn.BatchNorm1d (eps 1e-5, momentum 0.1, biased variance to normalise,
-    unbiased variance in running_var). In training, BatchedMLP runs it inside
-    mlp_layer.HiddenLayer (torch's batch-norm kernels, on these parameters and buffers);
-    this forward is eval mode, x [K, B, H] normalised with the running statistics.
+    unbiased variance in running_var). It holds the state only: BatchedMLP normalises with
+    torch's batch-norm kernels in heads.mlp_layer (HiddenLayer in training, eval_hidden_layer in eval).
     """
 
     def __init__(self, k: int, features: int, eps: float = 1e-5, momentum: float = 0.1):
@@ -77,13 +76,6 @@ class BatchedBatchNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(k, features))
         self.register_buffer("running_mean", torch.zeros(k, features))
         self.register_buffer("running_var", torch.ones(k, features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            raise RuntimeError("BatchedBatchNorm trains inside mlp_layer.HiddenLayer; call it in eval mode only")
-        # In the parameters' precision (float32) even under autocast, as nn.BatchNorm1d.
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)  # [K, H]
-        return (x.to(self.weight.dtype) - self.running_mean[:, None, :]) * scale[:, None, :] + self.bias[:, None, :]
 
 
 def distinct_generators(generators: Sequence[torch.Generator]) -> tuple[list[torch.Generator], list[int]]:
@@ -165,19 +157,23 @@ class BatchedMLP(nn.Module):
         generator: dropout masks from one generator, or one per model (list of K); generators
         must live on x's device. None uses torch's global RNG.
         """
-        if self.training:
-            return self._train_forward(x, update_stats, generator)
-        h = x.to(self.out.weight.dtype)
-        for linear, norm in zip(self.linears, self.norms):
-            # Under a bf16 autocast (heads.precision) the matmul runs in bf16; BatchNorm returns float32.
-            h = torch.relu(norm(linear(h)))
-        return _float32_logits(self.out, h)
-
-    def _train_forward(self, x: torch.Tensor, update_stats: bool, generator: Generators) -> torch.Tensor:
-        """Train mode: each hidden layer is one mlp_layer.HiddenLayer, in the autocast dtype if a
-        bf16 autocast is on (heads.precision.matmuls_in), else in the weights' dtype."""
+        # The hidden layers run in the autocast dtype if a bf16 autocast is on (heads.precision.matmuls_in),
+        # else in the weights' dtype; statistics, parameters and the logits stay float32.
         device = x.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.out.weight.dtype
+        if self.training:
+            return self._train_forward(x, dtype, update_stats, generator)
+        with torch.autocast(device.type, enabled=False):
+            h = x.to(dtype)
+            for linear, norm in zip(self.linears, self.norms):
+                h = eval_hidden_layer(h, linear.weight, linear.bias, norm.weight, norm.bias, norm.running_mean,
+                                      norm.running_var, norm.eps)
+            return _float32_logits(self.out, h)
+
+    def _train_forward(self, x: torch.Tensor, dtype: torch.dtype, update_stats: bool,
+                       generator: Generators) -> torch.Tensor:
+        """Train mode: each hidden layer is one mlp_layer.HiddenLayer in `dtype`."""
+        device = x.device
         rows = x.shape[-2]
         if rows < 2:
             raise ValueError(f"BatchNorm in train mode needs at least 2 rows per model, got {rows}")

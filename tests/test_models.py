@@ -97,6 +97,23 @@ def test_mlp_eval_mode_matches_references_and_uses_running_stats():
     torch.testing.assert_close(model(x[:, :1]), out[:, :1])
 
 
+def test_mlp_eval_mode_gradients_match_references():
+    """Eval mode folds Linear + BatchNorm into one affine per column; gradients still reach every
+    parameter as through the modules (e.g. for saliency on a trained head)."""
+    model = randomised_mlp(2).eval()
+    refs = [r.eval() for r in references_from(model)]
+    x = torch.randn(2, 7, D)
+    w = torch.randn(2, 7)
+    (model(x) * w).sum().backward()
+    for k, ref in enumerate(refs):
+        (ref(x[k]).squeeze(-1) * w[k]).sum().backward()
+        for i, (lin, bn) in enumerate(zip(model.linears, model.norms)):
+            for got, want in [(lin.weight.grad[k], ref[4 * i].weight.grad), (lin.bias.grad[k], ref[4 * i].bias.grad),
+                              (bn.weight.grad[k], ref[4 * i + 1].weight.grad),
+                              (bn.bias.grad[k], ref[4 * i + 1].bias.grad)]:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_shared_input_equals_expanded_input():
     for model in (randomised_mlp(3), BatchedLinear(3, D, seeds=[1, 2, 3])):
         x = torch.randn(9, D)
@@ -293,10 +310,8 @@ def test_head_kinds_are_the_config_choices_and_declare_their_true_sizes(name):
     head = build_head(name, 1, D, [0], **opts)
     assert head_from_config(head.config, 1).config == head.config
     assert kind.params(D, **opts) == sum(t.numel() for t in head.state_dict().values())
-    widths = []
-    for m in head.modules():
-        if isinstance(m, BatchedLinearLayer):
-            m.register_forward_hook(lambda mod, inp, out: widths.append(out.shape[-1]))
-    head.eval()(torch.randn(5, D))
+    # Every linear layer's output width (its fan_out), and the logits' shape from a real forward.
+    widths = [m.weight.shape[1] for m in head.modules() if isinstance(m, BatchedLinearLayer)]
+    assert head.eval()(torch.randn(5, D)).shape == (1, 5) and widths[-1] == 1
     assert kind.activations(D, **opts) == sum(widths)
     assert kind.width(D, **opts) == max(widths)
