@@ -116,6 +116,9 @@ class Backbone:
         The class token is position 0 of the residual stream leaving block i: for the last block
         that is before ln_post and the projection. The loop is VisionTransformer.forward written
         out (embeddings, blocks, pool, projection) so each block's output can be read on the way.
+        Not open_clip's forward_intermediates: it keeps every requested block's whole token map
+        until it returns (for `--layers all` on ViT-L/14, 24 x B x 257 x 1024 values), where
+        only the class token of each is needed.
         """
         if not self.layers:
             return self.encode(images), None
