@@ -9,8 +9,9 @@ BatchNorm ran as seven separate float32 passes; dropout drew one float per activ
 multiplied by a bool mask (a slow mixed-dtype path). Here a layer is:
     z   = h @ W^T                  one matmul in the compute dtype (bf16 or float32)
     out = relu(BN(z)) * keep       torch's own batch-norm kernel (statistics in float32)
-and its backward is the textbook one: the dropout and ReLU masks, torch's batch-norm backward,
-then dW = dz^T h and dh = dz W as two matmuls whose outputs are already laid out as W and h.
+and its backward is the textbook one: one threshold on the output (the ReLU and dropout masks
+together), torch's batch-norm backward, then dW = dz^T h and dh = dz W as two matmuls whose
+outputs are already laid out as W and h.
 
 Layout: BatchNorm normalises each of the K*H columns over the B rows of a [B, K*H] matrix, so
 activations live as [B, K*H]; the [K, B, H] that the caller sees is a view of it. For K = 1 or
@@ -18,8 +19,8 @@ a shared first-layer input no copy is made; for K > 1 each later layer copies on
 
 Exactness (tests/test_models.py checks all of it against the modules and autograd):
 - The Linear bias is not added: BatchNorm subtracts the batch mean, so the output is the same
-  without it. It enters only the running mean (updated by the caller with mean + bias), and its
-  gradient is the batch sum of dL/dz, as autograd would give it.
+  without it. It enters only the running mean (updated with mean(z) + bias), and its gradient
+  is the batch sum of dL/dz, as autograd would give it.
 - The dropout scale 1/(1-p) is folded into BatchNorm's affine (relu(s*y) = s*relu(y), s > 0),
   so the kept activations are scaled in float32 inside the kernel, never by a rounded bf16 s.
 - keep_mask draws 16 random bits per activation: a unit is dropped with probability
