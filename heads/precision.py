@@ -1,9 +1,10 @@
 """The arithmetic precision of the heads' matmuls: `--precision auto|fp32|bf16`.
 
-bf16 means: the hidden layers' matmuls (forward and backward) run in bfloat16 under
-torch.autocast, accumulating in float32. Everything else stays float32: master weights,
-gradients, AdamW's moments, BatchNorm (it casts its input back, heads.models), the output
-layer (so logits, losses, the CVaR sort, scores and metrics are float32), and the data.
+bf16 means: the MLP's hidden layers run in bfloat16 (their matmuls, forward and backward,
+accumulating in float32, and the activations between them; heads.mlp_layer), signalled by a
+torch.autocast context that BatchedMLP reads. Everything else stays float32: master weights,
+gradients, AdamW's moments, BatchNorm's statistics and affine (computed inside torch's kernel),
+the output layer (so logits, losses, the CVaR sort, scores and metrics are float32), and the data.
 
 "auto" picks bf16 only where the hardware multiplies it natively: CUDA GPUs with bf16
 support, and CPUs with AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo; elsewhere a bf16
@@ -59,10 +60,11 @@ def resolve_precision(precision: str, device: torch.device, cpuinfo: str | None 
 
 
 def matmuls_in(precision: str, device: torch.device):
-    """A context in which the heads' hidden matmuls run in `precision` (resolved: fp32 or bf16).
+    """A context in which the heads' hidden layers run in `precision` (resolved: fp32 or bf16).
 
-    Enter it once per forward that autograd sees: autocast caches the bf16 copies of the
-    weights until the outermost context exits, and SAM moves the weights between two forwards.
+    A bf16 autocast: BatchedMLP reads its dtype and runs its hidden layers in it; other heads'
+    matmuls (layermix's mix) run under autocast itself. Enter it once per forward: SAM moves
+    the weights between two forwards, and each forward casts them afresh.
     """
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
