@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 
-from dfclip.embed.backbone import load_backbone, split_preprocess
+from dfclip.embed.backbone import MODEL_CONFIG_DIR, load_backbone, split_preprocess
 from dfclip.embed.config import EmbedConfig
 from dfclip.embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_workers, extract, make_loader,
                            rank_from_env, resolve_device, resolve_precision)
@@ -142,7 +142,7 @@ def compare_layers(args) -> None:
     with tempfile.TemporaryDirectory(prefix="dfclip-bench-") as tmp:
         model = args.model
         if args.deep:
-            cfg = json.loads((Path(__file__).parents[1] / "embed/model_configs/dfclip-tiny.json").read_text())
+            cfg = json.loads((MODEL_CONFIG_DIR / "dfclip-tiny.json").read_text())
             cfg["vision_cfg"]["layers"] = args.deep
             model = str(Path(tmp) / f"dfclip-tiny-{args.deep}.json")
             Path(model).write_text(json.dumps(cfg))

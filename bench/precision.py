@@ -25,8 +25,8 @@ from PIL import Image
 from common import describe, machine_info, print_table, resolve_device, setup_threads, write_json
 from extract import make_images
 
-from dfclip.embed.backbone import load_backbone, split_preprocess  # noqa: E402
-from dfclip.embed.extract import AMP_DTYPES  # noqa: E402
+from dfclip.embed.backbone import load_backbone, split_preprocess
+from dfclip.embed.extract import AMP_DTYPES
 
 
 def features(backbone, pixels: torch.Tensor, precision: str, batch_size: int) -> torch.Tensor:

@@ -134,13 +134,13 @@ def print_halving(r: dict, info: dict, n_rows: int, dim: int) -> None:
           f"{r['grid_worst_val_auc']:.4f}; halving picked {r['halving_best_config']}")
 
 
-def timed_train(store_dir, cfgs, device) -> tuple[float, float]:
-    """(total seconds, of which loading) of one load + heads.train.train call."""
+def timed_train(store_dir, cfgs, device) -> tuple[float, float, tuple[int, int, int]]:
+    """(total seconds, of which loading, (dim, train rows, val rows)) of one load + heads.train.train call."""
     t = clock(device)
     data = load_data(store_dir, cfgs[0], device=device)
     loaded = clock(device)
     heads.train.train(data, cfgs, log=lambda line: None)
-    return clock(device) - t, loaded - t
+    return clock(device) - t, loaded - t, (data.dim, data.counts["train"], data.counts["val"])
 
 
 def bench_head(head: str, store_dir: Path, warm_dir: Path, args, device) -> dict:
@@ -153,16 +153,16 @@ def bench_head(head: str, store_dir: Path, warm_dir: Path, args, device) -> dict
     scale = args.k / len(picks) if n_seq else 0.0  # 1 unless --sequential-fits < K
     sweeps, seqs = [], []  # per round: (total s, loading s)
     for r in range(args.rounds):
-        sweeps.append(timed_train(store_dir, cfgs, device))
+        *times, (dim, n_train, n_val) = timed_train(store_dir, cfgs, device)
+        sweeps.append(tuple(times))
         print(f"{head} round {r + 1}: sweep of {args.k} in {sweeps[-1][0]:.2f}s (loading {sweeps[-1][1]:.2f}s)")
         if n_seq:
             fits = [timed_train(store_dir, [cfgs[i]], device) for i in picks]
-            seqs.append((scale * sum(s for s, _ in fits), scale * sum(l for _, l in fits)))
-            print(f"{head} round {r + 1}: {len(picks)} fits in {sum(s for s, _ in fits):.2f}s "
-                  f"(loading {sum(l for _, l in fits):.2f}s)")
+            seqs.append((scale * sum(f[0] for f in fits), scale * sum(f[1] for f in fits)))
+            print(f"{head} round {r + 1}: {len(picks)} fits in {sum(f[0] for f in fits):.2f}s "
+                  f"(loading {sum(f[1] for f in fits):.2f}s)")
     sweep_s, sweep_load = min(sweeps)
-    data = load_data(store_dir, cfgs[0], device=device)  # its row counts, for the FLOPs
-    flops = sum(epoch_matmul_flops(c, data.dim, data.counts["train"], data.counts["val"]) * c.epochs for c in cfgs)
+    flops = sum(epoch_matmul_flops(c, dim, n_train, n_val) * c.epochs for c in cfgs)
     out = {"head": head, "k": args.k, "sweep_s": sweep_s, "sweep_load_s": sweep_load, "sweep_rounds": sweeps,
            "sequential_measured": len(picks), "matmul_flops": flops,
            "sweep_gflops": flops / (sweep_s - sweep_load) / 1e9}

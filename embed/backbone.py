@@ -130,12 +130,10 @@ class Backbone:
         if not batch_first:
             x = x.transpose(0, 1)
         wanted, tokens = set(self.layers), []
-        for i, block in enumerate(blocks[:max(self.layers)], start=1):
+        for i, block in enumerate(blocks, start=1):
             x = block(x)
             if i in wanted:
                 tokens.append(x[:, 0] if batch_first else x[0])
-        for block in blocks[max(self.layers):]:
-            x = block(x)
         if not batch_first:
             x = x.transpose(0, 1)
         pooled, _ = visual._pool(x)

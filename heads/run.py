@@ -145,9 +145,11 @@ def _check_memory(stores: list[store.Store], cfgs: list[RunConfig], device: torc
     alone = sweep_memory_bytes(rows, dim, [largest], itemsize=itemsize)
     what = "this head" if len(cfgs) == 1 else "this sweep"
     if alone > 0.9 * free:
-        size = f"--head {largest.head}" + (f" --hidden {largest.hidden or dim} --depth {largest.depth}"
-                                           if largest.head == "mlp" else "")
-        fix = f"lower --hidden or --depth ({size}), or --batch-size {largest.batch_size}"
+        if "hidden" in HEAD_KINDS[largest.head].options:  # an MLP inside (mlp, layermix)
+            fix = (f"lower --hidden or --depth (--head {largest.head} --hidden {HEAD_KINDS[largest.head].width(dim, **head_options(largest))} "
+                   f"--depth {largest.depth}), or --batch-size {largest.batch_size}")
+        else:
+            fix = f"lower --batch-size ({largest.batch_size}), or use a smaller --feature"
     else:
         fix = "split the grid into smaller sweeps (fewer values per option or --seeds)"
     raise UserError(f"{what} needs about {need / 2**30:.1f} GiB but {free / 2**30:.1f} GiB is free on {device}; {fix}")

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dfclip import store
 from dfclip.errors import UserError
 from dfclip.heads import losses, metrics
-from dfclip.heads.config import PER_MODEL, RunConfig, group_key
+from dfclip.heads.config import FIELDS, ONE_VALUE, PER_MODEL, RunConfig, group_key, option_name
 from dfclip.heads.data import (Data, EvalSet, augment_with_noise, describe_data, epoch_batches, feature_noise,
                                load_data)
 from dfclip.heads.models import HEAD_KINDS, Head, build_head, distinct_generators, head_options
@@ -98,7 +98,7 @@ def predict_logits(head: Head, x: torch.Tensor, *, l2_normalize: bool = False, p
     was_training = head.training
     head.eval()
     out = []
-    with matmuls_in(precision, x.device):  # one context: the bf16 weight copies are made once
+    with matmuls_in(precision, x.device):
         for chunk in x.split(EVAL_CHUNK):
             chunk = chunk.float()
             out.append(head(F.normalize(chunk, dim=-1) if l2_normalize else chunk))
@@ -208,8 +208,8 @@ def _noisy_batch(xb: torch.Tensor, yb: torch.Tensor, generators: list[torch.Gene
     unique, which = distinct_generators(generators)
     if len(unique) == 1:
         return augment_with_noise(xb, yb, unique[0])
-    noisy = torch.stack([feature_noise(xb, g) for g in unique])  # [S, 2B, D]
-    return noisy[torch.tensor(which, device=xb.device)], torch.cat([yb, yb])
+    noisy = [feature_noise(xb, g) for g in unique]  # one [2B, D] per seed
+    return torch.stack([noisy[i] for i in which]), torch.cat([yb, yb])  # no index tensor to copy to a GPU
 
 
 class GroupRun:
@@ -372,8 +372,6 @@ def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None]
 
 def _per_model_text(cfg: RunConfig) -> str:
     """The settings that may differ inside a group (lr, alpha, ...), as options: what tells its heads apart."""
-    from dfclip.heads.config import option_name
-
     defaults = RunConfig()
     shown = [n for n in PER_MODEL if n in ("lr", "seed") or getattr(cfg, n) != getattr(defaults, n)]
     return " ".join(f"{option_name(n)} {getattr(cfg, n):g}" for n in shown)
@@ -430,10 +428,9 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
     """
     if not cfgs:
         raise UserError("nothing to train: give at least one configuration")
-    shared = ("val_frac", "split_seed", "holdout_sources")
-    for name in shared:
+    for name in (n for n, f in FIELDS.items() if f.metadata["sweep"] == ONE_VALUE):  # the data's own settings
         if len({getattr(c, name) for c in cfgs}) > 1:
-            raise UserError(f"--{name.replace('_', '-')} must be one value for a whole sweep (all heads share the data)")
+            raise UserError(f"{option_name(name)} must be one value for a whole sweep (all heads share the data)")
     if halving is not None:
         halving.check(cfgs)
     if isinstance(data, Data):

@@ -9,8 +9,8 @@ Nothing outside this package writes or parses shards. See docs/store-format.md.
 
 from dfclip.errors import UserError
 from dfclip.store.format import FORMAT_VERSION
-from dfclip.store.reader import Store, list_shards, open, stored_provenance
+from dfclip.store.reader import Store, list_shards, open
 from dfclip.store.writer import ReadOnlyStore, ShardWriter, writer_lock
 
-__all__ = ["FORMAT_VERSION", "ReadOnlyStore", "ShardWriter", "Store", "UserError", "list_shards", "open", "stored_provenance",
+__all__ = ["FORMAT_VERSION", "ReadOnlyStore", "ShardWriter", "Store", "UserError", "list_shards", "open",
            "writer_lock"]

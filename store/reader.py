@@ -81,17 +81,6 @@ def list_shards(root: str | os.PathLike) -> list[Shard]:
     return _all_shards(root)[0]
 
 
-def incomplete_import_shards(root: str | os.PathLike) -> list[Path]:
-    """Shards of an import that was killed before writing its last shard (readers ignore them)."""
-    return [s.path for s in _all_shards(root)[1]] if Path(root).is_dir() else []
-
-
-def stored_provenance(root: str | os.PathLike) -> dict | None:
-    """The provenance of the store at `root` (its oldest shard's), or None while it has no shard."""
-    shards = list_shards(root) if Path(root).is_dir() else []
-    return shards[0].provenance if shards else None
-
-
 def _unreadable(path: Path, e: Exception) -> UserError:
     return UserError(f"{path} is not a readable dfclip shard ({e}); move it out of the store and re-run")
 

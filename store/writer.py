@@ -66,13 +66,16 @@ class ShardWriter:
         self._lock = contextlib.ExitStack()
         self._lock.enter_context(writer_lock(self.root, int(rank)))
         try:
-            self._check_store()
-            self._start(dim, dtype, shard_size, rank, import_id, import_shards, expected_rows)
+            from dfclip.store.reader import _all_shards  # the reader knows which shards count
+
+            committed, unfinished = _all_shards(self.root)  # one read of every shard header, for both uses
+            self._check_store(committed)
+            self._start(dim, dtype, shard_size, rank, import_id, import_shards, expected_rows, unfinished)
         except BaseException:
             self._lock.close()
             raise
 
-    def _start(self, dim, dtype, shard_size, rank, import_id, import_shards, expected_rows) -> None:
+    def _start(self, dim, dtype, shard_size, rank, import_id, import_shards, expected_rows, unfinished) -> None:
         self.import_id, self.import_shards, self.expected_rows = import_id, import_shards, expected_rows
         self._broken = False  # a failed flush (disk full): close() must not try again
         self.non_finite = 0  # rows logged as failures for NaN/inf embeddings
@@ -87,31 +90,26 @@ class ShardWriter:
         self._n = 0
         self._meta: dict[str, list] = {c: [] for c in fmt.ROW_COLUMNS}
         self._fail: dict[str, list] = {c: [] for c in fmt.FAILURE_SCHEMA}
-        self._remove_stale_temps()
+        self._remove_stale_temps([u.path for u in unfinished])
         self._seq = 1 + max((int(m.group(2)) for p in self.root.iterdir()
                              if (m := fmt.SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank), default=-1)
         self.written: list[Path] = []
         self.rows_written = 0
         self.failures_written = 0
 
-    def _check_store(self) -> None:
-        """Refuse rows that may not join this store: another model, or another input root."""
-        from dfclip.store.reader import list_shards  # the reader knows which shards count
-
-        shards = list_shards(self.root)
+    def _check_store(self, shards: list) -> None:
+        """Refuse rows that may not join this store (its committed `shards`): another model, or another input root."""
         fmt.require_compatible(shards[0].provenance if shards else None, self.provenance,
                                what=f"store {self.root}", fix="use another --out for this model", exact=True)
         fmt.require_same_input_root([s.provenance for s in shards], self.provenance, self.root)
 
-    def _remove_stale_temps(self) -> None:
+    def _remove_stale_temps(self, unfinished_imports: list[Path]) -> None:
         # Temps of this rank can only come from a dead writer: the lock excludes live ones. So can
         # a metadata cache whose shard never made it into place, and the shards of an import that
         # was killed before it wrote its last one (readers ignore them).
-        from dfclip.store.reader import incomplete_import_shards
-
         for p in self.root.glob(f".shard-r{self.rank:03d}-*.tmp*"):
             p.unlink(missing_ok=True)
-        for p in incomplete_import_shards(self.root):
+        for p in unfinished_imports:
             if (m := fmt.SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank:
                 _remove_shard(p)
         for p in self.root.glob(f"shard-r{self.rank:03d}-*.h5.meta-*.parquet"):
