@@ -163,7 +163,7 @@ EXTRACT_EPILOG = (
 @embed_app.command("extract", epilog=EXTRACT_EPILOG)
 def extract_cmd(
     images_dir: Annotated[Optional[Path], typer.Argument(
-        help="Folder of images (jpg, jpeg, png, webp, bmp, gif, tif); labels from real/fake folder names, "
+        help="Folder of images and videos (mp4, avi, mov, mkv, webm, ...); labels from real/fake folder names, "
              "source from the folder under them. Omit when using --manifest.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created or resumed).")] = DEFAULT_STORE,
     manifest: Annotated[Optional[Path], typer.Option(
@@ -197,6 +197,31 @@ def extract_cmd(
         help="Degrade each decoded image before preprocessing, for a robustness store: jpeg:75, resize:0.5, "
              "blur:1.0, noise:0.02, or composed: jpeg:75+resize:0.5. Deterministic per path; part of the "
              "store's identity.", show_default="none")] = "",
+    frames: Annotated[str, typer.Option(
+        help="Frames per video, spread evenly over it (DeepfakeBench takes 32), or all. Part of the store's "
+             "identity.", rich_help_panel="Videos and faces")] = "32",
+    frame_stride: Annotated[Optional[int], typer.Option(
+        help="Take every S-th frame instead of --frames.", rich_help_panel="Videos and faces")] = None,
+    faces: Annotated[str, typer.Option(
+        help="none: whole images and frames; largest: the largest face of each; all: one row per face. Faces are "
+             "aligned on 5 landmarks and cropped at the model's input size.",
+        rich_help_panel="Videos and faces")] = "none",
+    face_detector: Annotated[str, typer.Option(
+        help="Registered face detector (mtcnn: facenet-pytorch's MTCNN, weights in its wheel).",
+        rich_help_panel="Videos and faces")] = "mtcnn",
+    face_scale: Annotated[float, typer.Option(
+        help="Crop margin around the aligned face (1.3 as DeepfakeBench).", rich_help_panel="Videos and faces")] = 1.3,
+    min_face_score: Annotated[float, typer.Option(
+        help="Drop detections less confident than this.", rich_help_panel="Videos and faces")] = 0.9,
+    min_face_size: Annotated[float, typer.Option(
+        help="Drop faces whose box is smaller than this many pixels (shorter side).",
+        rich_help_panel="Videos and faces")] = 0.0,
+    face_fallback: Annotated[str, typer.Option(
+        help="none: a frame without a face is a failure no_face; center: a centre crop instead (row marked n_faces 0; "
+             "with --faces largest).", rich_help_panel="Videos and faces")] = "none",
+    detections: Annotated[Optional[Path], typer.Option(
+        help="Reuse the face detections of this store (same files, same detector) instead of detecting again.",
+        rich_help_panel="Videos and faces")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Try images logged as failures again.")] = False,
     prune_missing: Annotated[bool, typer.Option(
         "--prune-missing", help="Drop stored images that are gone from the input (listed by `dfembed info`).")] = False,
@@ -208,7 +233,10 @@ def extract_cmd(
 
     config = EmbedConfig(model=model, pretrained=pretrained, feature=feature, quick_gelu=quick_gelu,
                          cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
-                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers, perturb=perturb)
+                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers, perturb=perturb,
+                         frames=frames, frame_stride=frame_stride, faces=faces, face_detector=face_detector,
+                         face_scale=face_scale, min_face_score=min_face_score, min_face_size=min_face_size,
+                         face_fallback=face_fallback, detections=str(detections) if detections else None)
     rep = extract(images_dir, out_dir, config, manifest=manifest, root=root, columns=parse_column_map(column or []),
                   target_means=target_means, retry_failed=retry_failed, prune_missing=prune_missing, progress=progress)
     from rich.markup import escape
@@ -221,11 +249,15 @@ def extract_cmd(
         skipped += f", {rep['relabelled']} relabelled to match the inputs"
     if rep["pruned"]:
         skipped += f", {rep['pruned']} gone from the input pruned"
+    if rep["frames"]:
+        skipped += f" | {rep['frames']} frames read"
+        if rep["no_face"]:
+            skipped += f", {rep['no_face']} without a face (failure no_face)"
     out.print(f"{tag}done: {rep['embedded']} embedded, {rep['failed']} failed, {skipped} "
               f"| {rep['wall_s']:.1f} s, {rep['images_per_s']:.1f} images/s on {rep['device']} ({rep['precision']}) "
               f"| store {rep['store']}", markup=False, highlight=False)
     if rep["failed"]:
-        console.print(f"{escape(tag)}[yellow]{rep['failed']} images could not be embedded[/]"
+        console.print(f"{escape(tag)}[yellow]{rep['failed']} images, frames or faces could not be embedded[/]"
                       f"{f' ({n} with NaN or inf values)' if (n := rep['non_finite']) else ''}; "
                       f"reasons in {escape(str(rep['failures_file']))}", highlight=False)
     if rep["missing"]:

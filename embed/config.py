@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,11 @@ from dfclip.errors import UserError
 from dfclip.store import format as fmt
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FACE_MODES = ("none", "largest", "all")
+FACE_FALLBACKS = ("none", "center")
 # Settings of the machine that runs the pass, not of the embedding: never taken from a record.
-MACHINE_FIELDS = ("device", "batch_size", "workers")
+# (`detections` names another store's detection cache: an input of one run, not a setting.)
+MACHINE_FIELDS = ("device", "batch_size", "workers", "detections")
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,14 @@ class EmbedConfig:
     perturb: degrade every decoded image before preprocessing ("jpeg:75", "resize:0.5", "blur:1",
         "noise:0.02", composed with +; "" = none; embed.perturb), deterministically per path, for
         robustness stores; recorded in canonical form and part of the store's identity.
+    frames: frames taken from each video, spread evenly over it (embed.video.sample_positions);
+        None = every frame. frame_stride: every S-th frame instead (overrides frames).
+    faces: "none" (the whole image or frame), "largest" (the largest detected face) or "all" (one
+        row per face). Faces are found by `face_detector` (embed.faces.DETECTORS), aligned on their
+        5 landmarks, cropped with margin `face_scale` and made at the model's input size.
+        min_face_score / min_face_size (pixels, the box's shorter side) filter detections;
+        face_fallback "center" takes a centre crop of a frame without a face (n_faces 0) instead of
+        recording the failure "no_face". detections: a store whose detection cache to reuse.
     """
 
     model: str = "ViT-L-14"
@@ -64,6 +76,15 @@ class EmbedConfig:
     dtype: str = "float16"
     layers: str = ""
     perturb: str = ""
+    frames: int | None = 32
+    frame_stride: int | None = None
+    faces: str = "none"
+    face_detector: str = "mtcnn"
+    face_scale: float = 1.3
+    min_face_score: float = 0.9
+    min_face_size: float = 0.0
+    face_fallback: str = "none"
+    detections: str | None = None
 
     def __post_init__(self) -> None:
         # Paths given as PathLike are kept as text: the config is recorded as JSON.
@@ -83,6 +104,35 @@ class EmbedConfig:
             raise UserError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.workers is not None and self.workers < 0:
             raise UserError(f"--workers must be >= 0, got {self.workers}")
+        self._check_video_and_faces()
+
+    def _check_video_and_faces(self) -> None:
+        if isinstance(self.frames, str):
+            from dfclip.embed.video import parse_frames
+
+            object.__setattr__(self, "frames", parse_frames(self.frames))
+        if self.frames is not None and (not isinstance(self.frames, int) or self.frames < 1):
+            raise UserError(f"--frames must be a number >= 1 or all, got {self.frames!r}")
+        if self.frame_stride is not None and self.frame_stride < 1:
+            raise UserError(f"--frame-stride must be >= 1, got {self.frame_stride}")
+        if self.faces not in FACE_MODES:
+            raise UserError(f"unknown --faces {self.faces!r}; use one of {', '.join(FACE_MODES)}")
+        if self.face_fallback not in FACE_FALLBACKS:
+            raise UserError(f"unknown --face-fallback {self.face_fallback!r}; use one of {', '.join(FACE_FALLBACKS)}")
+        if self.face_fallback == "center" and self.faces != "largest":
+            raise UserError("--face-fallback center needs --faces largest (one crop per frame)")
+        if not (math.isfinite(self.face_scale) and self.face_scale >= 1.0):
+            raise UserError(f"--face-scale must be a number >= 1 (1.3 = a 30% margin), got {self.face_scale}")
+        if not (math.isfinite(self.min_face_score) and 0.0 <= self.min_face_score <= 1.0):
+            raise UserError(f"--min-face-score must be in [0, 1], got {self.min_face_score}")
+        if not (math.isfinite(self.min_face_size) and self.min_face_size >= 0):
+            raise UserError(f"--min-face-size must be >= 0 pixels, got {self.min_face_size}")
+        if self.detections is not None and self.faces == "none":
+            raise UserError("--detections reuses face detections: add --faces largest or --faces all")
+
+    def video_settings(self) -> dict[str, Any]:
+        """How frames are taken from videos: part of the store's identity (provenance "video")."""
+        return {"frames": None if self.frame_stride else self.frames, "stride": self.frame_stride}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-serialisable record kept in the store's provenance."""

@@ -39,15 +39,18 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from PIL import Image
 from rich.text import Text
 from torch.utils.data import DataLoader, Dataset
 
 from dfclip import store
 from dfclip.embed.backbone import Backbone, load_backbone, split_preprocess
 from dfclip.embed.config import EmbedConfig, config_from_provenance
+from dfclip.embed.frames import FaceStage, MediaFiles, embed_media
 from dfclip.embed.images import ImageError, load_rgb
 from dfclip.embed.perturb import Perturb
 from dfclip.embed.sources import load_inputs
+from dfclip.embed.video import is_video
 from dfclip.errors import UserError
 from dfclip.runtime import Rank, rank_from_env, resolve_device
 from dfclip.store import format as fmt
@@ -178,37 +181,65 @@ def partition(rows: pl.DataFrame, rank: int, world: int) -> pl.DataFrame:
 class Plan:
     """What one extract does to a store, worked out from the current inputs and the stored rows."""
 
-    todo: pl.DataFrame  # rows to embed (new or changed files, and retried failures)
-    skipped: int  # rows already done (as an embedding or a logged failure)
+    todo: pl.DataFrame  # input files to read (new or changed files, retried failures, files cut short)
+    skipped: int  # input files already done (as rows or logged failures)
     skipped_failures: int  # of which logged failures
-    relabel: pl.DataFrame  # unchanged files whose label/source/split/group changed: new metadata + stored shard, row
-    missing: pl.DataFrame  # live paths of the store gone from the input (all ranks' inputs)
+    relabel: pl.DataFrame  # stored rows of unchanged files whose label/source/split/group changed: new metadata + shard, row
+    missing: pl.DataFrame  # live row paths of the store whose file is gone from the input (all ranks' inputs)
     stored: "store.Store | None"
+    skip: dict[str, set[str]] = dataclasses.field(default_factory=dict)  # media files cut short: rows already stored
 
     def work(self, prune: bool) -> int:
         return self.todo.height + self.relabel.height + (self.missing.height if prune else 0)
 
 
-def _plan(mine: pl.DataFrame, rows: pl.DataFrame, out: Path, retry_failed: bool) -> Plan:
+def _plan(mine: pl.DataFrame, rows: pl.DataFrame, out: Path, retry_failed: bool, media: pl.Series) -> Plan:
+    """media: per row of `mine`, whether the file goes through embed.frames (a video, or any file with
+    a face stage): such a file is done once its completion record is stored, not at its first row."""
     if not (out.is_dir() and store.list_shards(out)):
         return Plan(mine, 0, 0, mine.clear().with_columns(shard=pl.lit(0, pl.Int32), row=pl.lit(0, pl.Int64)),
                     pl.DataFrame(schema={"path": pl.Utf8}), None)
     s = store.open(out)
     failed = s.failures.select(RESUME_KEY)
+    stored_rows = s.meta.with_columns(fmt.origin_expr().alias("origin"))
+    failed_rows = s.failures.with_columns(fmt.origin_expr().alias("origin"))
+    # A media file is done when its completion record is stored and it still has rows or failures there
+    # (`--prune-missing` tombstones all of its rows: it is embedded again if it comes back).
+    present = pl.concat([stored_rows.select(pl.col("origin").alias("path"), "size", "mtime_ns"),
+                         failed_rows.select(pl.col("origin").alias("path"), "size", "mtime_ns")]).unique()
+    done_media = s.done_inputs.select(RESUME_KEY).join(present, on=RESUME_KEY, how="semi")
+    if retry_failed:  # a file with a failed frame or face is read again (its stored rows are kept)
+        done_media = done_media.join(failed_rows.select(pl.col("origin").alias("path"), "size", "mtime_ns"),
+                                     on=RESUME_KEY, how="anti")
     done = s.meta.select(RESUME_KEY)
     if not retry_failed:
         done = pl.concat([done, failed])
-    todo = mine.join(done, on=RESUME_KEY, how="anti").sort("path")
+    plain, media_rows = mine.filter(~media), mine.filter(media)
+    todo = pl.concat([plain.join(done, on=RESUME_KEY, how="anti"),
+                      media_rows.join(pl.concat([done_media, failed if not retry_failed else failed.clear()]),
+                                      on=RESUME_KEY, how="anti")]).sort("path")
     skipped_failures = 0 if retry_failed else mine.join(failed, on=RESUME_KEY, how="semi").height
-    # An unchanged file (same resume key) whose labels changed in the inputs: its stored embedding is
-    # copied into a new row with the current labels, which wins by the newest-shard rule.
+    # Files cut short (no completion record): their stored rows (and failures, unless retried) are not redone.
+    partial = stored_rows.select("path", "origin", "size", "mtime_ns")
+    if not retry_failed:
+        partial = pl.concat([partial, failed_rows.select("path", "origin", "size", "mtime_ns")])
+    todo_media = todo.join(media_rows.select("path"), on="path", how="semi")
+    partial = partial.join(todo_media.select(pl.col("path").alias("origin"), "size", "mtime_ns"),
+                           on=["origin", "size", "mtime_ns"], how="semi")
+    skip: dict[str, set[str]] = {}
+    for origin, path in partial.select("origin", "path").iter_rows():
+        skip.setdefault(origin, set()).add(path)
+    # An unchanged file (same resume key) whose labels changed in the inputs: its stored rows are copied
+    # into new rows with the current labels (no re-embedding), which win by the newest-shard rule.
     labels = [c for c in fmt.INPUT_COLUMNS if c != "path"]
-    stored = s.meta.select(*RESUME_KEY, *[pl.col(c).alias(f"{c}_stored") for c in labels], "shard", "row")
+    stored = stored_rows.select(pl.col("path").alias("row_path"), pl.col("origin").alias("path"), "size", "mtime_ns",
+                                *[pl.col(c).alias(f"{c}_stored") for c in labels], *fmt.FACE_COLUMNS, "shard", "row")
     relabel = (mine.join(stored, on=RESUME_KEY, how="inner")
                .filter(pl.any_horizontal([pl.col(c) != pl.col(f"{c}_stored") for c in labels]))
-               .select(*fmt.ROW_COLUMNS, "shard", "row"))
-    missing = s.meta.select("path").join(rows.select("path"), on="path", how="anti")
-    return Plan(todo, mine.height - todo.height, skipped_failures, relabel, missing, s)
+               .with_columns(pl.col("row_path").alias("path"))
+               .select(*fmt.ROW_COLUMNS, *fmt.FACE_COLUMNS, "shard", "row"))
+    missing = (stored_rows.join(rows.select(pl.col("path").alias("origin")), on="origin", how="anti").select("path"))
+    return Plan(todo, mine.height - todo.height, skipped_failures, relabel, missing, s, skip)
 
 
 def _copy_relabelled(plan: Plan, writer: store.ShardWriter, block: int) -> None:
@@ -219,8 +250,8 @@ def _copy_relabelled(plan: Plan, writer: store.ShardWriter, block: int) -> None:
         layers = plan.stored.provenance.get("layers") or []
         blocks = np.stack([plan.stored.load(rows=rows, feature=f"block{b}")[0] for b in layers], axis=1) \
             if layers else None  # the stored blocks travel with their rows
-        writer.add(x, {c: part[c].to_list() if part[c].dtype == pl.Utf8 else part[c].to_numpy()
-                       for c in fmt.ROW_COLUMNS}, blocks)
+        writer.add(x, {c: part[c].to_list() if part[c].dtype in (pl.Utf8, pl.Array(pl.Float32, 4))
+                       else part[c].to_numpy() for c in fmt.ROW_COLUMNS + fmt.FACE_COLUMNS}, blocks)
 
 
 def _prune(missing: pl.DataFrame, writer: store.ShardWriter) -> None:
@@ -325,17 +356,28 @@ def extract(
         raise UserError(f"--out {out} is a file; pass a store directory (new or from an earlier run)")
 
     rows, input_root = _load_rows(inputs, manifest, root, columns, target_means)
+    videos = pl.Series("video", [is_video(p) for p in rows["path"].to_list()], dtype=pl.Boolean)
+    # The frames of a video belong together: its path is their group unless a manifest gave one.
+    rows = rows.with_columns(group=pl.when(videos & (pl.col("group") == "")).then(pl.col("path"))
+                             .otherwise(pl.col("group")))
     mine = partition(rows, rank.rank, rank.world)
+    # Files that give any number of rows (embed.frames): videos, and every file when faces are cropped.
+    media = pl.Series("media", [config.faces != "none" or is_video(p) for p in mine["path"].to_list()],
+                      dtype=pl.Boolean)
     # Seeded so that random init (--pretrained none) is one model on every rank and every resume.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         backbone = load_backbone(config.model, config.pretrained, feature=feature, device=dev,
                                  quick_gelu=config.quick_gelu, cache_dir=config.cache_dir, layers=config.layers)
+    faces = _face_stage(config, backbone, dev) if config.faces != "none" else None
     provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root),
-                  "perturb": config.perturb, "embed_config": config.to_dict()}
+                  "perturb": config.perturb, "embed_config": config.to_dict(), "video": config.video_settings(),
+                  "faces": faces.provenance() if faces is not None else None}
 
     where = f"{dev} ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else str(dev)
     prune = prune_missing and rank.rank == 0  # tombstones once, not once per rank
+
+    media_counts = {"frames": 0, "no_face": 0, "detector_frames": 0}
 
     def summary(plan: Plan, writer: store.ShardWriter | None, loop_s: float, failures_file: str | None) -> dict:
         copied = plan.relabel.height if writer else 0
@@ -354,56 +396,132 @@ def extract(
             "wall_s": round(time.perf_counter() - t_start, 3),
             "images_per_s": round((embedded + failed) / loop_s, 2) if embedded + failed and loop_s else 0.0,
             "batch_size": batch_size, "workers": workers, "shards_written": len(writer.written) if writer else 0,
-            "failures_file": failures_file,
+            "failures_file": failures_file, "videos": int(videos.sum()) if rank.world == 1 else None,
+            **media_counts,
         }
 
     try:  # takes the rank's lock; refuses another model or another input folder
         writer = store.ShardWriter(out, provenance, dim=backbone.dim, dtype=config.dtype,
                                    shard_size=config.shard_size, rank=rank.rank)
     except store.ReadOnlyStore as e:
-        plan = _plan(mine, rows, out, retry_failed)  # reading needs no lock: shards appear atomically
+        plan = _plan(mine, rows, out, retry_failed, media)  # reading needs no lock: shards appear atomically
         if plan.work(prune):
             raise UserError(f"{e} ({plan.todo.height} images to embed, {plan.relabel.height} to relabel"
                             f"{f', {plan.missing.height} to prune' if prune else ''})") from None
         return summary(plan, None, 0.0, None)  # nothing to do: a read-only store is fine
 
     with writer:
-        plan = _plan(mine, rows, out, retry_failed)
+        plan = _plan(mine, rows, out, retry_failed, media)
         todo = plan.todo
         writer.expected_rows = plan.work(prune)
         if dev.type == "cpu" and todo.height:
             log.print(f"{escape(rank.tag)}[bold yellow]device: CPU[/] - no GPU in use, so a CLIP model runs slowly "
                       "(fine for the tiny model; use a CUDA machine for real runs)")
         log.print(escape(rank.tag) + escape(
-            f"extracting {todo.height} of {mine.height} images ({plan.skipped} already in the store"
+            f"extracting {todo.height} of {mine.height} {_what(mine, videos)} ({plan.skipped} already in the store"
             f"{f', {plan.relabel.height} of them relabelled' if plan.relabel.height else ''}) -> {out} | "
             f"device {where}, {precision}, model {backbone.provenance['model']} feature {feature} dim {backbone.dim}"
             f"{' layers ' + ','.join(map(str, backbone.layers)) if backbone.layers else ''}"
-            f"{' perturb ' + config.perturb if config.perturb else ''} | "
+            f"{' perturb ' + config.perturb if config.perturb else ''}"
+            f"{_media_note(config) if videos.any() or faces is not None else ''} | "
             f"batch {batch_size}, {workers} workers"))
         _copy_relabelled(plan, writer, config.shard_size)
         if prune:
             _prune(plan.missing, writer)
         t_loop = time.perf_counter()
+        todo_media = todo.join(mine.filter(media).select("path"), on="path", how="semi")
+        todo_plain = todo.join(todo_media.select("path"), on="path", how="anti")
         if todo.height:
             # Workers decode and resize to uint8; ToTensor + Normalize run on the device.
             split = split_preprocess(backbone.preprocess)
             host, on_device = split if split else (backbone.preprocess, None)
-            dataset = ImageFiles(input_root, todo["path"].to_list(), host, Perturb(config.perturb))
-            loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
             with _progress_bar(progress and rank.rank == 0) as bar:
                 task = bar.add_task(f"{escape(rank.tag)}embedding", total=todo.height)
-                _embed_all(loader, backbone, precision, writer, todo, lambda n: bar.advance(task, n),
-                           on_device=on_device)
-            del loader  # stop the workers now, not at garbage collection
+                if todo_plain.height:
+                    dataset = ImageFiles(input_root, todo_plain["path"].to_list(), host, Perturb(config.perturb))
+                    loader = make_loader(dataset, batch_size=batch_size, workers=workers,
+                                         pin_memory=dev.type == "cuda")
+                    _embed_all(loader, backbone, precision, writer, todo_plain, lambda n: bar.advance(task, n),
+                               on_device=on_device)
+                    del loader  # stop the workers now, not at garbage collection
+                if todo_media.height:
+                    media_counts.update(_embed_media(todo_media, plan, input_root, config, backbone, precision, writer,
+                                                     faces, split, batch_size, workers, lambda: bar.advance(task, 1)))
         writer.flush()
         loop_s = time.perf_counter() - t_loop
         failures_file = None
-        if writer.written:  # the view changes only when shards were added
-            failures_file = str(store.open(out).write_failures_view())
+        if writer.written:  # the views change only when shards were added
+            written = store.open(out)
+            failures_file = str(written.write_failures_view())
+            if faces is not None:
+                written.write_detections_view()
         elif (out / fmt.FAILURES_FILE).is_file():
             failures_file = str(out / fmt.FAILURES_FILE)
         return summary(plan, writer, loop_s, failures_file)
+
+
+def _what(rows: pl.DataFrame, videos: pl.Series) -> str:
+    n_videos = int(videos.sum())
+    if n_videos == 0:
+        return "images"
+    return "videos" if n_videos == videos.len() else f"files ({n_videos} of {videos.len()} are videos)"
+
+
+def _media_note(config: EmbedConfig) -> str:
+    frames = f"every {config.frame_stride}th frame" if config.frame_stride else \
+        f"{config.frames or 'all'} frames per video"
+    faces = "" if config.faces == "none" else f", faces {config.faces} ({config.face_detector}, scale {config.face_scale:g})"
+    return f" | {frames}{faces}"
+
+
+def _face_stage(config: EmbedConfig, backbone: Backbone, dev: torch.device) -> FaceStage:
+    """The face stage on the model's device, with another store's detections when --detections names one."""
+    size = backbone.visual.image_size
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    cache = None
+    if config.detections:
+        source = store.open(config.detections)
+        cache = source.detections
+        if cache.height == 0:
+            raise UserError(f"--detections {config.detections} holds no face detections; extract it with --faces "
+                            "largest or --faces all first, or drop --detections")
+    stage = FaceStage(config, dev, size, cache)
+    if config.detections:
+        theirs = (source.provenance.get("faces") or {}).get("detector")
+        if fmt.identity({"d": theirs}, ("d",)) != fmt.identity({"d": stage.detector.provenance}, ("d",)):
+            raise UserError(f"--detections {config.detections} was detected with {theirs}, not with "
+                            f"{stage.detector.provenance}; use --face-detector as it was, or drop --detections")
+    return stage
+
+
+def _embed_media(todo: pl.DataFrame, plan: Plan, input_root: Path, config: EmbedConfig, backbone: Backbone,
+                 precision: str, writer: store.ShardWriter, faces: FaceStage | None, split, batch_size: int,
+                 workers: int, on_file: Callable[[], None]) -> dict[str, int]:
+    """Videos and face crops (embed.frames): decode in workers, face stage and tower on the device."""
+    dev = backbone.device
+    host, on_device = split if split else (backbone.preprocess, None)
+    if on_device is None:  # a transform that cannot be split: run it whole on each uint8 frame on the host
+        def on_device(pixels: torch.Tensor) -> torch.Tensor:
+            return torch.stack([backbone.preprocess(Image.fromarray(p.cpu().numpy())) for p in pixels]).to(dev)
+        host = None if faces is not None else (lambda image: torch.from_numpy(
+            np.asarray(image.convert("RGB"), dtype=np.uint8).copy()))
+    dataset = MediaFiles(input_root, todo["path"].to_list(), frames=config.frames, stride=config.frame_stride,
+                         host=None if faces is not None else host, perturb=Perturb(config.perturb))
+    extra = dict(persistent_workers=False, prefetch_factor=2) if workers > 0 else {}
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, todo.height),
+                        pin_memory=dev.type == "cuda", **extra)
+    amp = (torch.autocast(dev.type, dtype=AMP_DTYPES[precision]) if precision in AMP_DTYPES
+           else contextlib.nullcontext())
+
+    def embed(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with amp:
+            return backbone.encode_with_layers(on_device(pixels))
+
+    with torch.inference_mode():
+        counts = embed_media(loader, todo, embed, writer, device=dev, batch_size=batch_size, faces=faces,
+                             skip=plan.skip, on_file=on_file)
+    del loader
+    return counts
 
 
 def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",

@@ -24,7 +24,8 @@ from pathlib import Path
 import polars as pl
 from rich.console import Console
 
-from dfclip.embed.images import IMAGE_EXTENSIONS  # the one list of file types dfclip decodes
+from dfclip.embed.images import IMAGE_EXTENSIONS  # the one list of image types dfclip decodes
+from dfclip.embed.video import VIDEO_EXTENSIONS
 from dfclip.errors import UserError
 from dfclip.store import format as fmt
 
@@ -34,12 +35,13 @@ SPLIT_FOLDERS: dict[str, str] = {
 }
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
+ACCEPTED_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what the folder walk picks up
 
 log = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _accepted_extensions() -> str:
-    return ", ".join(sorted(IMAGE_EXTENSIONS))
+    return ", ".join(sorted(ACCEPTED_EXTENSIONS))
 
 
 def _absolute(path: str | os.PathLike) -> Path:
@@ -143,7 +145,7 @@ def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
                     todo = linked if entry.is_symlink() else stack
                     todo.append((entry.path, prefix + name + "/", dir_parts + [name]))
                     continue
-                if os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
+                if os.path.splitext(name)[1].lower() not in ACCEPTED_EXTENSIONS:
                     continue
                 file_stat = entry.stat()  # follows symlinks: size/mtime of the target image
             except FileNotFoundError:  # dangling symlink

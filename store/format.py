@@ -50,6 +50,32 @@ STRING_COLUMNS = tuple(c for c, t in ROW_SCHEMA.items() if t == pl.Utf8)  # UTF-
 LABEL = "label"  # int8
 FILE_COLUMNS = ("size", "mtime_ns")  # int64: read from the image file, never given by a manifest
 INPUT_COLUMNS = tuple(c for c in ROW_COLUMNS if c not in FILE_COLUMNS)  # what a manifest / labels CSV may give
+# Frames and faces (`dfembed extract` on videos, `--faces`): optional per-row datasets of a shard, read
+# with these defaults from shards that lack them (still images without a face stage, older stores).
+FACE_SCHEMA: dict[str, pl.DataType] = {
+    "frame": pl.Int32,  # frame number of a video row (0 = first frame shown); -1 for a still image
+    "face_index": pl.Int16,  # rank of the face by box area in its frame (0 = largest); -1: no face stage
+    "n_faces": pl.Int16,  # faces found in the frame; 0: none, the row is a centre crop (--face-fallback center)
+    "face_score": pl.Float32,  # the detector's confidence; NaN without a detected face
+    "face_box": pl.Array(pl.Float32, 4),  # x0, y0, x1, y1 in source pixels; NaN without a face stage
+}
+FACE_COLUMNS = tuple(FACE_SCHEMA)
+FACE_DEFAULTS: dict[str, object] = {"frame": -1, "face_index": -1, "n_faces": -1, "face_score": float("nan"),
+                                    "face_box": [float("nan")] * 4}
+# Completed inputs: group "inputs" of a shard, one record per video (or image with a face stage) whose
+# rows and failures all lie in this shard or an earlier one. A resumed extract skips exactly these.
+INPUTS_GROUP = "inputs"
+INPUT_DONE_SCHEMA: dict[str, pl.DataType] = {"path": pl.Utf8, "size": pl.Int64, "mtime_ns": pl.Int64,
+                                             "n_frames": pl.Int32, "n_rows": pl.Int32}
+# The face detector's raw output (before --min-face-score/--min-face-size and the choice of faces):
+# group "detections", one record per face found, or one with face -1 for a frame without any.
+# `dfembed extract --detections STORE` reuses them instead of detecting again.
+DETECTIONS_GROUP = "detections"
+DETECTIONS_FILE = "detections.parquet"  # view of every shard's detections, rebuilt by extract
+DETECTION_SCHEMA: dict[str, pl.DataType] = {"path": pl.Utf8, "size": pl.Int64, "mtime_ns": pl.Int64,
+                                            "frame": pl.Int32, "face": pl.Int16, "score": pl.Float32,
+                                            "box": pl.Array(pl.Float32, 4), "landmarks": pl.Array(pl.Float32, 10)}
+_SUFFIX_RE = re.compile(r"(#f\d+)?(@\d+)?$")
 EMBEDDINGS = "embeddings"  # N x D, float16 (default) or float32
 # Intermediate layers (`dfembed extract --layers`): dataset FEATURES_GROUP/block{i}, N x width, the class
 # token of the residual stream after transformer block i (1-based). Heads name features as on the
@@ -82,10 +108,26 @@ MODEL_KEYS = ("model", "model_config", "pretrained", "feature", "dim", "preproce
 # What a store holds beside the model's features: its block layers and the perturbation applied to
 # its images. Every shard of one store agrees on them, but stores that differ in them may still meet
 # (a head trained on a clean store is evaluated on a JPEG one; a run needs only its own blocks).
-STORE_KEYS = ("layers", "perturb")
+STORE_KEYS = ("layers", "perturb", "video", "faces")
 IDENTITY_KEYS = MODEL_KEYS + STORE_KEYS
 # The value a key has in stores written before it existed.
-_KEY_DEFAULTS = {"layers": [], "perturb": ""}
+# A store written before videos were read took no frames, so any frame setting matches it: the defaults.
+_KEY_DEFAULTS = {"layers": [], "perturb": "", "video": {"frames": 32, "stride": None}, "faces": None}
+
+
+def row_path(file: str, frame: int = -1, face: int = -1) -> str:
+    """The row name of a frame and/or face of input `file`: "clip.mp4#f000012", "clip.mp4#f000012@1", "x.png@0".
+
+    frame -1: a still image; face -1: the whole frame, or the one face kept (--faces largest).
+    Six digits keep the frames of a video in order up to a million frames.
+    """
+    return file + (f"#f{frame:06d}" if frame >= 0 else "") + (f"@{face}" if face >= 0 else "")
+
+
+def origin_expr(column: str = "path") -> pl.Expr:
+    """polars: the input file a row came from (row_path's suffixes removed). A file's own name cannot
+    end in a suffix, since it ends in an image or video extension."""
+    return pl.col(column).str.replace(_SUFFIX_RE.pattern, "")
 
 
 def check_layout(dtype: str, shard_size: int) -> None:
@@ -142,7 +184,15 @@ def describe_identity(provenance: dict) -> str:
         p = p.get("tag") or p.get("file") or (p.get("sha256") or "")[:12] or p.get("kind", "?")
     text = f"model={provenance.get('model')} pretrained={p} feature={provenance.get('feature')} dim={provenance.get('dim')}"
     layers = provenance.get("layers") or []
-    return text + f" layers={','.join(map(str, layers)) or 'none'} perturb={provenance.get('perturb') or 'none'}"
+    text += f" layers={','.join(map(str, layers)) or 'none'} perturb={provenance.get('perturb') or 'none'}"
+    video = provenance.get("video") or _KEY_DEFAULTS["video"]
+    text += f" frames={video.get('stride') and 'every ' + str(video['stride']) or video.get('frames') or 'all'}"
+    faces = provenance.get("faces")
+    if faces:
+        detector = faces.get("detector") or {}
+        text += (f" faces={faces.get('mode')} ({detector.get('name')} {detector.get('version')}, scale {faces.get('scale')},"
+                 f" min score {faces.get('min_score')}, min size {faces.get('min_size')}, fallback {faces.get('fallback')})")
+    return text
 
 
 def weights_name(provenance: dict) -> str | None:

@@ -15,7 +15,8 @@ import polars as pl
 from dfclip.store import format as fmt
 from dfclip.errors import UserError
 
-META_SCHEMA = {**fmt.ROW_SCHEMA, "shard": pl.Int32, "row": pl.Int64}  # the rows, and where each lies
+# The rows (with their frame and face columns), and where each lies.
+META_SCHEMA = {**fmt.ROW_SCHEMA, **fmt.FACE_SCHEMA, "shard": pl.Int32, "row": pl.Int64}
 # load() cost model: one read call costs about as much as reading READ_CALL_BYTES, so selected rows
 # closer than that are fetched by one call (the gap is read and dropped) instead of one call per run
 # (~0.1 ms each: a scattered half of 200k rows took 10 s that way). Spans are capped for memory.
@@ -93,7 +94,9 @@ def _read_cache(cache: Path) -> pl.DataFrame:
     """A shard's metadata cache; a bad one is named as the cache (deleting it is safe), never as the shard."""
     try:
         cached = pl.read_parquet(cache)
-        if cached.schema != pl.Schema(fmt.ROW_SCHEMA):
+        if cached.schema == pl.Schema(fmt.ROW_SCHEMA):  # written before frames and faces were stored
+            return cached.with_columns(_face_defaults(cached.height))
+        if cached.schema != pl.Schema({**fmt.ROW_SCHEMA, **fmt.FACE_SCHEMA}):
             raise ValueError(f"columns {dict(cached.schema)} are not {dict(fmt.ROW_SCHEMA)}")
         return cached
     except PermissionError:
@@ -103,6 +106,26 @@ def _read_cache(cache: Path) -> pl.DataFrame:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"metadata cache {cache} is damaged ({first}); delete it "
                         "(safe: it is only a copy of its shard's metadata, which the shard still holds)") from None
+
+
+def _face_defaults(n: int) -> list[pl.Series]:
+    """The frame and face columns of n rows that have none (still images, shards without a face stage)."""
+    return [pl.Series(c, [fmt.FACE_DEFAULTS[c]] * n, dtype=dt) for c, dt in fmt.FACE_SCHEMA.items()]
+
+
+def _face_columns(f: h5py.File, n: int) -> dict[str, pl.Series]:
+    if fmt.FACE_COLUMNS[0] not in f:
+        return {s.name: s for s in _face_defaults(n)}
+    return {c: pl.Series(c, f[c][:], dtype=dt) for c, dt in fmt.FACE_SCHEMA.items()}
+
+
+def _records(f: h5py.File, name: str, schema: dict) -> pl.DataFrame | None:
+    """A group of column datasets written by ShardWriter._write_records, or None when the shard has none."""
+    if name not in f:
+        return None
+    g = f[name]
+    return pl.DataFrame({c: _strings(g[c]) if dt == pl.Utf8 else pl.Series(c, g[c][:], dtype=dt)
+                         for c, dt in schema.items()}, schema=schema)
 
 
 def _check_labels(rows: list[pl.DataFrame], shards: list[Shard]) -> None:
@@ -205,6 +228,7 @@ class Store:
         self.dim = int(self.provenance["dim"])
         self._meta: pl.DataFrame | None = None
         self._failures: pl.DataFrame | None = None
+        self._done: pl.DataFrame | None = None
 
     def _scan(self) -> None:
         rows, fails = [], []
@@ -214,10 +238,11 @@ class Store:
             try:  # a file named like a shard but missing datasets is the user's to move, not a crash
                 with h5py.File(s.path, "r") as f:
                     if cached is not None and cached.height == s.n_rows:
-                        cols = {c: cached[c] for c in fmt.ROW_COLUMNS}
+                        cols = {c: cached[c] for c in fmt.ROW_COLUMNS + fmt.FACE_COLUMNS}
                     else:  # no cache (e.g. a shard written by other tools): the shard itself is the truth
                         cols = {c: _strings(f[c]) for c in fmt.STRING_COLUMNS}
                         cols.update({fmt.LABEL: f[fmt.LABEL][:], **{c: f[c][:] for c in fmt.FILE_COLUMNS}})
+                        cols.update(_face_columns(f, s.n_rows))
                     rows.append(pl.DataFrame({**cols, "shard": np.full(s.n_rows, i, np.int32),
                                               "row": np.arange(s.n_rows, dtype=np.int64)}, schema=META_SCHEMA))
                     g = f[fmt.FAILURES_GROUP]
@@ -284,6 +309,44 @@ class Store:
             self._scan()
             self._write_index()
         return self._meta
+
+    def _read_records(self, name: str, schema: dict) -> pl.DataFrame:
+        parts = []
+        for s in self.shards:
+            try:
+                with h5py.File(s.path, "r") as f:
+                    part = _records(f, name, schema)
+            except (OSError, KeyError, ValueError) as e:
+                raise _unreadable(s.path, e) from None
+            if part is not None:
+                parts.append(part)
+        return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+    @property
+    def done_inputs(self) -> pl.DataFrame:
+        """Input files whose rows are all stored (videos, images with a face stage): path, size, mtime_ns,
+        n_frames (of a video; -1 for an image) and n_rows, one record per (path, size, mtime_ns)."""
+        if self._done is None:
+            self._done = self._read_records(fmt.INPUTS_GROUP, fmt.INPUT_DONE_SCHEMA).unique(
+                ["path", "size", "mtime_ns"], keep="last", maintain_order=True)
+        return self._done
+
+    @property
+    def detections(self) -> pl.DataFrame:
+        """The face detector's output over every shard (fmt.DETECTION_SCHEMA), one record per file, frame and face."""
+        return self._read_records(fmt.DETECTIONS_GROUP, fmt.DETECTION_SCHEMA).unique(
+            ["path", "size", "mtime_ns", "frame", "face"], keep="last", maintain_order=True)
+
+    def write_detections_view(self) -> Path | None:
+        """Rebuild detections.parquet (atomically) from the shards; None when the store has no detections."""
+        table = self.detections
+        if table.height == 0:
+            return None
+        dest = self.root / fmt.DETECTIONS_FILE
+        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+        table.write_parquet(tmp)
+        os.replace(tmp, dest)
+        return dest
 
     @property
     def failures(self) -> pl.DataFrame:
@@ -441,7 +504,8 @@ class Store:
         root = self.provenance.get("input_root")
         if not root:
             return self.meta.clear()
-        gone = [not os.path.isfile(os.path.join(root, p)) for p in self.meta["path"].to_list()]
+        files = self.meta.select(fmt.origin_expr())["path"].to_list()  # a video's frames: the video file
+        gone = [not os.path.isfile(os.path.join(root, p)) for p in files]
         return self.meta.filter(pl.Series(gone, dtype=pl.Boolean))
 
     def write_failures_view(self) -> Path:

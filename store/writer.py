@@ -88,8 +88,10 @@ class ShardWriter:
         self._blocks = np.empty((self.shard_size if self.layers else 0, len(self.layers), self.layer_width),
                                 dtype=self.dtype)
         self._n = 0
-        self._meta: dict[str, list] = {c: [] for c in fmt.ROW_COLUMNS}
+        self._meta: dict[str, list] = {c: [] for c in fmt.ROW_COLUMNS + fmt.FACE_COLUMNS}
         self._fail: dict[str, list] = {c: [] for c in fmt.FAILURE_SCHEMA}
+        self._done: dict[str, list] = {c: [] for c in fmt.INPUT_DONE_SCHEMA}
+        self._detections: dict[str, list] = {c: [] for c in fmt.DETECTION_SCHEMA}
         self._remove_stale_temps([u.path for u in unfinished])
         self._seq = 1 + max((int(m.group(2)) for p in self.root.iterdir()
                              if (m := fmt.SHARD_RE.match(p.name)) and int(m.group(1)) == self.rank), default=-1)
@@ -119,13 +121,14 @@ class ShardWriter:
     def _write_meta_cache(self, name: str, created_ns: int, n: int) -> None:
         cache = self.root / fmt.meta_cache_name(name, created_ns)
         tmp = self.root / f".{cache.name}.tmp{os.getpid()}"
-        columns = {c: pl.Series(c, self._meta[c], dtype=dt) for c, dt in fmt.ROW_SCHEMA.items()}
+        columns = {c: pl.Series(c, self._meta[c], dtype=dt) for c, dt in {**fmt.ROW_SCHEMA, **fmt.FACE_SCHEMA}.items()}
         pl.DataFrame(columns, height=n).write_parquet(tmp)
         os.replace(tmp, cache)
 
     def add(self, embeddings: np.ndarray, rows: dict[str, list | np.ndarray], blocks: np.ndarray | None = None
             ) -> np.ndarray:
-        """Append rows. `rows` has every column of fmt.ROW_SCHEMA, one entry per row; `blocks`, for a
+        """Append rows. `rows` has every column of fmt.ROW_SCHEMA, one entry per row, and may have those
+        of fmt.FACE_SCHEMA (frame and face of a row; fmt.FACE_DEFAULTS where absent); `blocks`, for a
         store with layers, the class tokens [n, len(layers), layer_width] in the order of `layers`.
 
         Rows whose embedding (or a block) is not finite in the stored dtype are recorded as failures
@@ -139,6 +142,7 @@ class ShardWriter:
             raise ValueError(f"blocks must be {want} for layers {self.layers}, got {np.shape(blocks)}")
         # Check before buffering anything: a half-added batch would misalign the columns of the shard
         # that __exit__ then flushes.
+        rows = {**{c: [fmt.FACE_DEFAULTS[c]] * len(embeddings) for c in fmt.FACE_COLUMNS}, **rows}
         bad = [c for c in self._meta if c not in rows or len(rows[c]) != len(embeddings)]
         if bad:
             raise ValueError(f"rows must have {len(embeddings)} entries in each of {list(self._meta)}; check {bad}")
@@ -189,10 +193,22 @@ class ShardWriter:
         for c, v in zip(self._fail, (path, error, message, size, mtime_ns)):
             self._fail[c].append(v)
 
+    def add_done(self, path: str, size: int, mtime_ns: int, n_frames: int, n_rows: int) -> None:
+        """Record that every row and failure of input file `path` has been added (a video, or an image with
+        a face stage: inputs that give a variable number of rows). Written with the next shard, so it
+        never lands before those rows do; a resumed extract skips the file (fmt.INPUTS_GROUP)."""
+        for c, v in zip(self._done, (path, size, mtime_ns, n_frames, n_rows)):
+            self._done[c].append(v)
+
+    def add_detections(self, records: dict[str, list]) -> None:
+        """Buffer face detector output, columns of fmt.DETECTION_SCHEMA (written with the next shard)."""
+        for c in self._detections:
+            self._detections[c].extend(records[c])
+
     def flush(self) -> Path | None:
         """Write buffered rows and failures as one shard; returns its path (None if nothing buffered)."""
         n, nf = self._n, len(self._fail["path"])
-        if n == 0 and nf == 0:
+        if n == 0 and nf == 0 and not self._done["path"] and not self._detections["path"]:
             return None
         name = fmt.shard_name(self.rank, self._seq)
         tmp = self.root / f".{name}.tmp{os.getpid()}"
@@ -217,7 +233,7 @@ class ShardWriter:
         self.failures_written += nf
         self._seq += 1
         self._n = 0
-        for d in (self._meta, self._fail):
+        for d in (self._meta, self._fail, self._done, self._detections):
             for c in d:
                 d[c].clear()
         return self.root / name
@@ -253,6 +269,10 @@ class ShardWriter:
             f.create_dataset(fmt.LABEL, data=np.array(self._meta[fmt.LABEL], dtype=np.int8), shape=(n,))
             for c in fmt.FILE_COLUMNS:
                 f.create_dataset(c, data=np.array(self._meta[c], dtype=np.int64), shape=(n,))
+            for c, dt in fmt.FACE_SCHEMA.items():
+                f.create_dataset(c, data=_column_array(self._meta[c], dt, n))
+            self._write_records(f, fmt.INPUTS_GROUP, self._done, fmt.INPUT_DONE_SCHEMA)
+            self._write_records(f, fmt.DETECTIONS_GROUP, self._detections, fmt.DETECTION_SCHEMA)
             g = f.create_group(fmt.FAILURES_GROUP)
             for c in fmt.FAILURE_STRING_COLUMNS:
                 g.create_dataset(c, data=np.array(self._fail[c], dtype=object), dtype=_STR, shape=(nf,))
@@ -260,6 +280,19 @@ class ShardWriter:
                 g.create_dataset(c, data=np.array(self._fail[c], dtype=np.int64), shape=(nf,))
             f.flush()
             os.fsync(f.id.get_vfd_handle())
+
+    @staticmethod
+    def _write_records(f: h5py.File, name: str, records: dict[str, list], schema: dict) -> None:
+        """A group of column datasets (strings as UTF-8, fixed-size arrays as 2-D); none when empty."""
+        n = len(records["path"])
+        if n == 0:
+            return
+        g = f.create_group(name)
+        for c, dt in schema.items():
+            if dt == pl.Utf8:
+                g.create_dataset(c, data=np.array(records[c], dtype=object), dtype=_STR, shape=(n,))
+            else:
+                g.create_dataset(c, data=_column_array(records[c], dt, n))
 
     def remove_written(self) -> None:
         """Delete every shard (and its metadata cache) this writer committed, e.g. to undo an import."""
@@ -288,6 +321,13 @@ class ShardWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _column_array(values: list, dtype: pl.DataType, n: int) -> np.ndarray:
+    """A numeric column as numpy in its schema dtype; an Array(width) column as [n, width]."""
+    if isinstance(dtype, pl.Array):
+        return np.asarray(values, dtype=np.float32).reshape(n, dtype.size)
+    return pl.Series(values, dtype=dtype).to_numpy()
 
 
 def _size(n_bytes: float) -> str:
