@@ -101,6 +101,16 @@ def info(
         t.add_row(k, str(rep[k]))
     t.add_row("layers", ", ".join(f"block{b}" for b in rep["layers"]) or "none (only proj)")
     t.add_row("perturb", rep["perturb"])
+    if rep["failure_kinds"]:
+        t.add_row("failures by reason", ", ".join(f"{k}={v}" for k, v in rep["failure_kinds"].items()))
+    if rep["videos"] or rep["frames"]:
+        video = rep["video_settings"] or {}
+        taken = f"every {video['stride']}th frame" if video.get("stride") else f"{video.get('frames') or 'all'} per video"
+        t.add_row("videos", f"{rep['videos']} ({rep['frames']} frame rows; {taken})")
+    if rep["faces"]:
+        f = rep["faces"]
+        t.add_row("faces", f"{f['mode']} ({f['detector'].get('name')} {f['detector'].get('version')}, scale {f['scale']}, "
+                           f"min score {f['min_score']}, fallback {f['fallback']})")
     names = {"1": "fake", "0": "real", "-1": "unknown"}
     t.add_row("labels", ", ".join(f"{names.get(k, k)}={v}" for k, v in rep["labels"].items()))
     t.add_row("sources", ", ".join(f"{k or '(none)'}={v}" for k, v in rep["sources"].items()))

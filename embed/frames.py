@@ -86,7 +86,7 @@ class MediaFiles(IterableDataset):
         full = os.path.join(self.root, path)
         try:
             if not is_video(path):
-                rgb = np.asarray(load_rgb(full), dtype=np.uint8)
+                rgb = np.array(load_rgb(full), dtype=np.uint8)  # writable: torch shares its memory
                 yield Chunk(i, [-1], self._frame(rgb, path)[None], last=True)
                 return
             index = probe(full)

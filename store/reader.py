@@ -469,13 +469,16 @@ class Store:
         """Summary for `dfembed info`: counts, model, failures and size on disk."""
         m = self.meta
         by = lambda c: {str(k): int(v) for k, v in m.group_by(c).len().sort(c).iter_rows()}
+        by_error = lambda f: {str(k): int(v) for k, v in f.group_by("error").len().sort("error").iter_rows()}
         p = self.provenance
         return {
             "store": str(self.root), "rows": m.height, "dim": self.dim, "dtype": p.get("dtype"),
             "model": p.get("model"), "pretrained": fmt.weights_name(p), "feature": p.get("feature"),
             "layers": p.get("layers") or [], "perturb": p.get("perturb") or "none",
             "shards": len(self.shards), "labels": by("label"), "sources": by("source"), "splits": by("split"),
-            "failures": self.failures.height, "non_finite": self.non_finite_rows(),
+            "failures": self.failures.height, "failure_kinds": by_error(self.failures),
+            "videos": int((self.done_inputs["n_frames"] >= 0).sum()), "frames": int((m["frame"] >= 0).sum()),
+            "video_settings": p.get("video"), "faces": p.get("faces"), "non_finite": self.non_finite_rows(),
             "missing_inputs": self.missing_inputs().height, "input_root": p.get("input_root"),
             "unfinished_import_shards": len(self.unfinished_imports),
             "bytes_on_disk": sum(f.stat().st_size for f in self.root.iterdir() if f.is_file()),
