@@ -222,3 +222,32 @@ def test_resume_after_sigkill_mid_video_gives_exact_rows(tmp_path):
         np.testing.assert_allclose(x, ref_rows[p], rtol=1e-3, atol=1e-3)
     again = extract(folder, out, tiny(frames=None), progress=False)
     assert (again["embedded"], again["skipped"]) == (0, len(videos))
+
+
+def test_a_relabelled_video_keeps_its_frames_and_a_deleted_one_is_pruned(tmp_path):
+    folder = tmp_path / "v"
+    make_videos(folder)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\nv/real/yt/a.mp4,real\nv/real/yt/b.mkv,real\nv/fake/df/c.webm,fake\n")
+    extract(manifest=manifest, out=tmp_path / "st", config=tiny(frames=3), progress=False)
+    before = store.open(tmp_path / "st").load(dtype="float32")
+    manifest.write_text("path,label\nv/real/yt/a.mp4,fake\nv/real/yt/b.mkv,real\nv/fake/df/c.webm,fake\n")
+    rep = extract(manifest=manifest, out=tmp_path / "st", config=tiny(frames=3), progress=False)
+    assert (rep["embedded"], rep["relabelled"]) == (0, 3)  # a.mp4's three frames, copied, not re-embedded
+    x, meta = store.open(tmp_path / "st").load(dtype="float32")
+    labels = dict(zip(meta["path"].to_list(), meta["label"].to_list()))
+    assert [labels[f"v/real/yt/a.mp4#f{p:06d}"] for p in sample_positions(24, 3)] == [1, 1, 1]
+    old = dict(zip(before[1]["path"].to_list(), before[0]))
+    for p, row in zip(meta["path"].to_list(), x):
+        np.testing.assert_array_equal(row, old[p])
+    # b.mkv leaves the inputs: its frames are counted missing, then pruned frame by frame.
+    manifest.write_text("path,label\nv/real/yt/a.mp4,fake\nv/fake/df/c.webm,fake\n")
+    rep = extract(manifest=manifest, out=tmp_path / "st", config=tiny(frames=3), progress=False)
+    assert rep["missing"] == 3
+    rep = extract(manifest=manifest, out=tmp_path / "st", config=tiny(frames=3), prune_missing=True, progress=False)
+    assert rep["pruned"] == 3
+    assert not store.open(tmp_path / "st").meta.filter(store.format.origin_expr() == "v/real/yt/b.mkv").height
+    # ...and it is embedded again when it comes back.
+    manifest.write_text("path,label\nv/real/yt/a.mp4,fake\nv/real/yt/b.mkv,real\nv/fake/df/c.webm,fake\n")
+    rep = extract(manifest=manifest, out=tmp_path / "st", config=tiny(frames=3), progress=False)
+    assert rep["embedded"] == 3
