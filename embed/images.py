@@ -23,14 +23,39 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-)
+# Decoders we let PIL use: photo formats only. Restricting them keeps odd plugins (EPS via
+# Ghostscript, ...) off untrusted files. (Multi-picture camera JPEGs come through "JPEG" as MPO.)
+# HEIF/HEIC counts when the pillow-heif plugin is installed; AVIF and JPEG 2000 when this Pillow
+# was built with them.
+PHOTO_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF", "JPEG2000")
 
-# Decoders we let PIL use. Restricting them keeps odd plugins (EPS via Ghostscript, ...)
-# off untrusted files. (Multi-picture camera JPEGs come through "JPEG" as MPO.)
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
+def _register_optional_plugins() -> None:
+    try:  # an optional plugin, not a dependency: HEIC photos where it is installed
+        import pillow_heif
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
+def _pillow_formats() -> tuple[tuple[str, ...], frozenset[str]]:
+    """(the PHOTO_FORMATS this Pillow can open, every file extension Pillow registers for them)."""
+    _register_optional_plugins()
+    Image.init()
+    registered = Image.registered_extensions()  # ".jfif" -> "JPEG", ...
+    formats = tuple(f for f in PHOTO_FORMATS if f in Image.OPEN)
+    opened_as = {"MPO": "JPEG"}  # .mpo files open through the JPEG decoder
+    return formats, frozenset(ext.lower() for ext, f in registered.items() if opened_as.get(f, f) in formats)
+
+
+ALLOWED_FORMATS, IMAGE_EXTENSIONS = _pillow_formats()
+
+# The model resizes the short side to its input size (224 or 336 px) and crops the centre. The long
+# side grows by the same factor, so a 1.5 kB PNG of 250000 x 2 pixels would become 224 x 28,000,000:
+# gigabytes, although it passes the pixel limit. Images longer than this many times their width
+# (either way) fail with kind "aspect_ratio" before any pixel is decoded; at the limit a resized
+# image is at most 100 model inputs (15 MB at 224 px).
+MAX_ASPECT_RATIO = 100
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "PA"}
 _PLAIN_MODES = {"RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "P"}
@@ -41,7 +66,7 @@ class ImageError(Exception):
     """A file that could not be turned into an RGB image.
 
     `kind` is one of: "empty", "io_error", "not_an_image", "truncated", "corrupt",
-    "decompression_bomb", "unsupported_mode". `message` says what happened.
+    "decompression_bomb", "aspect_ratio", "unsupported_mode". `message` says what happened.
     """
 
     def __init__(self, kind: str, message: str):
@@ -109,6 +134,12 @@ def _open(f, path: Path, limit: int | None) -> Image.Image:
         raise ImageError(
             "decompression_bomb",
             f"{path}: {width}x{height} = {width * height} pixels is over the limit of {limit}",
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise ImageError(
+            "aspect_ratio",
+            f"{path}: {width}x{height} is more than {MAX_ASPECT_RATIO} times longer one way than the other; "
+            "resizing its short side to the model's input would take gigabytes",
         )
     return image
 

@@ -19,6 +19,7 @@ Folder rules (`scan_folder`), all case-insensitive and applied to directory name
 import errno
 import os
 import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -29,13 +30,13 @@ from dfclip.embed.video import VIDEO_EXTENSIONS
 from dfclip.errors import UserError
 from dfclip.store import format as fmt
 
+# The one rule of which files the folder walk picks up (any case); others are counted as skipped.
+# Another input kind joins the walk by extending this set.
+ACCEPTED_EXTENSIONS: frozenset[str] = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 LABEL_FOLDERS: dict[str, int] = {word: label for word, label in fmt.LABEL_WORDS.items() if label != -1}
-SPLIT_FOLDERS: dict[str, str] = {
-    "train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test",
-}
+SPLIT_FOLDERS: dict[str, str] = fmt.SPLIT_WORDS
 
 MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
-ACCEPTED_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS  # what the folder walk picks up
 
 log = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -89,47 +90,58 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
-    """Walk `root` recursively and return one row per image file (see module docstring).
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
 
-    Uses os.scandir with an explicit stack (fast on 1M files). Symlinked files and folders are
-    followed (a folder reached twice through links is walked once); folders and files whose
-    name starts with "." are skipped (hidden folders, macOS "._x.jpg" resource forks).
-    Paths in the result are relative to the absolute `root`.
+
+def _skipped_line(skipped: dict[str, int]) -> str:
+    """ "skipped 3 files with other extensions (.heic 2, .txt 1)": the most common first."""
+    ranked = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in ranked[:8])
+    return (f"skipped {sum(skipped.values())} files with other extensions "
+            f"({shown}{', ...' if len(ranked) > 8 else ''})")
+
+
+@dataclass
+class _Walk:
+    """What the walk found: one candidate row per (folder visit, file), and what it passed over."""
+
+    paths: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    mtimes: list[int] = field(default_factory=list)
+    files: list[tuple[int, int]] = field(default_factory=list)  # (st_dev, st_ino) of the file itself
+    linked: list[bool] = field(default_factory=list)  # reached through a symlinked folder
+    loops: list[str] = field(default_factory=list)  # symlinks that point at themselves or at each other (ELOOP)
+    skipped: dict[str, int] = field(default_factory=dict)  # extension -> files not picked up
+
+
+def _walk(root_path: Path) -> _Walk:
+    """Every (path, file) the tree reaches, following symlinks.
+
+    A folder is walked once per (folder, label, source, split) it is reached under, so a folder that
+    is both plain (raw/sd15) and linked from a label folder (fake/sd15 -> ../raw/sd15) yields its
+    files under both paths; `_one_path_per_file` then picks one. Symlinked folders wait until the
+    plain tree is done, so plain paths come first.
     """
-    root_path = _absolute(root)
-    if not root_path.exists():
-        raise UserError(f"image folder does not exist: {root_path}; check the path")
-    if not root_path.is_dir():
-        raise UserError(
-            f"not a folder: {root_path}; pass the folder holding the images, or read it as a manifest"
-        )
-
-    paths: list[str] = []
-    labels: list[int] = []
-    sources: list[str] = []
-    splits: list[str] = []
-    sizes: list[int] = []
-    mtimes: list[int] = []
-
-    loops: list[str] = []  # symlinks that point at themselves or at each other (ELOOP)
-    seen_dirs: set[tuple[int, int]] = set()
-    # Stack of (absolute dir, relative prefix ending in "/" or "", dir components below root).
-    stack: list[tuple[str, str, list[str]]] = [(str(root_path), "", [])]
-    # Symlinked folders wait until the plain tree is done, so a folder inside root that is also
-    # linked from elsewhere keeps its real path.
-    linked: list[tuple[str, str, list[str]]] = []
+    found = _Walk()
+    seen: set[tuple] = set()
+    # Stack of (absolute dir, relative prefix ending in "/" or "", dir components below root, via a link).
+    stack: list[tuple[str, str, list[str], bool]] = [(str(root_path), "", [], False)]
+    linked: list[tuple[str, str, list[str], bool]] = []
     while stack or linked:
         if not stack:
             stack.append(linked.pop(0))
-        dir_abs, prefix, dir_parts = stack.pop()
-        dir_stat = os.stat(dir_abs)
-        dir_key = (dir_stat.st_dev, dir_stat.st_ino)
-        if dir_key in seen_dirs:  # symlink loop or two links to one folder
-            continue
-        seen_dirs.add(dir_key)
+        dir_abs, prefix, dir_parts, via_link = stack.pop()
         # Label/source/split depend only on the folder, so work them out once per folder.
         label, source, split = _classify_dirs(dir_parts)
+        dir_stat = os.stat(dir_abs)
+        visit = (dir_stat.st_dev, dir_stat.st_ino, label, source, split)
+        if visit in seen:  # a symlink loop, or a second link to a folder under the same labels
+            continue
+        seen.add(visit)
         try:
             entries = sorted(os.scandir(dir_abs), key=lambda e: e.name)  # deterministic walk
         except PermissionError:
@@ -142,10 +154,13 @@ def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
                 continue
             try:
                 if entry.is_dir():
-                    todo = linked if entry.is_symlink() else stack
-                    todo.append((entry.path, prefix + name + "/", dir_parts + [name]))
+                    is_link = entry.is_symlink()
+                    (linked if is_link else stack).append(
+                        (entry.path, prefix + name + "/", dir_parts + [name], via_link or is_link))
                     continue
-                if os.path.splitext(name)[1].lower() not in ACCEPTED_EXTENSIONS:
+                if _extension(name) not in ACCEPTED_EXTENSIONS:
+                    if entry.is_file():  # dangling links and sockets are no files to count
+                        found.skipped[_extension(name)] = found.skipped.get(_extension(name), 0) + 1
                     continue
                 file_stat = entry.stat()  # follows symlinks: size/mtime of the target image
             except FileNotFoundError:  # dangling symlink
@@ -153,26 +168,90 @@ def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
             except OSError as e:
                 if e.errno != errno.ELOOP:
                     raise
-                loops.append(prefix + name)
+                found.loops.append(prefix + name)
                 continue
-            paths.append(prefix + name)
-            labels.append(label)
-            sources.append(source)
-            splits.append(split)
-            sizes.append(file_stat.st_size)
-            mtimes.append(file_stat.st_mtime_ns)
+            found.paths.append(prefix + name)
+            found.labels.append(label)
+            found.sources.append(source)
+            found.splits.append(split)
+            found.sizes.append(file_stat.st_size)
+            found.mtimes.append(file_stat.st_mtime_ns)
+            found.files.append((file_stat.st_dev, file_stat.st_ino))
+            found.linked.append(via_link)
+    return found
 
-    if loops:
-        log.print(f"skipped {len(loops)} symlink loops under {root_path} (first: {', '.join(loops[:3])})",
-                  markup=False)
-    if not paths:
+
+def _one_path_per_file(found: _Walk) -> list[int]:
+    """Indices of the candidates to keep: one per file (symlinks and hard links are one file).
+
+    The labelled path wins over unlabelled ones; among paths of one label, a plain path wins over
+    a linked one, then the first in path order. A file under both labels is a UserError naming a
+    path of each. Inode 0 (some network file systems) says nothing about identity: kept as is.
+    """
+    n = len(found.paths)
+    if n == 0:
+        return []
+    ids = pl.DataFrame({"dev": [d for d, _ in found.files], "ino": [i for _, i in found.files]},
+                       schema={"dev": pl.UInt64, "ino": pl.UInt64})
+    dup = (ids.is_duplicated() & (ids["ino"] != 0)).to_numpy()
+    if not dup.any():
+        return list(range(n))
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in dup.nonzero()[0].tolist():
+        groups.setdefault(found.files[i], []).append(i)
+    drop: set[int] = set()
+    examples: list[str] = []
+    for members in groups.values():
+        rank = sorted(members, key=lambda i: (found.labels[i] == -1, found.linked[i], found.paths[i]))
+        by_label = {found.labels[i]: found.paths[i] for i in reversed(rank) if found.labels[i] != -1}
+        if len(by_label) > 1:
+            raise UserError(
+                f"one file is reachable under two labels: {by_label[0]} (real) and {by_label[1]} (fake) are the "
+                "same file (a symlink or hard link); keep it in one label folder"
+            )
+        drop.update(rank[1:])
+        if len(examples) < 2 and found.paths[rank[1]] != found.paths[rank[0]]:
+            examples.append(f"{found.paths[rank[1]]} -> {found.paths[rank[0]]}")
+    log.print(f"{len(groups)} files are reachable under several paths (symlinks or hard links); each is stored "
+              f"once, the labelled path first (e.g. {'; '.join(examples)})", markup=False)
+    return [i for i in range(n) if i not in drop]
+
+
+def scan_folder(root: str | os.PathLike) -> pl.DataFrame:
+    """Walk `root` recursively and return one row per image file (see module docstring).
+
+    Uses os.scandir with an explicit stack (fast on 1M files). Symlinked files and folders are
+    followed; a file reached under several paths (symlinked folders or files, hard links) gives
+    one row, its labelled path winning (`_one_path_per_file`), and a file under two labels is an
+    error. Folders and files whose name starts with "." are skipped (hidden folders, macOS
+    "._x.jpg" resource forks); files of other extensions are counted in one line.
+    Paths in the result are relative to the absolute `root`.
+    """
+    root_path = _absolute(root)
+    if not root_path.exists():
+        raise UserError(f"image folder does not exist: {root_path}; check the path")
+    if not root_path.is_dir():
         raise UserError(
-            f"no images found under {root_path} (accepted extensions: {_accepted_extensions()}); "
+            f"not a folder: {root_path}; pass the folder holding the images, or read it as a manifest"
+        )
+    found = _walk(root_path)
+    if found.loops:
+        log.print(f"skipped {len(found.loops)} symlink loops under {root_path} "
+                  f"(first: {', '.join(found.loops[:3])})", markup=False)
+    if not found.paths:
+        skipped = f"; {_skipped_line(found.skipped)}" if found.skipped else ""
+        raise UserError(
+            f"no images found under {root_path} (accepted extensions: {_accepted_extensions()}){skipped}; "
             "point it at the folder that holds the images"
         )
+    if found.skipped:
+        log.print(f"{_skipped_line(found.skipped)} under {root_path}", markup=False)
+    keep = _one_path_per_file(found)
+    pick = lambda values: [values[i] for i in keep]  # noqa: E731
     return _rows_frame({
-        "path": paths, "label": labels, "source": sources, "split": splits,
-        "group": [""] * len(paths), "size": sizes, "mtime_ns": mtimes,
+        "path": pick(found.paths), "label": pick(found.labels), "source": pick(found.sources),
+        "split": pick(found.splits), "group": [""] * len(keep), "size": pick(found.sizes),
+        "mtime_ns": pick(found.mtimes),
     })
 
 
@@ -214,6 +293,7 @@ def read_manifest(
     root: str | os.PathLike | None = None,
     columns: dict[str, str] | None = None,
     target_means: str = "fake",
+    split_map: dict[str, str] | None = None,
 ) -> pl.DataFrame:
     """Read a CSV/TSV/Parquet manifest into input rows (see module docstring for the schema).
 
@@ -221,7 +301,9 @@ def read_manifest(
     the file's, e.g. {"path": "Image Path", "label": "Target"}. `target_means="real"` is for
     files where 1 means real. Paths are relative to `root` (default: the manifest's folder) or
     absolute under it; they are stored relative to root. size/mtime_ns come from the files.
-    Split values valid/validation are normalised to "val".
+    Split values are train, val (valid, validation), test in any case, or empty, stored as "train" /
+    "val" / "test" / ""; `split_map` maps other values ({"training": "train"}), and any value left
+    over is a UserError listing them (fit would never train on such rows).
     """
     file_path = _absolute(file)
     if not file_path.is_file():
@@ -305,7 +387,7 @@ def read_manifest(
             f"(first: {', '.join(missing[:3])}); fix the paths or pass --root"
         )
 
-    splits = [SPLIT_FOLDERS.get(s.strip().lower(), s.strip()) for s in text_column("split")]
+    splits = fmt.parse_splits(text_column("split"), split_map, where="manifest")
     return _rows_frame({
         "path": paths, "label": labels.to_list(), "source": text_column("source"),
         "split": splits, "group": text_column("group"), "size": sizes, "mtime_ns": mtimes,
@@ -318,21 +400,37 @@ def load_inputs(
     root: str | os.PathLike | None = None,
     columns: dict[str, str] | None = None,
     target_means: str = "fake",
+    split_map: dict[str, str] | None = None,
 ) -> tuple[pl.DataFrame, Path]:
     """Rows and their absolute root from a folder (walked) or a manifest file (read).
 
-    For a folder the root is the folder itself; `root`, `columns` and `target_means` only apply
-    to manifests. For a manifest the root is `root`, or the manifest's folder.
+    For a folder the root is the folder itself; `root`, `columns`, `target_means` and `split_map`
+    only apply to manifests. For a manifest the root is `root`, or the manifest's folder.
+    Source names that differ only in case ("GAN", "gan") stay two sources, with a warning line.
     """
     source_path = _absolute(source)
     if source_path.is_dir():
-        if root is not None or columns or target_means != "fake":
+        if root is not None or columns or target_means != "fake" or split_map:
             raise UserError(
-                f"{source_path} is a folder, but root / column mapping / target_means only apply "
+                f"{source_path} is a folder, but root / column mapping / target_means / split map only apply "
                 "to manifests; drop those options or pass a manifest file"
             )
-        return scan_folder(source_path), source_path
-    if not source_path.exists():
+        rows, root_path = scan_folder(source_path), source_path
+    elif not source_path.exists():
         raise UserError(f"input does not exist: {source_path}; pass an image folder or a manifest file")
-    rows = read_manifest(source_path, root=root, columns=columns, target_means=target_means)
-    return rows, _absolute(root) if root is not None else source_path.parent
+    else:
+        rows = read_manifest(source_path, root=root, columns=columns, target_means=target_means,
+                             split_map=split_map)
+        root_path = _absolute(root) if root is not None else source_path.parent
+    warn_case_clashes(rows["source"].unique().to_list())
+    return rows, root_path
+
+
+def warn_case_clashes(sources: list[str]) -> None:
+    """One line when source names differ only in case: they are separate sources, matched as written."""
+    clashes = fmt.case_clashes(sources)
+    if clashes:
+        shown = "; ".join(" / ".join(group) for group in clashes[:3])
+        log.print(f"warning: {len(clashes)} source names differ only in case ({shown}{'; ...' if len(clashes) > 3 else ''}); "
+                  "they stay separate sources and --holdout-source matches names exactly: rename the folders "
+                  "(or the manifest's sources) to merge them", markup=False)

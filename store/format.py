@@ -360,3 +360,62 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# Split spellings (any case) -> the stored split. Only these or "" are accepted: `dfhead fit` trains on
+# "train" and "" and validates on "val", so a value it does not know would silently never be trained on.
+SPLIT_WORDS: dict[str, str] = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def parse_split_map(items: list[str]) -> dict[str, str]:
+    """Parse `--split-map THEIRS=OURS` items ("training=train") into {theirs (lower case): stored split}."""
+    mapping: dict[str, str] = {}
+    for item in items:
+        theirs, sep, ours = item.partition("=")
+        theirs, ours = theirs.strip().lower(), ours.strip().lower()
+        if not sep or not theirs:
+            raise UserError(f"bad split mapping {item!r}; write it as VALUE=SPLIT, e.g. --split-map training=train")
+        if ours not in SPLIT_WORDS and ours != "":
+            raise UserError(f"--split-map {item!r} maps to {ours!r}; map to one of train, val, test (or nothing)")
+        if theirs in mapping:
+            raise UserError(f"split value {theirs!r} is mapped twice (case is ignored); give one --split-map")
+        mapping[theirs] = SPLIT_WORDS.get(ours, "")
+    return mapping
+
+
+def parse_splits(raw: list[str], split_map: dict[str, str] | None = None, *, where: str = "manifest") -> list[str]:
+    """Split cells -> "train" / "val" / "test" / "" (SPLIT_WORDS, any case, or `split_map`, keys in lower
+    case as parse_split_map gives them). Any other value is one UserError listing the values found."""
+    given = {k.strip().lower(): v.strip().lower() for k, v in (split_map or {}).items()}
+    bad = [f"{k}={v}" for k, v in given.items() if v not in SPLIT_WORDS and v != ""]
+    if bad:
+        raise UserError(f"--split-map {bad[0]} maps to {given[bad[0].split('=')[0]]!r}; "
+                        "map to one of train, val, test (or nothing)")
+    split_map = {k: SPLIT_WORDS.get(v, "") for k, v in given.items()}
+    out, unknown = [], {}
+    for cell in raw:
+        text = (cell or "").strip()
+        key = text.lower()
+        value = split_map.get(key, SPLIT_WORDS.get(key, "" if key == "" else None))
+        if value is None:
+            unknown[text] = unknown.get(text, 0) + 1
+        out.append(value)
+    if unknown:
+        found = ", ".join(f"{v!r} ({n})" for v, n in sorted(unknown.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
+        example = next(iter(sorted(unknown, key=lambda v: -unknown[v])))
+        raise UserError(f"{sum(unknown.values())} {where} rows have a split other than train, val (valid, validation), "
+                        f"test or empty: {found}{' ...' if len(unknown) > 5 else ''}; `dfhead fit` would never train "
+                        f"on them: fix the {where} or map them, e.g. --split-map {example.lower() or 'VALUE'}=train")
+    return out
+
+
+def case_clashes(names) -> list[list[str]]:
+    """Groups of distinct names that differ only in case ("GAN", "gan"), each sorted, in name order.
+
+    Sources are matched as written (`--holdout-source gan` does not hold out "GAN"), so such names are
+    two sources; extract and `dfembed info` warn about them."""
+    groups: dict[str, set[str]] = {}
+    for name in names:
+        if name:
+            groups.setdefault(name.lower(), set()).add(name)
+    return [sorted(g) for _, g in sorted(groups.items()) if len(g) > 1]

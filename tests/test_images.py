@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dfclip.embed.images import IMAGE_EXTENSIONS, ImageError, load_rgb
+from dfclip.embed.images import IMAGE_EXTENSIONS, MAX_ASPECT_RATIO, ImageError, load_rgb
 
 
 def pixels(image: Image.Image) -> np.ndarray:
@@ -211,5 +211,27 @@ def test_animated_first_frame(tmp_path, fmt):
     assert (pixels(load_rgb(path)) == [255, 0, 0]).all()
 
 
-def test_image_extensions():
-    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} == IMAGE_EXTENSIONS
+def test_every_accepted_extension_decodes(tmp_path):
+    """Each extension the folder walk accepts is one this Pillow opens: a small photo saved under it loads."""
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".jpe"} <= IMAGE_EXTENSIONS
+    registered = Image.registered_extensions()
+    for ext in sorted(IMAGE_EXTENSIONS):
+        path = tmp_path / f"x{ext}"
+        fmt = "JPEG" if registered[ext] == "MPO" else registered[ext]
+        noise_image(24, 16).save(path, fmt)
+        assert load_rgb(path).size == (24, 16), ext
+
+
+def test_extreme_aspect_ratio_fails_before_decoding(tmp_path):
+    """250000 x 2 passes the pixel limit, but resizing its short side to 224 would need 28 G pixels."""
+    wide = tmp_path / "wide.png"
+    Image.new("L", (250_000, 2)).save(wide)
+    assert wide.stat().st_size < 4000
+    err = expect_kind(wide, "aspect_ratio")
+    assert "250000x2" in err.message and str(MAX_ASPECT_RATIO) in err.message
+    tall = tmp_path / "tall.png"
+    Image.new("RGB", (3, 3 * MAX_ASPECT_RATIO + 3)).save(tall)
+    expect_kind(tall, "aspect_ratio")
+    ok = tmp_path / "panorama.png"
+    Image.new("RGB", (MAX_ASPECT_RATIO * 2, 2)).save(ok)  # at the limit: decoded
+    assert load_rgb(ok).size == (MAX_ASPECT_RATIO * 2, 2)

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 
 from dfclip.embed.sources import (
+    ACCEPTED_EXTENSIONS,
     IMAGE_EXTENSIONS,
     load_inputs,
     read_manifest,
@@ -86,7 +87,7 @@ def test_extensions_case_insensitive_and_hidden_skipped(tmp_path):
     touch(tmp_path, "fake/.thumbs/t.jpg")
     rows = scan_folder(tmp_path)
     assert sorted(rows["path"].to_list()) == sorted(f"fake/gen/{n}" for n in images)
-    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} == IMAGE_EXTENSIONS
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} <= IMAGE_EXTENSIONS
 
 
 def test_schema_sorted_unique_size_mtime(tmp_path):
@@ -116,9 +117,10 @@ def test_relative_root_and_posix_paths(tmp_path, monkeypatch):
 def test_symlinks_followed_and_loops_stop(tmp_path):
     outside = tmp_path / "elsewhere"
     touch(outside, "big.png", b"z" * 50)
+    touch(tmp_path / "single", "other.png", b"w" * 20)
     data = tmp_path / "data"
     touch(data, "fake/gen/a.png")
-    (data / "fake/gen/link.png").symlink_to(outside / "big.png")
+    (data / "fake/gen/link.png").symlink_to(tmp_path / "single" / "other.png")
     (data / "fake/gen/dangling.png").symlink_to(outside / "gone.png")
     (data / "real").mkdir()
     (data / "real/linked_dir").symlink_to(outside, target_is_directory=True)
@@ -127,8 +129,89 @@ def test_symlinks_followed_and_loops_stop(tmp_path):
     got = by_path(scan_folder(data))
     # Loops and second links are walked once, and the real path wins over a linked one.
     assert set(got) == {"fake/gen/a.png", "fake/gen/link.png", "real/linked_dir/big.png"}
-    assert got["fake/gen/link.png"]["size"] == 50  # size of the target, not the link
+    assert got["fake/gen/link.png"]["size"] == 20  # size of the target, not the link
     assert got["real/linked_dir/big.png"]["label"] == 0
+
+
+def labelled_view(tmp_path: Path) -> Path:
+    """raw/ holds the images; fake/sd15 and real/ffhq are symlinks into it: a labelled view of raw/."""
+    view = tmp_path / "lk"
+    for rel in ("raw/sd15/a.png", "raw/sd15/b.png", "raw/ffhq/c.png"):
+        touch(view, rel)
+    (view / "fake").mkdir()
+    (view / "real").mkdir()
+    (view / "fake/sd15").symlink_to("../raw/sd15", target_is_directory=True)
+    (view / "real/ffhq").symlink_to("../raw/ffhq", target_is_directory=True)
+    return view
+
+
+def test_symlinked_label_folders_win_over_the_unlabelled_path(tmp_path, capsys):
+    got = by_path(scan_folder(labelled_view(tmp_path)))
+    assert {p: (r["label"], r["source"]) for p, r in got.items()} == {
+        "fake/sd15/a.png": (1, "sd15"), "fake/sd15/b.png": (1, "sd15"), "real/ffhq/c.png": (0, "ffhq")}
+    err = " ".join(capsys.readouterr().err.split())
+    assert "3 files are reachable under several paths" in err and "raw/sd15/a.png -> fake/sd15/a.png" in err
+
+
+def test_one_file_under_two_paths_of_one_label_is_kept_once(tmp_path):
+    view = labelled_view(tmp_path)
+    (view / "fake/gen").symlink_to("../raw/sd15", target_is_directory=True)
+    (view / "zz").symlink_to("fake", target_is_directory=True)  # an unlabelled view of fake/: loses
+    got = by_path(scan_folder(view))
+    # Among labelled paths of one label the first in path order is kept (fake/gen before fake/sd15).
+    assert {p: (r["label"], r["source"]) for p, r in got.items()} == {
+        "fake/gen/a.png": (1, "gen"), "fake/gen/b.png": (1, "gen"), "real/ffhq/c.png": (0, "ffhq")}
+
+
+def test_a_file_under_two_labels_is_one_line_naming_both_paths(tmp_path):
+    view = labelled_view(tmp_path)
+    (view / "real/sd").symlink_to("../raw/sd15", target_is_directory=True)
+    with pytest.raises(UserError) as err:
+        scan_folder(view)
+    message = str(err.value)
+    assert "\n" not in message and "fake/sd15/a.png" in message and "real/sd/a.png" in message
+    assert "two labels" in message
+    # A linked single file counts too.
+    other = tmp_path / "other"
+    touch(other, "real/x.png")
+    (other / "fake").mkdir()
+    (other / "fake/y.png").symlink_to(other / "real/x.png")
+    with pytest.raises(UserError, match=r"fake/y\.png.*real/x\.png|real/x\.png.*fake/y\.png"):
+        scan_folder(other)
+
+
+def test_every_extension_pillow_opens_is_accepted_and_others_are_counted(tmp_path, capsys):
+    from PIL import Image, features
+
+    assert {".jfif", ".jpe", ".apng"} <= IMAGE_EXTENSIONS and IMAGE_EXTENSIONS <= ACCEPTED_EXTENSIONS
+    if features.check("avif"):
+        assert ".avif" in IMAGE_EXTENSIONS
+    for name in ("a.jfif", "b.JPE", "c.avif", "d.heic", "e.heic", "f.txt", "noext", "g.jpg"):
+        touch(tmp_path, f"fake/gen/{name}")
+    got = set(scan_folder(tmp_path)["path"].to_list())
+    accepted = {f"fake/gen/{n}" for n in ("a.jfif", "b.JPE", "g.jpg")}
+    assert accepted <= got and not any(p.endswith((".heic", ".txt", "noext")) for p in got)
+    err = " ".join(capsys.readouterr().err.split())
+    skipped = 4 + (".avif" not in IMAGE_EXTENSIONS)
+    assert f"skipped {skipped} files with other extensions (.heic 2, " in err
+    assert ".txt 1" in err and "(no extension) 1" in err
+    assert ".heic" not in IMAGE_EXTENSIONS or Image.registered_extensions().get(".heic")
+
+
+def test_no_image_error_names_the_skipped_extensions(tmp_path):
+    touch(tmp_path, "fake/a.heic")
+    with pytest.raises(UserError, match=r"no images found.*skipped 1 files with other extensions \(\.heic 1\)"):
+        scan_folder(tmp_path)
+
+
+def test_sources_differing_only_in_case_are_warned_about(tmp_path, capsys):
+    touch(tmp_path, "fake/GAN/a.png")
+    touch(tmp_path, "fake/gan/b.png")
+    touch(tmp_path, "fake/sd/c.png")
+    rows, _ = load_inputs(tmp_path)
+    assert sorted(set(rows["source"])) == ["GAN", "gan", "sd"]  # kept apart, as named
+    err = " ".join(capsys.readouterr().err.split())
+    assert "differ only in case" in err and "GAN" in err and "gan" in err and "sd" not in err.split("(")[-1]
 
 
 def test_scan_errors(tmp_path):
@@ -324,3 +407,30 @@ def test_load_inputs_dispatch_and_errors(tmp_path):
         load_inputs(tmp_path, columns={"path": "x"})
     with pytest.raises(UserError, match="does not exist"):
         load_inputs(tmp_path / "nothing")
+
+
+def test_unknown_split_values_are_refused_listing_them_or_mapped(tmp_path):
+    write_images(tmp_path, [f"img{i}.png" for i in range(6)])
+    splits = ["training", "training", "Valid", "TEST", "", "holdout"]
+    lines = "".join(f"img{i}.png,1,{s}\n" for i, s in enumerate(splits))
+    (tmp_path / "m.csv").write_text("path,label,split\n" + lines)
+    with pytest.raises(UserError) as err:
+        read_manifest(tmp_path / "m.csv")
+    message = str(err.value)
+    assert "\n" not in message and "'training' (2)" in message and "'holdout' (1)" in message
+    assert "--split-map training=train" in message and "Valid" not in message
+    rows = read_manifest(tmp_path / "m.csv", split_map={"Training": "train", "holdout": "test"})
+    assert rows["split"].to_list() == ["train", "train", "val", "test", "", "test"]
+    with pytest.raises(UserError, match=r"--split-map holdout=.*'later'.*train, val, test"):
+        read_manifest(tmp_path / "m.csv", split_map={"training": "train", "holdout": "later"})
+
+
+def test_parse_split_map():
+    from dfclip.store.format import parse_split_map
+
+    assert parse_split_map([]) == {}
+    assert parse_split_map(["training=train", " Dev = VALIDATION ", "none="]) == {
+        "training": "train", "dev": "val", "none": ""}
+    for bad in (["training"], ["=train"], ["a=b"], ["a=train", "A=val"]):
+        with pytest.raises(UserError):
+            parse_split_map(bad)
