@@ -418,7 +418,8 @@ def pool_table(frame_scores: pl.DataFrame, pool: str = "mean", temperature: floa
     frame_scores: one row per scored crop, with columns path, video (the video file a frame row
     comes from), frame (the frame index, -1 for a still image), score (probability of fake) and
     label (1 fake, 0 real, -1 unknown). Rows with frame >= 0 are pooled per video with
-    pool_groups (the same maths as the video-level metrics); a still image stays one row.
+    pool_groups (the same maths as the video-level metrics); every other row (a still image, or
+    one face of it) stays a row of its own, as does a frame row without a video.
     Returns path (the video, or the image), n_frames (distinct frames scored; 1 for an image),
     n_faces (rows scored: several faces of one frame are several rows), score (pooled, in the input
     scores' dtype), pred (1 when score >= threshold, compared in that dtype as predict does for
@@ -426,8 +427,8 @@ def pool_table(frame_scores: pl.DataFrame, pool: str = "mean", temperature: floa
     sorted by path.
     """
     check_pool(pool, temperature)
-    is_frame = pl.col("frame") >= 0
-    rows = frame_scores.with_columns(pl.when(is_frame).then(pl.col("video")).otherwise(pl.col("path")).alias("_key"))
+    in_video = (pl.col("frame") >= 0) & pl.col("video").is_not_null() & (pl.col("video") != "")
+    rows = frame_scores.with_columns(pl.when(in_video).then(pl.col("video")).otherwise(pl.col("path")).alias("_key"))
     names, codes = _group_codes(rows["_key"], torch.device("cpu"))
     dtype = rows["score"].to_numpy().dtype
     frames = torch.from_numpy(rows["score"].to_numpy().astype(np.float64)).unsqueeze(0)

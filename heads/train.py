@@ -120,10 +120,11 @@ def validate_epoch(head: Head, val: EvalSet, *, l2_normalize: bool = False, prec
     finite = torch.isfinite(logits).all(1)
     logits = torch.where(finite[:, None], logits, 0.0)
     val_loss = F.binary_cross_entropy_with_logits(logits, val.y.float().expand_as(logits), reduction="none").mean(1)
-    val_auc, val_eer = metrics.auc_and_eer(torch.sigmoid(logits), val.y)
+    probs = torch.sigmoid(logits)
+    val_auc, val_eer = metrics.auc_and_eer(probs, val.y)
     video_auc = torch.full_like(val_auc, math.nan)
     if video is not None:
-        video_auc = metrics.roc_auc(metrics.video_scores(torch.sigmoid(logits), video, pool, temperature), video.labels)
+        video_auc = metrics.roc_auc(metrics.video_scores(probs, video, pool, temperature), video.labels)
     return (*(torch.where(finite, v, math.nan) for v in (val_loss, val_auc, val_eer)), finite,
             torch.where(finite, video_auc, math.nan))
 

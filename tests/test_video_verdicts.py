@@ -286,3 +286,15 @@ def test_predict_prints_one_video_in_one_line(fitted, dfhead, tmp_path, monkeypa
     assert seen["pool"] is None and seen["frame_scores"] == frames_csv  # None: the run's pooling
     line = [l for l in out.splitlines() if l.startswith("fake/a.mp4")]
     assert len(line) == 1 and "fake, score" in line[0] and "lse T=0.05 over 3 frames, 4 faces" in line[0], out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("pool,temperature", POOLS)
+def test_cuda_pools_as_the_cpu(frames, pool, temperature):
+    scores, labels, groups = frames
+    cpu = metrics.video_scores(torch.from_numpy(scores), metrics.video_index(groups, torch.from_numpy(labels)), pool,
+                               temperature)
+    index = metrics.video_index(groups, torch.from_numpy(labels).cuda())
+    gpu = metrics.video_scores(torch.from_numpy(scores).cuda(), index, pool, temperature)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-12, atol=1e-12)
+    assert index.labels.is_cuda and index.codes.is_cuda
