@@ -365,8 +365,11 @@ def _print_report(run_dir: Path) -> None:
         if rep.get(name):
             t.add_row(name, *(fmt(rep[name].get(c)) for c in cols))
             if rep[name].get("video"):
-                t.add_row(f"{name} (video, {_pooling(rep[name]['video'])})", *(fmt(rep[name]["video"].get(c)) for c in cols))
+                t.add_row(f"{name} video", *(fmt(rep[name]["video"].get(c)) for c in cols))
     out.print(t)
+    pooled = {_pooling(rep[name]["video"]) for name in ("val", "holdout") if (rep.get(name) or {}).get("video")}
+    if pooled:  # one pooling per run
+        out.print(f"video rows: one score per video, its frames' scores pooled by {pooled.pop()}", highlight=False)
     for name in ("val", "holdout"):
         ps = (rep.get(name) or {}).get("per_source") or {}
         if ps:

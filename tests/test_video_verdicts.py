@@ -261,6 +261,10 @@ def test_cli_reports_name_the_pooling(videos, fitted, dfhead, tmp_path):
     assert "frames pooled by max" in out and "n=200 videos" in out
     code, out, err = dfhead("eval", fitted)
     assert code == 0 and "frames pooled by lse T=0.05" in out, err
+    code, out, err = dfhead("fit", videos, "--epochs", "1", "--head", "linear", "--video-pool", "max",
+                            "--runs-dir", tmp_path / "runs", "--device", "cpu")
+    assert code == 0, err
+    assert "val video" in out and "frames' scores pooled by max" in out, out
     code, _, err = dfhead("eval", fitted, "--pool", "max")
     assert code == 2 and "give --store STORE" in err and len(err.strip().splitlines()) == 1
     code, _, err = dfhead("predict", fitted, "--store", videos, "--pool", "median", "--out", tmp_path / "s.csv")
