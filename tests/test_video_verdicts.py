@@ -264,7 +264,7 @@ def test_cli_reports_name_the_pooling(videos, fitted, dfhead, tmp_path):
     code, out, err = dfhead("fit", videos, "--epochs", "1", "--head", "linear", "--video-pool", "max",
                             "--runs-dir", tmp_path / "runs", "--device", "cpu")
     assert code == 0, err
-    assert "val video" in out and "frames' scores pooled by max" in out, out
+    assert "frames' scores pooled by max" in out, out
     code, _, err = dfhead("eval", fitted, "--pool", "max")
     assert code == 2 and "give --store STORE" in err and len(err.strip().splitlines()) == 1
     code, _, err = dfhead("predict", fitted, "--store", videos, "--pool", "median", "--out", tmp_path / "s.csv")
