@@ -407,13 +407,26 @@ def _print_report(run_dir: Path) -> None:
         if rep.get(name):
             t.add_row(name, *(fmt(rep[name].get(c)) for c in cols))
             if rep[name].get("video"):
-                t.add_row(f"{name} (video)", *(fmt(rep[name]["video"].get(c)) for c in cols))
+                t.add_row(f"{name} video", *(fmt(rep[name]["video"].get(c)) for c in cols))
     out.print(t)
+    pooled = {_pooling(rep[name]["video"]) for name in ("val", "holdout") if (rep.get(name) or {}).get("video")}
+    if pooled:  # one pooling per run
+        out.print(f"video rows: one score per video, its frames' scores pooled by {pooled.pop()}", highlight=False)
     for name in ("val", "holdout"):
         ps = (rep.get(name) or {}).get("per_source") or {}
         if ps:
             out.print(f"{name} per source: " + ", ".join(
                 f"{s or '(none)'} auc={fmt(v['auc'])} acc={fmt(v['acc'])} n={v['n']}" for s, v in ps.items()))
+
+
+def _pooling(video: dict) -> str:
+    """How a report's video-level numbers pooled the frames: "mean", "max", "lse T=0.1"."""
+    pool = video.get("pool", "mean")  # reports written before pooling was a setting used the mean
+    return f"lse T={video['temperature']:g}" if pool == "lse" else pool
+
+
+POOL_HELP = "How a video's frame scores become its score: mean, max or lse (log-sum-exp with --temperature)."
+TEMPERATURE_HELP = "Temperature of --pool lse, in probability units (small: near the max; large: near the mean)."
 
 
 @head_app.command("eval")
@@ -424,6 +437,8 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     split: Annotated[Optional[str], typer.Option(help="Only the stores' rows of this split (e.g. test).", show_default="every labelled row")] = None,
     precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
+    pool: Annotated[Optional[str], typer.Option(help=POOL_HELP + " For the video-level metrics of a --store.", show_default="the run's --video-pool")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=TEMPERATURE_HELP, show_default="the run's --pool-temperature")] = None,
 ) -> None:
     """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video).
 
@@ -451,7 +466,11 @@ def eval_(
     store_dir = store_dirs[0] if store_dirs else None
     if split is not None and store_dir is None:
         raise UserError("--split selects rows of a --store; give --store STORE")
-    rep = evaluate_run(run, store_dir, device=device, split=split, precision=precision, log=_warn)
+    if (pool is not None or temperature is not None) and store_dir is None:
+        raise UserError("--pool and --temperature re-score a --store (the run's report used its own --video-pool); "
+                        "give --store STORE")
+    rep = evaluate_run(run, store_dir, device=device, split=split, precision=precision, log=_warn, pool=pool,
+                       temperature=temperature)
     if as_json:
         out.print_json(json.dumps(rep))
         return
@@ -461,6 +480,10 @@ def eval_(
             out.print(f"{k:>16}  {v}")
     for s, v in (rep.get("per_source") or {}).items():
         out.print(f"{'source ' + (s or '(none)'):>16}  auc={v['auc']}  acc={v['acc']}  n={v['n']}")
+    if rep.get("video"):
+        v = rep["video"]
+        out.print(f"{'video':>16}  auc={v['auc']}  ap={v['ap']}  eer={v['eer']}  acc={v['acc']}  n={v['n']} videos  "
+                  f"(frames pooled by {_pooling(v)})", highlight=False, soft_wrap=True)
 
 
 @head_app.command()
@@ -472,32 +495,48 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding workers when embedding images.")] = 2,
+    pool: Annotated[Optional[str], typer.Option(help=POOL_HELP, show_default="the run's --video-pool")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=TEMPERATURE_HELP, show_default="the run's --pool-temperature")] = None,
+    frame_scores: Annotated[Optional[Path], typer.Option(help="Also write every scored frame (or face) to this CSV: path, video, frame, face_index, score, label.")] = None,
 ) -> None:
-    """Score a store or images with a trained run, using the threshold chosen at fit time.
+    """Score a store or images and videos with a trained run, using the threshold chosen at fit time.
 
-    Images that cannot be read are listed with their reason in OUT's sibling NAME.failures.csv;
-    when none can be scored the command fails.
+    A video gets one row (path, n_frames, n_faces, score, pred, label): its frames' scores pooled by
+    --pool; still images keep one row each. Images that cannot be read are listed with their reason in
+    OUT's sibling NAME.failures.csv; when none can be scored the command fails.
     """
     from dfclip.heads.report import check_writable_file
 
     if (images is None) == (store_dir is None):
         raise UserError("give either IMAGES (a folder or file) or --store STORE, not both")
     check_writable_file(out_csv, "--out")
+    if frame_scores is not None:
+        check_writable_file(frame_scores, "--frame-scores")
+    pooling = {"pool": pool, "temperature": temperature, "frame_scores": frame_scores}
     failures_csv = out_csv.with_name(f"{out_csv.stem}.failures.csv")
     failures_csv.unlink(missing_ok=True)  # never leave an earlier run's failures beside new scores
     if images is not None:
         from dfclip.pipeline import predict_images
 
         df = predict_images(run, images, device=device, workers=workers, failures_csv=failures_csv, precision=precision,
-                            log=_warn)
+                            log=_warn, **pooling)
     else:
         from dfclip.heads.run import predict_store
 
-        df = predict_store(run, store_dir, device=device, precision=precision, log=_warn)
+        df = predict_store(run, store_dir, device=device, precision=precision, log=_warn, **pooling)
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())
     out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real",
               highlight=False)
+    if images is not None and images.is_file() and "n_frames" in df.columns and df.height == 1:  # one video
+        from dfclip.heads.report import load_run_config
+        from dfclip.heads.run import run_pooling
+
+        v = df.row(0, named=True)
+        used = run_pooling(load_run_config(run), pool, temperature)
+        how = f"lse T={used[1]:g}" if used[0] == "lse" else used[0]
+        out.print(f"{v['path']}: {'fake' if v['pred'] else 'real'}, score {v['score']:.4f} "
+                  f"({how} over {v['n_frames']} frames, {v['n_faces']} faces)", highlight=False, soft_wrap=True)
     if failures_csv.is_file():
         import polars as pl
 
@@ -579,7 +618,8 @@ def sweep(
         settings = [c for c in varying_columns(board) if c != "seed"]
         show = settings + ["seeds"] + (["diverged"] if "diverged" in board.columns and board["diverged"].sum() else []) + (
             ["stop_epoch"] if halving else []) + [
-            c for c in ("val_auc_mean", "val_auc_std", "val_loss_mean", "val_eer_mean", "holdout_auc_mean")
+            c for c in ("val_auc_mean", "val_auc_std", "val_video_auc_mean", "val_loss_mean", "val_eer_mean",
+                        "holdout_auc_mean")
             if c in board.columns]
         with pl.Config(tbl_rows=50, float_precision=4, tbl_width_chars=160):
             out.print(_full_floats(board.select(show), settings))

@@ -50,7 +50,8 @@ def _alive(pid: int) -> bool:
 
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",
                    workers: int = 2, progress: bool = True, failures_csv: str | os.PathLike | None = None,
-                   precision: str = "auto", log: Callable[[str], None] = print) -> pl.DataFrame:
+                   precision: str = "auto", log: Callable[[str], None] = print, pool: str | None = None,
+                   temperature: float | None = None, frame_scores: str | os.PathLike | None = None) -> pl.DataFrame:
     """Score a folder of images (or one image file) with a trained run.
 
     The images are embedded exactly as the run's training store was (same model, weights,
@@ -63,15 +64,20 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     path. Images that cannot be read get no row: they are written with their reason to
     `failures_csv` (path, error, message) when given. Raises UserError when the run cannot
     rebuild its backbone (e.g. imported embeddings) or when no image could be read.
+    Videos among the inputs are scored frame by frame and come back as one row per video (path,
+    n_frames, n_faces, score, pred, label; still images keep one row each), the frames pooled by
+    `pool` (mean, max or lse with `temperature`; None = the run's --video-pool), as
+    heads.run.verdicts does; `frame_scores` (a CSV path) receives the per-frame scores.
     """
     from dfclip import store
     from dfclip.embed.extract import extract_like
     from dfclip.heads.report import load_run_config
-    from dfclip.heads.run import predict_store
+    from dfclip.heads.run import predict_store, run_pooling
 
     from dfclip.store.format import feature_blocks
 
     config = load_run_config(run_dir)
+    run_pooling(config, pool, temperature)  # a bad --pool is refused before anything is embedded
     # Exactly the run's feature: the projected embedding always, plus the blocks it reads (if any).
     blocks = feature_blocks(config["run"]["feature"])
     remove_dead_temps()
@@ -86,5 +92,6 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
                 if failures is not None else "no images found"
             where = f"; listed in {failures_csv}" if failures is not None and failures_csv is not None else ""
             raise UserError(f"none of the images in {images} could be scored ({reasons}){where}")
-        return predict_store(run_dir, summary["store"], device=device, precision=precision, log=log)
+        return predict_store(run_dir, summary["store"], device=device, precision=precision, log=log, pool=pool,
+                             temperature=temperature, frame_scores=frame_scores)
 

@@ -102,11 +102,20 @@ class RunConfig:
     holdout_sources: tuple[str, ...] = setting(
         (), "Hold a source out of train and val and report it as an unseen generator (repeatable).",
         default_text="none", sweep=ONE_VALUE, option="holdout_source")
-    select: str = setting("auc", "Keep the epoch with the best val auc, lowest val loss, or the last.",
-                          choices=("auc", "loss", "last"), section="Selection and threshold")
+    select: str = setting("auc", "Keep the epoch with the best val auc, the best val video_auc (the AUC over "
+                                 "videos, each scored by --video-pool over its frames; needs validation rows with a "
+                                 "group, e.g. a video), the lowest val loss, or the last.",
+                          choices=("auc", "video_auc", "loss", "last"), section="Selection and threshold")
     patience: int = setting(0, "Stop after this many epochs without improvement; 0 = never stop early.")
     threshold: str = setting("eer", "Decision threshold saved with the run: eer, a probability like 0.5, or "
                                     "fpr@RATE like fpr@0.01.")
+    # Frame probabilities, not logits, are pooled: heads.metrics explains why (the note above VIDEO_POOLS).
+    video_pool: str = setting("mean", "How a video's frame scores (probabilities) become its score, for video-level "
+                                      "metrics, --select video_auc and predict's per-video rows: mean, max, or lse "
+                                      "(T * log(mean(exp(p / T))), between the mean and the max).",
+                              choices=("mean", "max", "lse"), sweep=ONE_VALUE)
+    pool_temperature: float = setting(0.1, "Temperature T of --video-pool lse, in probability units: T -> 0 gives "
+                                           "the max, a large T the mean.", sweep=ONE_VALUE)
     precision: str = setting("auto", "Precision of the head's hidden matmuls: bf16 (float32 weights, optimizer, "
                                      "BatchNorm, logits, losses and metrics), fp32, or auto = bf16 on CUDA and on "
                                      "CPUs with native bf16 (AVX512-BF16 / AMX), else fp32. config.json records "
@@ -286,6 +295,8 @@ def _range_problems(cfg: RunConfig) -> list[str]:
         bad("dropout", f"must be in [0, 1), got {cfg.dropout}")
     if not 0 < cfg.val_frac < 1:
         bad("val_frac", f"must be in (0, 1), got {cfg.val_frac}")
+    if cfg.pool_temperature <= 0:
+        bad("pool_temperature", f"must be > 0, got {cfg.pool_temperature}")
     if not 0 < cfg.fake_rate < 1:
         bad("fake_rate", f"must be in (0, 1), got {cfg.fake_rate}")
     for name, allowed in CHOICES.items():

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from dfclip.errors import UserError
-from dfclip.heads.config import parse_threshold
+from dfclip.heads.config import CHOICES, FIELDS, parse_threshold
 
 TPR_AT_FPR_TARGETS = (0.01, 0.05)
 
@@ -323,22 +323,123 @@ def _per_source(scores: Tensor, labels: Tensor, sources: list[str], threshold: f
     ]
 
 
-def _video_level(scores: Tensor, labels: Tensor, groups: list) -> tuple[Tensor, Tensor] | None:
-    """Mean frame score per group [K, G] and group labels [G]; rows with an empty/None group are ignored."""
+# Video verdicts pool the frame PROBABILITIES of a video, with every pooling alike:
+# - mean of frame probabilities is the usual video-level score of face-forgery benchmarks and what
+#   dfclip reported before pooling was a choice, so default numbers do not move;
+# - a pooled probability stays within its frames' range, so the run's threshold (picked on frame
+#   probabilities) still means something for the pooled score;
+# - max is the same on either scale (the sigmoid is monotone), and lse over probabilities runs
+#   from the mean (T -> inf) to the max (T -> 0) of the same numbers, so the three are one family;
+# - metrics receive probabilities: a float32 sigmoid is exactly 1 past logit ~17, so logits could
+#   not be recovered from them anyway.
+VIDEO_POOLS = CHOICES["video_pool"]  # RunConfig's --video-pool
+# In probability units; the default 0.1: a frame 0.1 more likely fake weighs e times more.
+DEFAULT_POOL_TEMPERATURE = FIELDS["pool_temperature"].default
+
+
+def check_pool(pool: str, temperature: float, *, options: tuple[str, str] = ("--pool", "--temperature")) -> None:
+    """UserError naming the option (`options`: the pool's and the temperature's) for an unknown pooling or a
+    temperature that is not a finite number > 0."""
+    if pool not in VIDEO_POOLS:
+        raise UserError(f"{options[0]} must be one of {', '.join(VIDEO_POOLS)}, got {pool!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise UserError(f"{options[1]} must be a number > 0 (the lse pooling's temperature, in probability units), "
+                        f"got {temperature!r}")
+
+
+def pool_groups(scores: Tensor, codes: Tensor, n_groups: int, pool: str = "mean",
+                temperature: float = DEFAULT_POOL_TEMPERATURE) -> Tensor:
+    """Pooled score per group [K, G] (float64) of frame probabilities `scores` [K, M], batched over the K heads.
+
+    codes [M]: each row's group, 0..n_groups-1 (every group has a row). Pools (see VIDEO_POOLS):
+    - mean: the mean frame probability;
+    - max: the highest frame probability (one fake frame condemns the video);
+    - lse: T * log(mean(exp(p / T))) over the frame probabilities p: a smooth maximum that lies
+      between the mean (T -> inf) and the max (T -> 0); computed as max + T * log(mean(exp((p - max) / T)))
+      so exp never overflows, whatever T.
+    Probabilities, not logits, for all three: see the note above VIDEO_POOLS.
+    """
+    check_pool(pool, temperature, options=("pool", "temperature"))
+    k = scores.shape[0]
+    frames = scores.double()
+    zeros = torch.zeros(k, n_groups, dtype=torch.float64, device=scores.device)
+    counts = torch.bincount(codes, minlength=n_groups)
+    if pool == "mean":
+        return zeros.index_add(1, codes, frames) / counts
+    top = torch.full_like(zeros, -math.inf).scatter_reduce(1, codes.unsqueeze(0).expand(k, -1), frames, reduce="amax")
+    if pool == "max":
+        return top
+    spread = torch.exp((frames - top[:, codes]) / temperature)  # in (0, 1]; 1 at each group's max
+    return top + temperature * torch.log(zeros.index_add(1, codes, spread) / counts)
+
+
+class VideoIndex(NamedTuple):
+    """Which video each scored row belongs to, built once per evaluation set (per-epoch video AUC reuses it)."""
+
+    keep: Tensor  # [N] bool: rows with a video id (an empty or None group is no video)
+    codes: Tensor  # [M] int64: the video of each kept row, an index into names
+    names: list[str]  # G sorted video ids
+    labels: Tensor  # [G] int64: 1 when any of the video's frames is fake
+
+
+def video_index(groups: list, labels: Tensor) -> VideoIndex | None:
+    """The VideoIndex of rows with video ids `groups` [N] and labels [N] (on the device of labels); None
+    when no row has an id. A video with any fake frame is fake (a partly manipulated video is still fake)."""
     group_series = pl.Series("group", groups, dtype=pl.String)
     keep = (group_series.is_not_null() & (group_series != "")).to_numpy()
     if not keep.any():
         return None
-    _, codes = _group_codes(group_series.filter(pl.Series(keep)), scores.device)
-    keep = torch.from_numpy(keep).to(scores.device)
-    n_groups = int(codes.max()) + 1
-    frame_scores, frame_labels = scores[:, keep].double(), labels[keep]
-    sums = torch.zeros(scores.shape[0], n_groups, dtype=torch.float64, device=scores.device).index_add_(1, codes, frame_scores)
-    counts = torch.bincount(codes, minlength=n_groups)
-    # A group with any fake frame is a fake video (a partly manipulated video is still fake).
-    group_labels = torch.zeros(n_groups, dtype=torch.long, device=scores.device)
-    group_labels = group_labels.scatter_reduce(0, codes, frame_labels, reduce="amax")
-    return sums / counts, group_labels
+    names, codes = _group_codes(group_series.filter(pl.Series(keep)), labels.device)
+    keep = torch.from_numpy(keep).to(labels.device)
+    group_labels = torch.zeros(len(names), dtype=torch.long, device=labels.device)
+    group_labels = group_labels.scatter_reduce(0, codes, labels[keep].long(), reduce="amax")
+    return VideoIndex(keep, codes, names, group_labels)
+
+
+def video_scores(scores: Tensor, index: VideoIndex, pool: str = "mean",
+                 temperature: float = DEFAULT_POOL_TEMPERATURE) -> Tensor:
+    """Pooled video scores [K, G] of frame probabilities [K, N] (see pool_groups)."""
+    return pool_groups(scores[:, index.keep], index.codes, len(index.names), pool, temperature)
+
+
+def _video_level(scores: Tensor, labels: Tensor, groups: list, pool: str = "mean",
+                 temperature: float = DEFAULT_POOL_TEMPERATURE) -> tuple[Tensor, Tensor] | None:
+    """Pooled frame scores per group [K, G] and group labels [G]; rows with an empty/None group are ignored."""
+    index = video_index(groups, labels)
+    if index is None:
+        return None
+    return video_scores(scores, index, pool, temperature), index.labels
+
+
+def pool_table(frame_scores: pl.DataFrame, pool: str = "mean", temperature: float = DEFAULT_POOL_TEMPERATURE,
+               threshold: float = 0.5) -> pl.DataFrame:
+    """One verdict per video, and per still image, from a table of scored rows: what `dfhead predict` writes.
+
+    frame_scores: one row per scored crop, with columns path, video (the video file a frame row
+    comes from), frame (the frame index, -1 for a still image), score (probability of fake) and
+    label (1 fake, 0 real, -1 unknown). Rows with frame >= 0 are pooled per video with
+    pool_groups (the same maths as the video-level metrics); every other row (a still image, or
+    one face of it) stays a row of its own, as does a frame row without a video.
+    Returns path (the video, or the image), n_frames (distinct frames scored; 1 for an image),
+    n_faces (rows scored: several faces of one frame are several rows), score (pooled, in the input
+    scores' dtype), pred (1 when score >= threshold, compared in that dtype as predict does for
+    frames) and label (a video with any fake frame is fake; -1 only when no frame is labelled),
+    sorted by path.
+    """
+    check_pool(pool, temperature)
+    in_video = (pl.col("frame") >= 0) & pl.col("video").is_not_null() & (pl.col("video") != "")
+    rows = frame_scores.with_columns(pl.when(in_video).then(pl.col("video")).otherwise(pl.col("path")).alias("_key"))
+    names, codes = _group_codes(rows["_key"], torch.device("cpu"))
+    dtype = rows["score"].to_numpy().dtype
+    frames = torch.from_numpy(rows["score"].to_numpy().astype(np.float64)).unsqueeze(0)
+    pooled = pool_groups(frames, codes, len(names), pool, temperature)[0].numpy().astype(dtype)
+    per_key = (rows.group_by("_key")
+               .agg(pl.col("frame").n_unique().cast(pl.Int64).alias("n_frames"), pl.len().cast(pl.Int64).alias("n_faces"),
+                    pl.col("label").max().cast(pl.Int8)))
+    verdicts = pl.DataFrame({"_key": names, "score": pooled}).join(per_key, on="_key")
+    return (verdicts.rename({"_key": "path"})
+            .with_columns((pl.col("score") >= np.asarray(threshold, dtype=dtype).item()).cast(pl.Int8).alias("pred"))
+            .select("path", "n_frames", "n_faces", "score", "pred", "label").sort("path"))
 
 
 def evaluate(
@@ -348,6 +449,8 @@ def evaluate(
     sources: list[str] | None = None,
     groups: list[str] | None = None,
     threshold: float | Tensor = 0.5,
+    pool: str = "mean",
+    temperature: float = DEFAULT_POOL_TEMPERATURE,
 ) -> list[dict]:
     """Full report per head: a list of K JSON-serialisable dicts of python floats/ints/None.
 
@@ -360,9 +463,11 @@ def evaluate(
     - sources ([N] names): adds per_source = {source: {n, auc, acc}} where auc compares the
       source's fake rows with ALL real rows of the set (None for a source without fakes, or when
       the set has no reals) and acc is accuracy at `threshold` over the source's rows.
-    - groups ([N] ids, e.g. video ids): adds video = the same headline metrics on the mean frame
-      score per group; rows with an empty or None id are left out; a group is fake if ANY of its
-      frames is fake (max label), so mixed groups count as fake. None if no row has a group.
+    - groups ([N] ids, e.g. video ids): adds video = the same headline metrics on each group's
+      frame scores pooled by `pool` (mean, max or lse with `temperature`; see pool_groups), plus
+      "pool" and "temperature" (None unless lse) naming the pooling; rows with an empty or None id
+      are left out; a group is fake if ANY of its frames is fake (max label), so mixed groups count
+      as fake. None if no row has a group.
     """
     scores, labels = _prepare(scores, labels)
     n = labels.shape[0]
@@ -374,8 +479,10 @@ def evaluate(
         for report, per_source in zip(reports, _per_source(scores, labels, sources, threshold)):
             report["per_source"] = per_source
     if groups is not None:
-        video = _video_level(scores, labels, groups)
+        video = _video_level(scores, labels, groups, pool, temperature)
         video_reports = _headline(*video, threshold) if video is not None else [None] * len(reports)
+        pooling = {"pool": pool, "temperature": float(temperature) if pool == "lse" else None}
+        video_reports = [r if r is None else r | pooling for r in video_reports]
         for report, video_report in zip(reports, video_reports):
             report["video"] = video_report
     return reports

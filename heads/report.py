@@ -259,8 +259,9 @@ def flat_metrics(report: dict, prefix: str) -> dict:
     """Headline numbers of a metrics report as flat columns (`val_auc`, `holdout_eer`, ...)."""
     keep = ("auc", "ap", "eer", "acc", "acc@0.5", "balanced_acc", "f1_macro", "tpr@fpr=0.01", "tpr@fpr=0.05")
     out = {f"{prefix}_{k}": report.get(k) for k in keep}
-    if report.get("video"):
-        out[f"{prefix}_video_auc"] = report["video"].get("auc")
+    if report.get("video"):  # pooled by the run's --video-pool, a settings column of the same row
+        for k in ("auc", "ap", "eer"):
+            out[f"{prefix}_video_{k}"] = report["video"].get(k)
     for src, v in (report.get("per_source") or {}).items():
         # Rows without a source ("") are no generator of their own: a `val_auc[]` column would
         # only repeat val_auc (all fakes unnamed) or be empty.
@@ -286,8 +287,8 @@ def result_row(result) -> dict:
 
 
 def selection_order(select: str) -> tuple[str, bool]:
-    """(column, descending) that ranks runs for --select: lowest val loss, else highest val AUC."""
-    return ("val_loss", False) if select == "loss" else ("val_auc", True)
+    """(column, descending) that ranks runs for --select: lowest val loss, highest val video AUC, else highest val AUC."""
+    return {"loss": ("val_loss", False), "video_auc": ("val_video_auc", True)}.get(select, ("val_auc", True))
 
 
 def leaderboard(rows: pl.DataFrame, select: str = "auc", *, halving: bool = False

@@ -236,12 +236,15 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
 
 def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
                  device: str = "auto", split: str | None = None, precision: str = "auto",
-                 log: Callable[[str], None] = print) -> dict:
+                 log: Callable[[str], None] = print, pool: str | None = None,
+                 temperature: float | None = None) -> dict:
     """Metrics of a trained run on a store (default: its validation numbers from report.json).
 
     split: only the store's rows of this split (e.g. "test"); None = every labelled row.
     precision: of the head's hidden matmuls on the store (heads.precision: auto, fp32 or bf16). Rows
     whose embeddings are NaN or inf are left out, with one warning line through `log`.
+    pool, temperature: how the video-level metrics ("video", over the rows' groups) pool frame
+    scores (heads.metrics.pool_groups); None = the run's --video-pool / --pool-temperature.
     """
     run_dir = Path(run_dir)
     if store_dir is None:
@@ -251,11 +254,12 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
         return json.loads((run_dir / "report.json").read_text())
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
-    return _evaluate_loaded(head, config, store.open(store_dir), dev, split, precision, log)
+    return _evaluate_loaded(head, config, store.open(store_dir), dev, split, precision, log, pool=pool,
+                            temperature=temperature)
 
 
 def _evaluate_loaded(head, config: dict, s: store.Store, dev: torch.device, split: str | None, precision: str,
-                     log: Callable[[str], None]) -> dict:
+                     log: Callable[[str], None], *, pool: str | None = None, temperature: float | None = None) -> dict:
     """evaluate_run on a loaded run and an open store (a robustness table loads the run once)."""
     _check_same_model(config, s)
     rows = s.select(label=[0, 1], split=split)
@@ -267,7 +271,18 @@ def _evaluate_loaded(head, config: dict, s: store.Store, dev: torch.device, spli
     scores = _scores(head, config, x, dev, precision)
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
-    return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"])[0]
+    pool, temperature = run_pooling(config, pool, temperature)
+    return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"],
+                            pool=pool, temperature=temperature)[0]
+
+
+def run_pooling(config: dict, pool: str | None = None, temperature: float | None = None) -> tuple[str, float]:
+    """(pool, temperature) for a run's video verdicts: the given ones, else the run's settings (config.json "run"),
+    checked (a UserError naming --pool / --temperature)."""
+    pool = config["run"]["video_pool"] if pool is None else pool
+    temperature = config["run"]["pool_temperature"] if temperature is None else temperature
+    metrics.check_pool(pool, temperature)
+    return pool, temperature
 
 
 ROBUSTNESS_METRICS = ("auc", "ap", "eer", "acc")
@@ -343,21 +358,59 @@ def _finite(x: np.ndarray, rows: pl.DataFrame, s: store.Store, log: Callable[[st
 
 
 def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto",
-                  precision: str = "auto", log: Callable[[str], None] = print) -> pl.DataFrame:
+                  precision: str = "auto", log: Callable[[str], None] = print, pool: str | None = None,
+                  temperature: float | None = None, frame_scores: str | os.PathLike | None = None) -> pl.DataFrame:
     """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store.
 
     precision: of the head's hidden matmuls (heads.precision: auto, fp32 or bf16).
     Rows whose embeddings are NaN or inf get no score: they are left out, with one warning line through `log`.
+    When rows are video frames (a `frame` column >= 0), the table has one row per video instead
+    (see `verdicts`): frames pooled by `pool` / `temperature` (None = the run's), and
+    `frame_scores` (a CSV path) receives the per-row scores.
     """
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
+    run_pooling(config, pool, temperature)  # refused before scoring, with or without videos
     s = store.open(store_dir)
     _check_same_model(config, s)
     x, rows = _finite(*s.load(feature=config["run"]["feature"]), s, log)
     scores = _scores(head, config, x, dev, precision)[0]
     scores = scores.cpu().numpy()
-    return pl.DataFrame({"path": rows["path"], "score": scores,
-                         "pred": (scores >= config["threshold"]).astype(np.int8), "label": rows["label"]}).sort("path")
+    return verdicts(rows, scores, config, pool=pool, temperature=temperature, frame_scores=frame_scores)
+
+
+FRAME_SUFFIX = r"#f\d+(@\d+)?$"  # a video row's path is VIDEO#fNNNNNN, plus @K for its face K
+
+
+def frame_table(rows: pl.DataFrame, scores: np.ndarray) -> pl.DataFrame:
+    """Per-row scores: path, video (the video file of a frame row, "" for a still image), frame (-1 for a
+    still image, and for every row of a store without a `frame` column), face_index (null without the
+    column), score and label."""
+    frame = rows["frame"].cast(pl.Int64) if "frame" in rows.columns else pl.Series([-1] * rows.height, dtype=pl.Int64)
+    face = rows["face_index"].cast(pl.Int64) if "face_index" in rows.columns else pl.Series([None] * rows.height,
+                                                                                              dtype=pl.Int64)
+    table = pl.DataFrame({"path": rows["path"], "frame": frame.fill_null(-1), "face_index": face,
+                          "score": scores, "label": rows["label"]})
+    video = pl.when(pl.col("frame") >= 0).then(pl.col("path").str.replace(FRAME_SUFFIX, "")).otherwise(pl.lit(""))
+    return table.with_columns(video.alias("video")).select("path", "video", "frame", "face_index", "score", "label")
+
+
+def verdicts(rows: pl.DataFrame, scores: np.ndarray, config: dict, *, pool: str | None = None,
+             temperature: float | None = None, frame_scores: str | os.PathLike | None = None) -> pl.DataFrame:
+    """predict's table from scored store rows and a run's config.json.
+
+    Without video frames among the rows: path, score, pred, label, one row per image. With them:
+    heads.metrics.pool_table's one row per video (and per still image), path, n_frames, n_faces,
+    score, pred, label, the frames pooled by `pool` / `temperature` (None = the run's) and judged at
+    the run's threshold. frame_scores: also write the per-row scores (frame_table) to this CSV.
+    """
+    table = frame_table(rows, scores)
+    if frame_scores is not None:
+        table.sort("path").write_csv(frame_scores)
+    if not (table["frame"] >= 0).any():
+        return pl.DataFrame({"path": rows["path"], "score": scores,
+                             "pred": (scores >= config["threshold"]).astype(np.int8), "label": rows["label"]}).sort("path")
+    return metrics.pool_table(table, *run_pooling(config, pool, temperature), config["threshold"])
 
 
 def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:
@@ -381,6 +434,7 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:
                      "alpha": r.get("cvar_alpha"), "gamma": r.get("auc_gamma"), "rho": r.get("sam_rho"),
                      "lr": r.get("lr"), "epochs": r.get("epochs"), "seed": r.get("seed"), "feature": r.get("feature", "proj"),
                      "val_auc": (rep.get("val") or {}).get("auc"), "val_eer": (rep.get("val") or {}).get("eer"),
+                     "val_video_auc": ((rep.get("val") or {}).get("video") or {}).get("auc"),
                      "holdout_auc": (rep.get("holdout") or {}).get("auc"), "modified": cfg_path.stat().st_mtime})
     if not rows:
         raise UserError(f"no runs under {runs_dir}; train one with `dfhead fit`")

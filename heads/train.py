@@ -106,19 +106,43 @@ def predict_logits(head: Head, x: torch.Tensor, *, l2_normalize: bool = False, p
     return torch.cat(out, dim=1) if out else torch.empty(head.k, 0, device=x.device)
 
 
-def validate_epoch(head: Head, val: EvalSet, *, l2_normalize: bool = False, precision: str = "fp32"
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(val_loss, val_auc, val_eer, finite), each [K]: all K models on the same rows, one batched pass.
+def validate_epoch(head: Head, val: EvalSet, *, l2_normalize: bool = False, precision: str = "fp32",
+                   video: metrics.VideoIndex | None = None, pool: str = "mean",
+                   temperature: float = metrics.DEFAULT_POOL_TEMPERATURE
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(val_loss, val_auc, val_eer, finite, val_video_auc), each [K]: all K models on the same rows, one batched pass.
 
-    A diverged head (non-finite logits, e.g. too high an lr) must not stop the others: it
-    scores NaN on all three and finite=False, so it never counts as improved.
+    val_video_auc is the AUC over the videos of `video` (val's VideoIndex), each scored by `pool`
+    over its frames; NaN without one. A diverged head (non-finite logits, e.g. too high an lr) must
+    not stop the others: it scores NaN on all and finite=False, so it never counts as improved.
     """
     logits = predict_logits(head, val.x, l2_normalize=l2_normalize, precision=precision)
     finite = torch.isfinite(logits).all(1)
     logits = torch.where(finite[:, None], logits, 0.0)
     val_loss = F.binary_cross_entropy_with_logits(logits, val.y.float().expand_as(logits), reduction="none").mean(1)
-    val_auc, val_eer = metrics.auc_and_eer(torch.sigmoid(logits), val.y)
-    return (*(torch.where(finite, v, math.nan) for v in (val_loss, val_auc, val_eer)), finite)
+    probs = torch.sigmoid(logits)
+    val_auc, val_eer = metrics.auc_and_eer(probs, val.y)
+    video_auc = torch.full_like(val_auc, math.nan)
+    if video is not None:
+        video_auc = metrics.roc_auc(metrics.video_scores(probs, video, pool, temperature), video.labels)
+    return (*(torch.where(finite, v, math.nan) for v in (val_loss, val_auc, val_eer)), finite,
+            torch.where(finite, video_auc, math.nan))
+
+
+def val_video_index(data: Data, cfgs: list[RunConfig]) -> metrics.VideoIndex | None:
+    """The validation set's VideoIndex (None when its rows have no group); a one-line UserError when a
+    config selects by video AUC and there are no videos to compute it on."""
+    index = metrics.video_index(data.val.groups, data.val.y) if data.val.groups is not None else None
+    if not any(c.select == "video_auc" for c in cfgs):
+        return index
+    if index is None:
+        raise UserError("--select video_auc needs videos in the validation set, but none of its rows has a group "
+                        "(a video id); use --select auc, or validate on rows with a group column")
+    if index.labels.min() == index.labels.max():  # a video AUC needs both classes, or it is NaN every epoch
+        raise UserError(f"--select video_auc needs real and fake videos in the validation set, but its "
+                        f"{len(index.names)} videos are all {'fake' if int(index.labels[0]) else 'real'}; "
+                        "use --select auc, or give validation rows of both classes a group")
+    return index
 
 
 class BestStates:
@@ -132,6 +156,7 @@ class BestStates:
         k, device = head.k, next(head.parameters()).device
         self.select, self.patience = select, patience
         self.best = {n: t.detach().clone() for n, t in head.state_dict().items()}
+        # The --select score of the kept epoch: val loss (lower is better), else val AUC or video AUC.
         self.score = torch.full((k,), math.inf if select == "loss" else -math.inf, device=device)
         self.epoch = torch.zeros(k, dtype=torch.long, device=device)
         self.stale = torch.zeros(k, dtype=torch.long, device=device)
@@ -146,16 +171,19 @@ class BestStates:
         return new.nonzero().flatten().tolist()
 
     def update(self, head: Head, epoch: int, val_loss: torch.Tensor, val_auc: torch.Tensor,
-               finite: torch.Tensor) -> None:
-        """Keep the weights of every still-running model whose val score improved this epoch."""
+               finite: torch.Tensor, val_video_auc: torch.Tensor | None = None) -> None:
+        """Keep the weights of every still-running model whose val score improved this epoch.
+
+        val_video_auc [K] is the score of --select video_auc (a NaN never counts as improved)."""
+        score = {"loss": val_loss, "video_auc": val_video_auc}.get(self.select, val_auc)
         if self.select == "last":
             improved = torch.ones_like(self.stopped)
         elif self.select == "loss":
             improved = val_loss < self.score
         else:
-            improved = val_auc > self.score
+            improved = score > self.score
         improved &= ~self.stopped & finite
-        self.score = torch.where(improved, val_loss if self.select == "loss" else val_auc, self.score)
+        self.score = torch.where(improved, score, self.score)
         self.epoch = torch.where(improved, torch.full_like(self.epoch, epoch), self.epoch)
         self.stale = torch.where(improved, torch.zeros_like(self.stale), self.stale + 1)
         for n, t in head.state_dict().items():
@@ -177,10 +205,11 @@ class BestStates:
 
 
 def _log_epoch(log: Callable[[str], None], epoch: int, epochs: int, values: list[list[float]], seconds: float) -> None:
-    tl, vl, va, ve = values
+    tl, vl, va, ve, *vv = values
     if len(tl) == 1:
+        video = f"val_video_auc {vv[0][0]:.4f}  " if vv and math.isfinite(vv[0][0]) else ""
         log(f"epoch {epoch:3d}/{epochs}  loss {tl[0]:.4f}  val_loss {vl[0]:.4f}  val_auc {va[0]:.4f}  "
-            f"val_eer {ve[0]:.4f}  {seconds:.1f}s")
+            f"val_eer {ve[0]:.4f}  {video}{seconds:.1f}s")
     else:
         finite = [v for v in va if math.isfinite(v)]  # diverged heads score NaN
         auc = f"val_auc best {max(finite):.4f} mean {sum(finite) / len(finite):.4f}" if finite else "no finite val_auc"
@@ -242,6 +271,7 @@ class GroupRun:
         self.steps, self.keep_last = _batches_per_epoch(c0, data.y.numel(), self.batch_size)
         self.total, self.warmup = c0.epochs * self.steps, int(c0.warmup_epochs * self.steps)
         self.best = BestStates(self.head, c0.select, c0.patience)
+        self.video = val_video_index(data, cfgs)  # per-epoch video AUC; --select video_auc needs it
         self.rows: list[dict] = []
         self.step, self.epoch, self.done, self.seconds = 0, 0, False, 0.0
 
@@ -289,16 +319,17 @@ class GroupRun:
                 self.step += 1
                 if bar is not None:
                     bar.advance()
-            val_loss, val_auc, val_eer, finite = validate_epoch(head, data.val, l2_normalize=c0.l2_normalize,
-                                                                precision=c0.precision)
-            self.best.update(head, epoch, val_loss, val_auc, finite)
+            val_loss, val_auc, val_eer, finite, val_video_auc = validate_epoch(
+                head, data.val, l2_normalize=c0.l2_normalize, precision=c0.precision, video=self.video,
+                pool=c0.video_pool, temperature=c0.pool_temperature)
+            self.best.update(head, epoch, val_loss, val_auc, finite, val_video_auc)
             seconds = time.perf_counter() - te
-            values = [v.tolist() for v in (train_loss / max(1, len(batches)), val_loss, val_auc, val_eer)]
+            values = [v.tolist() for v in (train_loss / max(1, len(batches)), val_loss, val_auc, val_eer, val_video_auc)]
             for i, active in enumerate((~self.best.stopped).tolist()):
                 if active:
                     self.rows.append({"model": self.ids[i], "epoch": epoch, "train_loss": values[0][i],
                                       "val_loss": values[1][i], "val_auc": values[2][i], "val_eer": values[3][i],
-                                      "seconds": seconds})
+                                      "val_video_auc": values[4][i], "seconds": seconds})
             _log_epoch(self.log, epoch, c0.epochs, values, seconds)
             for i in self.best.mark_diverged(epoch, ~torch.isfinite(train_loss) | ~finite):
                 self.log(f"diverged at epoch {epoch} (loss {values[0][i]:g}): {_per_model_text(self.cfgs[i])}; "
@@ -356,7 +387,7 @@ class GroupRun:
 
 
 HISTORY_SCHEMA = {"model": pl.Int64, "epoch": pl.Int64, "train_loss": pl.Float64, "val_loss": pl.Float64,
-                  "val_auc": pl.Float64, "val_eer": pl.Float64, "seconds": pl.Float64}
+                  "val_auc": pl.Float64, "val_eer": pl.Float64, "val_video_auc": pl.Float64, "seconds": pl.Float64}
 
 
 def train_group(data: Data, cfgs: list[RunConfig], *, log: Callable[[str], None] = print,
@@ -404,7 +435,8 @@ def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame
     thresholds = torch.cat([metrics.pick_threshold(c.threshold, scores["val"][i:i + 1], data.val.y)
                             for i, c in enumerate(cfgs)])
     reports = {name: metrics.evaluate(scores[name], s.y, sources=s.meta["source"].to_list(), groups=s.groups,
-                                      threshold=thresholds) for name, s in sets.items()}
+                                      threshold=thresholds, pool=c0.video_pool, temperature=c0.pool_temperature)
+               for name, s in sets.items()}
     host = {name: (scores[name].cpu().numpy(), s.y.cpu().numpy()) for name, s in sets.items()}
     return [
         RunResult(cfg, head.select([i]), history.filter(pl.col("model") == i).drop("model"), best_epoch[i],
@@ -462,6 +494,7 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
             for note in loaded.notes:
                 log(note)
             note_small_batches(loaded, mine, log)
+            val_video_index(loaded, mine)  # --select video_auc without videos: refused before any training
             for i, r in zip(idx, _train_groups(loaded, mine, log=log, progress=progress, halving=halving)):
                 results[i] = r
         return results, loaded

@@ -76,7 +76,8 @@ def test_generated_signature_is_what_typer_reads(command):
 
 def test_choices_and_errors_come_from_the_fields():
     assert C.CHOICES == {"head": ("mlp", "linear", "layermix"), "auc_kind": ("logistic", "squared_hinge", "clamped_logistic"),
-                         "loss": ("bce", "vs"), "select": ("auc", "loss", "last"), "schedule": ("cosine", "sp_cup"),
+                         "loss": ("bce", "vs"), "select": ("auc", "video_auc", "loss", "last"),
+                         "schedule": ("cosine", "sp_cup"), "video_pool": ("mean", "max", "lse"),
                          "objective": ("dfclip", "sp_cup:erm", "sp_cup:dag", "sp_cup:auc", "sp_cup:vs",
                                        "sp_cup:vs_cvar_auc"),
                          "precision": ("auto", "fp32", "bf16")}
