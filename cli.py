@@ -535,8 +535,9 @@ def predict(
         v = df.row(0, named=True)
         used = run_pooling(load_run_config(run), pool, temperature)
         how = f"lse T={used[1]:g}" if used[0] == "lse" else used[0]
+        faces = f", {v['n_faces']} faces" if v["n_faces"] != v["n_frames"] else ""  # one row per frame: say frames
         out.print(f"{v['path']}: {'fake' if v['pred'] else 'real'}, score {v['score']:.4f} "
-                  f"({how} over {v['n_frames']} frames, {v['n_faces']} faces)", highlight=False, soft_wrap=True)
+                  f"({how} over {v['n_frames']} frames{faces})", highlight=False, soft_wrap=True)
     if failures_csv.is_file():
         import polars as pl
 

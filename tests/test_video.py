@@ -251,3 +251,38 @@ def test_a_relabelled_video_keeps_its_frames_and_a_deleted_one_is_pruned(tmp_pat
     manifest.write_text("path,label\nv/real/yt/a.mp4,fake\nv/real/yt/b.mkv,real\nv/fake/df/c.webm,fake\n")
     rep = extract(manifest=manifest, out=tmp_path / "st", config=tiny(frames=3), progress=False)
     assert rep["embedded"] == 3
+
+
+def test_fit_reports_video_auc_and_predict_pools_one_video(tmp_path, dfembed, dfhead):
+    """The chain of the README: extract real/ and fake/ videos, fit (frame- and video-level report),
+    predict one video (one pooled line) and a folder (one row per video, its frames on request)."""
+    import polars as pl
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "v"
+    for label in ("real", "fake"):
+        (folder / label).mkdir(parents=True)
+        for i in range(8):
+            frames = media.numbered_frames(12).astype(np.int16) + rng.integers(-20, 20, (12, 64, 96, 3))
+            if label == "fake":
+                frames[:, ::2, ::2] += 60  # a trace the tiny random model can pick up
+            media.write_video(folder / label / f"v{i}.mp4", np.clip(frames, 0, 255).astype(np.uint8))
+    tiny_args = ["--model", "dfclip-tiny", "--pretrained", "none", "--workers", 0, "--no-progress"]
+    assert dfembed("extract", folder, "--out", tmp_path / "st", "--frames", 4, *tiny_args)[0] == 0
+    code, out, err = dfhead("fit", tmp_path / "st", "--runs-dir", tmp_path / "runs", "--name", "r", "--epochs", 3)
+    assert code == 0, err
+    report = __import__("json").loads((tmp_path / "runs" / "r" / "report.json").read_text())
+    assert report["val"]["video"]["pool"] == "mean" and report["val"]["video"]["n"] >= 2
+    code, out, err = dfhead("predict", tmp_path / "runs" / "r", folder / "fake" / "v3.mp4", "--out",
+                            tmp_path / "one.csv", "--frame-scores", tmp_path / "frames.csv", "--workers", 0)
+    assert code == 0, err
+    frames = pl.read_csv(tmp_path / "frames.csv")
+    assert frames["frame"].to_list() == sample_positions(12, 4)
+    one = pl.read_csv(tmp_path / "one.csv")
+    assert one["path"].to_list() == ["v3.mp4"] and one["n_frames"].to_list() == [4]
+    assert abs(one["score"][0] - frames["score"].mean()) < 1e-6  # the mean of its frames' probabilities
+    assert f"v3.mp4: {'fake' if one['pred'][0] else 'real'}, score {one['score'][0]:.4f} (mean over 4 frames)" in \
+        " ".join(out.split())
+    code, _, err = dfhead("predict", tmp_path / "runs" / "r", folder, "--out", tmp_path / "all.csv", "--workers", 0)
+    table = pl.read_csv(tmp_path / "all.csv")
+    assert code == 0 and table.height == 16 and set(table["n_frames"]) == {4}
