@@ -26,6 +26,12 @@ ViT-L/14): a one-pixel pattern in a 256 px file would be averaged away before th
 
 File format (jpg/png/webp) and size (64-256 px) are drawn per video independently of the label,
 so neither is a shortcut. Output is byte-identical for a given seed.
+
+`write_demo_videos` (`dfembed demo --videos`) writes short H.264 videos instead, for the face
+stage: the bundled face detector finds no face in the cartoons, so every frame shows a real face
+photo (scikit-image's astronaut) gliding, turning and zooming over a background, with the same
+per-source traces drawn on a grid scaled to the face, so that the aligned crop the model sees
+spans about TRACE_GRID cells.
 """
 
 import os
