@@ -279,17 +279,29 @@ def extract_cmd(
 @embed_app.command()
 def demo(
     out_dir: Annotated[Path, typer.Argument(help="New or empty folder to write the demo images into.")] = Path("images"),
-    n_per_source: Annotated[int, typer.Option(help="Images per fake source (real sources get half).")] = 40,
+    n_per_source: Annotated[int | None, typer.Option(
+        help="Images per fake source (real sources get half); with --videos, videos per source.",
+        show_default="40 images, 4 videos")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical images.")] = 0,
+    videos: Annotated[bool, typer.Option(
+        "--videos", help="Write short mp4 videos of a real face photo (scikit-image's astronaut) instead, "
+        "for `dfembed extract --faces`.")] = False,
 ) -> None:
     """Write a small labelled demo image folder (cartoon faces: 2 real and 3 fake sources) to try dfclip on."""
-    from dfclip.embed.demo import make_demo_images
-
-    folder = make_demo_images(out_dir, n_per_source=n_per_source, seed=seed)
-    n = sum(1 for p in folder.rglob("*") if p.is_file() and p.name != "manifest.csv")
-    out.print(f"wrote {n} demo images and manifest.csv to {folder}", highlight=False)
     import shlex
 
+    from dfclip.embed.demo import make_demo_images, write_demo_videos
+
+    if videos:
+        folder = write_demo_videos(out_dir, n_per_source=4 if n_per_source is None else n_per_source, seed=seed)
+        n = sum(1 for _ in folder.rglob("*.mp4"))
+        out.print(f"wrote {n} demo videos and manifest.csv to {folder}\nnext (offline, tiny random-init model):\n"
+                  f"  dfembed extract {shlex.quote(str(out_dir))} --frames 8 --faces largest "
+                  "--model dfclip-tiny --pretrained none\n  dfhead fit --cvar-alpha 0.3", highlight=False, soft_wrap=True)
+        return
+    folder = make_demo_images(out_dir, n_per_source=40 if n_per_source is None else n_per_source, seed=seed)
+    n = sum(1 for p in folder.rglob("*") if p.is_file() and p.name != "manifest.csv")
+    out.print(f"wrote {n} demo images and manifest.csv to {folder}", highlight=False)
     images = shlex.quote(str(out_dir))  # the hints must paste as they are, even with spaces in the path
     out.print("next, with OpenAI CLIP ViT-L-14 weights reachable (online or cached):\n"
               f"  dfembed extract {images}\n  dfhead fit --cvar-alpha 0.3\n"

@@ -26,6 +26,12 @@ ViT-L/14): a one-pixel pattern in a 256 px file would be averaged away before th
 
 File format (jpg/png/webp) and size (64-256 px) are drawn per video independently of the label,
 so neither is a shortcut. Output is byte-identical for a given seed.
+
+`write_demo_videos` (`dfembed demo --videos`) writes short H.264 videos instead, for the face
+stage: the bundled face detector finds no face in the cartoons, so every frame shows a real face
+photo (scikit-image's astronaut) gliding, turning and zooming over a background, with the same
+per-source traces drawn on a grid scaled to the face, so that the aligned crop the model sees
+spans about TRACE_GRID cells.
 """
 
 import os
@@ -152,33 +158,34 @@ def _cells(side: int, n: int) -> np.ndarray:
     return np.arange(side) * n // side
 
 
-def _grain(rng: np.random.Generator, sigma: float, side: int) -> np.ndarray:
-    """Camera-like grain and fine texture, one value per cell of a TRACE_GRID x TRACE_GRID grid."""
-    at = _cells(side, TRACE_GRID)
-    return _noise(rng, sigma, (TRACE_GRID, TRACE_GRID, 3))[at][:, at]
+def _grain(rng: np.random.Generator, sigma: float, side: int, grid: int = TRACE_GRID) -> np.ndarray:
+    """Camera-like grain and fine texture, one value per cell of a grid x grid grid."""
+    at = _cells(side, grid)
+    return _noise(rng, sigma, (grid, grid, 3))[at][:, at]
 
 
-def _add_trace(pixels: np.ndarray, source: str, rng: np.random.Generator) -> np.ndarray:
+def _add_trace(pixels: np.ndarray, source: str, rng: np.random.Generator, grid: int = TRACE_GRID) -> np.ndarray:
     """The capture (real) or generator (fake) fingerprint of `source`, applied to one frame.
 
     Traces are drawn on a grid of TRACE_GRID cells across the image, whatever its size: an image is
     resized to the model's input before CLIP sees it, and a trace at the scale of single pixels of
-    a 256 px file would be averaged away (the tiny demo model sees 64 px).
+    a 256 px file would be averaged away (the tiny demo model sees 64 px). Video frames pass a finer
+    `grid`, so that the face crop the model sees spans about TRACE_GRID cells.
     """
     side = pixels.shape[0]
-    unit = side / TRACE_GRID  # file pixels per grid cell
+    unit = side / grid  # file pixels per grid cell
     if source in REAL_SOURCES:  # fine sensor grain and skin texture
-        return pixels + _grain(rng, rng.uniform(8.0, 12.0), side)
+        return pixels + _grain(rng, rng.uniform(8.0, 12.0), side, grid)
     if source == "stylegan2":  # transposed-convolution upsampling: a checkerboard of 2-cell period
-        parity = _cells(side, TRACE_GRID // 2) % 2
+        parity = _cells(side, grid // 2) % 2
         checker = np.where(parity[:, None] == parity[None, :], 1.0, -1.0).astype(np.float32)
-        return pixels + 7.0 * checker[..., None] + _grain(rng, 5.0, side)
+        return pixels + 7.0 * checker[..., None] + _grain(rng, 5.0, side, grid)
     if source == "sd15":  # latent diffusion: smoothed high frequencies and the 8x decoder's faint grid
-        wave = np.cos(2 * np.pi * _cells(side, TRACE_GRID) / 8).astype(np.float32)
+        wave = np.cos(2 * np.pi * _cells(side, grid) / 8).astype(np.float32)
         return _smooth(pixels, 1.2 * unit) + 5.0 * np.outer(wave, wave)[..., None]
     if source == "dalle":  # another diffusion model: lighter smoothing, little grain, a warm cast
         warm = np.array([6.0, 2.0, -6.0], dtype=np.float32)
-        return _smooth(pixels, 0.6 * unit) + warm + _grain(rng, 3.0, side)
+        return _smooth(pixels, 0.6 * unit) + warm + _grain(rng, 3.0, side, grid)
     raise ValueError(f"unknown demo source {source!r}")
 
 
@@ -231,5 +238,108 @@ def make_demo_images(out_dir: str | os.PathLike, *, n_per_source: int = 40, seed
                     "split": splits[video],
                     "group": f"{source}/vid{video:03d}",
                 })
+    pl.DataFrame(rows).sort("path").write_csv(out / "manifest.csv")
+    return out
+
+
+# ---------------------------------------------------------------- videos
+# The astronaut portrait that ships with scikit-image (skimage.data.astronaut(), a public-domain
+# NASA photo): a real face, which the bundled detector finds, unlike the drawn cartoons above.
+ASTRONAUT_HEAD = (140, 20, 310, 215)  # x0, y0, x1, y1 of the head (hair to neck) in the 512 px photo
+ASTRONAUT_FACE_WIDTH = 86.7  # px: the width of MTCNN's box around the face in the photo
+ASTRONAUT_FACE_CENTRE = (224.4 - 140, 117.1 - 20)  # its centre, in head-crop pixels
+VIDEO_FPS = 10
+VIDEO_CRF = 14  # libx264 quality: high enough that the procedural traces survive compression
+FACE_CROP_WIDTHS = 2.0  # an aligned crop at --face-scale 1.3 spans about 2 face-box widths
+
+
+def _astronaut_head() -> np.ndarray:
+    try:
+        from skimage.data import astronaut
+    except ImportError:
+        raise UserError("demo videos use scikit-image's astronaut photo; install it with: "
+                        "pip install scikit-image") from None
+    x0, y0, x1, y1 = ASTRONAUT_HEAD
+    return np.ascontiguousarray(astronaut()[y0:y1, x0:x1])
+
+
+def _feather(h: int, w: int, border: float = 0.08) -> np.ndarray:
+    """Alpha [h, w] in [0, 255]: opaque inside, fading out over `border` of each side."""
+    ramp = lambda n: np.clip(np.minimum(np.arange(n) + 0.5, n - np.arange(n) - 0.5) / (border * n), 0, 1)  # noqa: E731
+    return np.outer(ramp(h), ramp(w)) * 255
+
+
+def _video_frames(head: np.ndarray, source: str, rng: np.random.Generator, n_frames: int, size: int) -> np.ndarray:
+    """One video's frames [n, size, size, 3]: the head gliding, turning and zooming a little over a
+    gradient background, with `source`'s trace on every frame."""
+    width = size * rng.uniform(0.28, 0.38)  # face box width
+    start, end = rng.uniform(0.3, 0.7, size=(2, 2)) * size
+    angles = rng.uniform(-12, 12) + np.linspace(0, rng.uniform(-10, 10), n_frames)
+    zooms = np.linspace(1.0, rng.uniform(0.85, 1.15), n_frames)
+    gain = rng.uniform(0.85, 1.15, size=3)  # per-video colour and lighting
+    t = np.linspace(0.0, 1.0, size)[:, None, None]
+    background = (1 - t) * rng.uniform(0, 255, size=3) + t * rng.uniform(0, 255, size=3)
+    background = np.broadcast_to(background, (size, size, 3)).astype(np.float32)
+    face = Image.fromarray(np.clip(head * gain, 0, 255).astype(np.uint8), "RGB")
+    alpha = Image.fromarray(_feather(*head.shape[:2]).astype(np.uint8), "L")
+    grid = 2 * round(TRACE_GRID * size / (FACE_CROP_WIDTHS * width) / 2)  # even: stylegan2's checker halves it
+    frames = np.empty((n_frames, size, size, 3), np.uint8)
+    for i in range(n_frames):
+        centre = start + (end - start) * i / max(n_frames - 1, 1)
+        scale = width * zooms[i] / ASTRONAUT_FACE_WIDTH
+        theta = np.deg2rad(angles[i])
+        # frame -> head pixels, the inverse of: rotate by theta (counter-clockwise on screen), scale, move
+        inverse = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]) / scale
+        offset = np.asarray(ASTRONAUT_FACE_CENTRE) - inverse @ centre
+        coeffs = (*inverse[0], offset[0], *inverse[1], offset[1])
+        rgb = face.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BICUBIC)
+        a = np.asarray(alpha.transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR),
+                       dtype=np.float32)[..., None] / 255
+        pixels = a * np.asarray(rgb, dtype=np.float32) + (1 - a) * background
+        frames[i] = np.clip(_add_trace(pixels, source, rng, grid), 0, 255).round().astype(np.uint8)
+    return frames
+
+
+def _write_mp4(path: Path, frames: np.ndarray) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=VIDEO_FPS)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": str(VIDEO_CRF), "preset": "veryfast"}
+        for pixels in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def write_demo_videos(out_dir: str | os.PathLike, *, n_per_source: int = 4, frames: int = 8, size: int = 192,
+                      seed: int = 0) -> Path:
+    """Write short labelled demo videos into the empty or new `out_dir`; returns its absolute path.
+
+    Layout: real/{ffhq,celeba}/vidNNN.mp4, fake/{stylegan2,sd15,dalle}/vidNNN.mp4 (`n_per_source`
+    videos each, `frames` frames of size x size at 10 fps, H.264) and manifest.csv (path, label,
+    source, split; whole videos per split). Every frame shows the astronaut face from scikit-image
+    moving over a background, which the bundled face detector finds, with its source's procedural
+    trace (see the module docstring) drawn on a grid that scales with the face, so the aligned face
+    crop the model sees spans about TRACE_GRID cells. The same seed gives the same frames.
+    """
+    if n_per_source < 1 or frames < 1 or size < 32 or size % 2:
+        raise UserError(f"demo videos need n_per_source >= 1, frames >= 1 and an even size >= 32; "
+                        f"got {n_per_source}, {frames}, {size}")
+    out = Path(os.path.abspath(os.path.expanduser(out_dir)))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"demo folder {out} already exists and is not empty; pass a new or empty folder")
+    head = _astronaut_head()
+    rows: list[dict] = []
+    for source_index, source in enumerate(REAL_SOURCES + FAKE_SOURCES):
+        label = int(source in FAKE_SOURCES)
+        folder = out / ("fake" if label else "real") / source
+        folder.mkdir(parents=True, exist_ok=True)
+        splits = _split_of_videos(n_per_source, np.random.default_rng([seed, source_index, 3]))
+        for video in range(n_per_source):
+            rng = np.random.default_rng([seed, source_index, 2, video])
+            _write_mp4(folder / f"vid{video:03d}.mp4", _video_frames(head, source, rng, frames, size))
+            rows.append({"path": f"{folder.relative_to(out).as_posix()}/vid{video:03d}.mp4", "label": label,
+                         "source": source, "split": splits[video]})
     pl.DataFrame(rows).sort("path").write_csv(out / "manifest.csv")
     return out

@@ -18,8 +18,8 @@ Detector: MTCNN from facenet-pytorch 2.6.0 (registered as "mtcnn"). Why it:
   is what DeepfakeBench's 5-point alignment uses (it gets them from dlib's 81-point model);
 - it runs batched on a torch device (a [T, H, W, 3] tensor of equal-size frames in one call).
 Its metadata pins torch < 2.3, so it cannot be a declared dependency: it is installed with
-`pip install --no-deps facenet-pytorch==2.6.0 requests` (it imports requests) and runs with
-current torch. Alternatives considered: dlib (HOG detector + landmark files downloaded
+`pip install requests && pip install --no-deps facenet-pytorch==2.6.0` (INSTALL_LINE; requests is
+the one package it imports that dfclip does not bring) and runs with current torch. Alternatives considered: dlib (HOG detector + landmark files downloaded
 separately, the most common breakage of DeepfakeBench's preprocessing), insightface / RetinaFace
 (weights downloaded at run time; insightface's are for non-commercial use only), OpenCV's Haar
 cascades (no landmarks; ship only in opencv 4.x wheels), mediapipe's BlazeFace (models only in
@@ -49,7 +49,9 @@ import torch.nn.functional as F
 from dfclip.errors import UserError
 from dfclip.store.format import sha256_file
 
-INSTALL_LINE = "pip install --no-deps facenet-pytorch==2.6.0 requests"
+# requests (imported by facenet_pytorch) goes in with its own dependencies; facenet-pytorch without its
+# pins (torch < 2.3, numpy < 2, Pillow < 10.3), which would downgrade dfclip's.
+INSTALL_LINE = "pip install requests && pip install --no-deps facenet-pytorch==2.6.0"
 MODES = ("largest", "all")
 # Left eye, right eye, nose, left mouth corner, right mouth corner ("left" = the image's left,
 # as MTCNN orders them), in unit coordinates of the face square (x right, y down).

@@ -152,3 +152,43 @@ def test_cli_hints_paste_as_they_are_with_spaces(tmp_path, monkeypatch, capsys):
     assert exit_.value.code in (0, None)
     hints = [line.strip() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("dfembed extract")]
     assert hints and all(shlex.split(h)[2] == str(folder) for h in hints)
+
+
+def decode(path: Path) -> np.ndarray:
+    import av
+
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_demo_videos_layout_faces_traces_and_determinism(tmp_path):
+    pytest.importorskip("skimage")
+    from dfclip.embed.demo import write_demo_videos
+
+    out = write_demo_videos(tmp_path / "v", n_per_source=3, frames=3, size=128, seed=1)
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.mp4"))
+    assert files == sorted(f"{'fake' if s in FAKE_SOURCES else 'real'}/{s}/vid00{i}.mp4"
+                           for s in REAL_SOURCES + FAKE_SOURCES for i in range(3))
+    manifest = pl.read_csv(out / "manifest.csv")
+    assert manifest["path"].to_list() == files
+    assert manifest.select((pl.col("label") == pl.col("path").str.starts_with("fake/").cast(pl.Int64)).all()).item()
+    assert (manifest.group_by("source").agg(pl.col("split").n_unique())["split"] == 3).all()  # train, val, test
+    videos = {f: decode(out / f) for f in files}
+    assert {v.shape for v in videos.values()} == {(3, 128, 128, 3)}
+    # the real sources' grain survives H.264; sd15's smoothing shows
+    rough = {s: np.mean([roughness(v.mean(-1)) for f, v in videos.items() if f"/{s}/" in f]) for s in ["ffhq", "sd15"]}
+    assert rough["sd15"] < 0.8 * rough["ffhq"]
+    again = write_demo_videos(tmp_path / "again", n_per_source=1, frames=3, size=128, seed=1)  # vid000 of each
+    assert all(np.array_equal(decode(again / f), videos[f]) for f in files if f.endswith("vid000.mp4"))
+    with pytest.raises(UserError, match="not empty"):
+        write_demo_videos(out)
+
+    pytest.importorskip("facenet_pytorch")
+    import torch
+
+    from dfclip.embed.faces import load_detector
+
+    detector = load_detector("mtcnn", "cpu")
+    for f, frames in videos.items():
+        found = detector.detect(torch.from_numpy(frames))
+        assert [len(faces) for faces in found] == [1, 1, 1], f

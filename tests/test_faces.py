@@ -189,7 +189,7 @@ def test_detector_errors_name_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "facenet_pytorch", None)  # import now raises ImportError
     with pytest.raises(UserError) as e:
         fc.load_detector("mtcnn")
-    assert "pip install --no-deps facenet-pytorch==2.6.0 requests" in str(e.value)
+    assert "install it with: pip install requests && pip install --no-deps facenet-pytorch==2.6.0" in str(e.value)
 
 
 # --- MTCNN ----------------------------------------------------------------------------------
