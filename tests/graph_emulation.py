@@ -78,7 +78,8 @@ class Recording:
             self.fresh = False
             return
         plain = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731  (kernels only, no autograd)
-        with torch.no_grad():
+        # kernels only: no autograd, and no torch-function layer (a replay runs no Python of the step)
+        with torch.no_grad(), torch._C.DisableTorchFunction():
             for func, args, kwargs, out in self.ops:
                 new = func(*tree_map(plain, args), **tree_map(plain, kwargs))
                 for old, now in zip(tree_flatten(out)[0], tree_flatten(new)[0]):
