@@ -11,6 +11,7 @@
 # start-up). gpu.sh installs .whl/ into /tmp/site and runs dfclip from this tree (no pip install needed).
 #
 #   bash bench/gpu.sh --dry-run    # every stage's Python on this CPU with tiny sizes (.venv), a few minutes
+#   bash bench/gpu.sh --plan       # the stages and their time limits only
 #
 # Stages (random weights throughout: weights do not change speed):
 #   1. extract: ViT-L-14, fp16, 20k generated 256 px JPEGs, vs decode+preprocess only, same workers;
@@ -22,8 +23,9 @@
 #   6. sweep_full: the K=24 MLP sweep over 1M rows x 10 epochs alone (target: under 20 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY=0
+DRY=0 PLAN=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
+[ "${1:-}" = "--plan" ] && PLAN=1  # print the stages and their limits, run nothing
 export PYTHONUNBUFFERED=1
 
 # Stage limits, seconds, for the GPU run. Each is an estimate from the CPU rehearsal (python 3.12,
@@ -54,6 +56,8 @@ STAGES=(extract graphs store fit sweep_ratio sweep_full)
 TOTAL=0
 for s in "${STAGES[@]}"; do TOTAL=$((TOTAL + LIMIT[$s])); done
 [ $TOTAL -le 480 ] || { echo "error: stage limits add up to ${TOTAL}s, more than 480s" >&2; exit 2; }
+plan() { echo "plan: $(for s in "${STAGES[@]}"; do printf '%s %ss, ' "$s" "${LIMIT[$s]}"; done)total ${TOTAL}s$1"; }
+[ $PLAN = 1 ] && { plan ""; exit 0; }
 
 if [ $DRY = 1 ]; then
   PY="${PY:-.venv/bin/python}"
@@ -115,8 +119,7 @@ else
   N_IMAGES=20000; MODEL=ViT-L-14; ROWS=1000000; DIM=768; BASE_ROWS=100000; K=24; EPOCHS=10; SCALE=1
   GRAPH_ROWS=50000
 fi
-echo "plan: $(for s in "${STAGES[@]}"; do printf '%s %ss, ' "$s" "${LIMIT[$s]}"; done)total ${TOTAL}s" \
-  "(limits x${SCALE} here)" | tee -a "$LOG"
+plan " (x${SCALE} here)" | tee -a "$LOG"
 
 stage() {  # name, command...: runs under the stage's limit (x SCALE), SIGKILL 10 s after SIGTERM
   local name=$1 limit=$((LIMIT[$1] * SCALE)); shift
