@@ -41,12 +41,28 @@ from dfclip.embed.extract import (DEFAULT_BATCH_SIZE, ImageFiles, default_worker
 from dfclip.embed.sources import scan_folder
 
 
-def make_images(folder: Path, n: int, size: int, seed: int = 0) -> None:
-    """n photo-like JPEGs (smooth colour fields plus sensor-like noise), quality 90, under folder/fake/bench."""
-    rng = np.random.default_rng(seed)
+def make_images(folder: Path, n: int, size: int, seed: int = 0, processes: int | None = None) -> None:
+    """n photo-like JPEGs (smooth colour fields plus sensor-like noise), quality 90, under folder/fake/bench.
+
+    Image i is drawn from its own seed (seed, i), so the images are the same however many processes
+    write them: at 2.2 ms per image, 20k images take 44 s in one process, 3 s on 15."""
     out = folder / "fake" / "bench"
     out.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    processes = processes or min(16, os.cpu_count() or 1)
+    chunks = [(out, range(a, min(n, a + 256)), size, seed) for a in range(0, n, 256)]
+    if processes <= 1 or len(chunks) <= 1:
+        for chunk in chunks:
+            _write_images(*chunk)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        pool.starmap(_write_images, chunks)
+
+
+def _write_images(out: Path, indices: range, size: int, seed: int) -> None:
+    for i in indices:
+        rng = np.random.default_rng((seed, i))
         coarse = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
         pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-8, 9, (size, size, 3))
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out / f"img{i:06d}.jpg", quality=90)
@@ -123,6 +139,8 @@ def main() -> None:
         "workers": workers, "cpus": os.cpu_count(), "images": len(paths), "size": args.size if args.images is None else None,
         "decode_images_per_s": round(n_dec / s_dec, 1), "extract_images_per_s": rep["images_per_s"],
         "ratio": round(rep["images_per_s"] / (n_dec / s_dec), 3),
+        # A failed or non-finite row is a broken run, not a fast one: the script then exits 1.
+        "embedded": rep["embedded"], "failed": rep["failed"], "non_finite": rep["non_finite"],
         "torch": torch.__version__,
     }
     print(f"\ndevice {results['device']}, model {args.model} ({precision}), batch {batch_size}, {workers} workers, "
@@ -133,6 +151,10 @@ def main() -> None:
     print(f"extract / decode = {results['ratio']:.2f}  (1.00: input-bound, the model keeps up with decoding)")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if rep["failed"] or rep["non_finite"]:
+        print(f"error: {rep['failed']} images failed, of which {rep['non_finite']} gave a non-finite embedding "
+              f"(see the store's failures): these figures are not a valid run", file=sys.stderr)
+        sys.exit(1)
 
 
 def compare_layers(args) -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Download the wheels the lent GPU machine lacks (it has python3.12 + torch, h5py, typer, rich,
-# timm, huggingface-hub, regex, tqdm, but no polars, open_clip_torch, ftfy or wcwidth and no
+# Download the wheels a GPU machine with python3.12 + torch lacks (it is expected to have h5py, typer, rich,
+# timm, huggingface-hub, torchvision, regex, tqdm (bench/gpu.sh checks them first), but no polars, open_clip_torch, ftfy or wcwidth and no
 # network) into .whl/ (git-ignored), for CPython 3.12 on manylinux x86_64. The versions are the
 # ones this checkout's .venv runs, so the GPU run tests the same code paths as CI.
 #   bash bench/gpu-wheels.sh [DEST]      # DEST defaults to .whl

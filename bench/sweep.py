@@ -56,9 +56,9 @@ TARGETS = {"cpu": 6.0, "cuda": 15.0}
 ALPHAS, GAMMAS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0), (0.0, 0.5)
 
 
-def grid_configs(head: str, k: int, epochs: int) -> list:
+def grid_configs(head: str, k: int, epochs: int, cuda_graphs: str = "auto") -> list:
     """K paper configs (SAM off) over alpha x gamma, then more seeds until there are K."""
-    base = make_config("paper", head=head, sam_rho=0.0, epochs=epochs)
+    base = make_config("paper", head=head, sam_rho=0.0, epochs=epochs, cuda_graphs=cuda_graphs)
     seeds = range(-(-k // (len(ALPHAS) * len(GAMMAS))))
     combos = itertools.product(seeds, ALPHAS, GAMMAS)
     return [dataclasses.replace(base, seed=s, cvar_alpha=a, auc_gamma=g) for s, a, g in itertools.islice(combos, k)]
@@ -145,7 +145,7 @@ def timed_train(store_dir, cfgs, device) -> tuple[float, float, tuple[int, int, 
 
 def bench_head(head: str, store_dir: Path, warm_dir: Path, args, device) -> dict:
     """Sweep and sequential fits of one head kind, --rounds times interleaved; best round of each side."""
-    cfgs = grid_configs(head, args.k, args.epochs)
+    cfgs = grid_configs(head, args.k, args.epochs, args.cuda_graphs)
     timed_train(warm_dir, cfgs[:2], device)  # warm-up: kernels, BLAS handles, allocator
     timed_train(warm_dir, cfgs[:1], device)
     n_seq = args.k if args.sequential_fits is None else min(args.sequential_fits, args.k)
@@ -190,7 +190,10 @@ def main() -> None:
                    help="use this store (a synthetic one is written there if it does not exist)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); on a busy shared machine 1 is steadier")
-    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the results here (after each head kind, so a run stopped later keeps the first)")
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "on", "off"),
+                   help="--cuda-graphs of every sweep and fit (a GPU only)")
     p.add_argument("--halving", action="store_true", help="the successive-halving comparison instead (see above)")
     p.add_argument("--eta", type=int, default=3)
     p.add_argument("--min-epochs", type=int, default=1)
@@ -218,8 +221,14 @@ def main() -> None:
             write_json(args.json, {"bench": "sweep --halving", "machine": info, "n_rows": n_rows, "dim": dim,
                                    "signal": signal, "target": 4.0, "result": result})
             return
-        results = [bench_head(h, store_dir, warm_dir, args, device) for h in kinds]
-    precision = resolve_precision("auto", device)  # what the configs' --precision auto runs at here
+        precision = resolve_precision("auto", device)  # what the configs' --precision auto runs at here
+        head_json = {"bench": "sweep", "machine": info, "n_rows": n_rows, "dim": dim, "rounds": args.rounds,
+                     "precision": precision, "cuda_graphs": args.cuda_graphs, "epochs": args.epochs, "k": args.k,
+                     "target": TARGETS.get(device.type)}
+        results = []
+        for h in kinds:
+            results.append(bench_head(h, store_dir, warm_dir, args, device))
+            write_json(args.json, {**head_json, "results": results})
     peak = matmul_peak_gflops(device, precision)
 
     target = TARGETS.get(device.type)
@@ -243,9 +252,7 @@ def main() -> None:
           "(GFLOP/s: the heads' matmul FLOPs over the time without loading)")
     if target:
         print(f"target >= {target:.0f}x on {device.type}; best of {args.rounds} round(s) per side")
-    write_json(args.json, {"bench": "sweep", "machine": info, "n_rows": n_rows, "dim": dim, "rounds": args.rounds,
-                           "precision": precision, "matmul_peak_gflops": peak,
-                           "epochs": args.epochs, "k": args.k, "target": target, "results": results})
+    write_json(args.json, {**head_json, "matmul_peak_gflops": peak, "results": results})
 
 
 if __name__ == "__main__":

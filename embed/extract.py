@@ -70,7 +70,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """"auto" is fp16 autocast on CUDA and fp32 elsewhere.
 
     fp16 keeps 10 mantissa bits to bf16's 7: against fp32 with the same weights its features
-    err about 8x less (notes/issue8.md), at the same speed, and CLIP's activations stay well
+    err about 8x less (bench/precision.py measures it), at the same speed, and CLIP's activations stay well
     inside fp16's range. The reference extracts in fp16 too, and the store keeps float16.
     `precision` is one of embed.config.PRECISIONS (EmbedConfig checks it)."""
     if precision != "auto":

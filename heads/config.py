@@ -120,6 +120,11 @@ class RunConfig:
                                      "BatchNorm, logits, losses and metrics), fp32, or auto = bf16 on CUDA and on "
                                      "CPUs with native bf16 (AVX512-BF16 / AMX), else fp32. config.json records "
                                      "the resolved value.", choices=("auto", "fp32", "bf16"), section="Compute")
+    cuda_graphs: str = setting("auto", "CUDA graphs on a GPU: on = each training step (forward, losses, backward, "
+                                       "SAM, AdamW) is captured once and replayed, one launch per step instead of "
+                                       "hundreds; off = eager steps; auto = on where the capture works, else eager "
+                                       "with one line saying why. No effect on a CPU.",
+                               choices=("auto", "on", "off"), sweep=ONE_VALUE)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -174,6 +174,12 @@ def pairwise_auc_loss(logits: Tensor, labels: Tensor, kind: str = "logistic", **
     entry = _entry(AUC_TERMS, kind, "AUC loss kind")
     if labels.dim() == 1 and logits.device.type == "cpu":
         return _shared_label_pairs(entry, logits, labels, options)
+    return _masked_pairs(entry, logits, labels, options)
+
+
+def _masked_pairs(entry: LossKind, logits: Tensor, labels: Tensor, options) -> Tensor:
+    """pairwise_auc_loss over the [.., B, B] pair matrix with a fake-real mask: no host read and the
+    same shapes whatever the labels (the GPU path, which a CUDA graph can capture)."""
     diff = logits.unsqueeze(-1) - logits.unsqueeze(-2)  # [.., i, j] = z_i - z_j
     is_pair = (labels == 1).unsqueeze(-1) & (labels == 0).unsqueeze(-2)  # i fake, j real
     pair_loss = entry.fn(diff, **_own(entry, options))

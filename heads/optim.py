@@ -3,7 +3,9 @@
 Every parameter has a leading model dimension K; model k's slice sees only its own
 gradient, so these behave exactly like K independent optimizers, one per head, without
 a Python loop over layers. Per-model hyperparameters are floats or [K] tensors. The
-steps never wait for the device (a per-model lr_scale given as a device tensor is the one exception).
+steps never wait for the device (a per-model lr_scale given as a device tensor is the one exception,
+unless the step is taken with on_device=True: then nothing leaves the device and the step can be
+captured in a CUDA graph, see heads/graphs.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def _per_model(value: float | Tensor, k: int, like: Tensor) -> Tensor:
 def _along_dim0(per_model: Tensor, p: Tensor) -> Tensor:
     """View a [K] tensor as [K, 1, 1, ...] so it broadcasts over the rest of `p`."""
     return per_model.to(p.dtype).view(-1, *([1] * (p.ndim - 1)))
+
+
+def _rows_by_hparams(hparams: list[tuple[float, float]]) -> dict[tuple[float, float], list[int]]:
+    """The models (rows) of each distinct (lr, weight decay), in first-seen order."""
+    out: dict[tuple[float, float], list[int]] = {}
+    for row, key in enumerate(hparams):
+        out.setdefault(key, []).append(row)
+    return out
 
 
 def _adjacent(rows: list[int]) -> list[tuple[int, int]]:
@@ -156,9 +166,15 @@ class BatchedAdamW(torch.optim.Optimizer):
             self.state[p] = {"step": n, "exp_avg": m, "exp_avg_sq": v}
 
     @torch.no_grad()
-    def step(self, lr_scale: float | Sequence[float] | Tensor = 1.0) -> None:
+    def step(self, lr_scale: float | Sequence[float] | Tensor = 1.0, on_device: bool = False) -> None:
         """One AdamW update of every parameter that has a gradient, lr multiplied by lr_scale:
-        one float, or one per model (a list, or a [K] tensor, which is read to the host)."""
+        one float, or one per model (a list, or a [K] tensor, which is read to the host).
+
+        on_device=True: lr_scale is a 0-dim or [K] tensor on the parameters' device and the step
+        never reads the host: see device_step."""
+        if on_device:
+            self.device_step(lr_scale)
+            return
         for group, flat in zip(self.param_groups, self.flat):
             has_grad = flat.gather_grads(group["params"])
             for p in (p for p, has in zip(group["params"], has_grad) if has):
@@ -207,6 +223,55 @@ class BatchedAdamW(torch.optim.Optimizer):
             torch._fused_adamw_(pick(flat.params), pick(flat.grads), pick(flat.exp_avg), pick(flat.exp_avg_sq), [],
                                 [flat.step_tensor] * len(blocks), lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd,
                                 eps=group["eps"], amsgrad=False, maximize=False)
+
+    def begin_device_steps(self) -> None:
+        """Set each group's device step counter to its step count, before device_step is used.
+
+        Every parameter of a group must have the same step count (true in training, where each
+        step updates them all)."""
+        for group, flat in zip(self.param_groups, self.flat):
+            steps = {self.state[p]["step"] for p in group["params"]}
+            if len(steps) != 1:
+                raise ValueError(f"device steps need one step count per param group, got {sorted(steps)}")
+            if flat.step_tensor is None:
+                flat.step_tensor = torch.zeros((), dtype=torch.float32, device=flat.params.device)
+            flat.step_tensor.fill_(steps.pop())
+            flat.step_value = -1  # the eager path refills it before its next step
+
+    def advance_host_steps(self, n: int = 1) -> None:
+        """Count n device steps in the host step counts (state_dict, select), which device_step leaves alone."""
+        for group, flat in zip(self.param_groups, self.flat):
+            for p in group["params"]:
+                self.state[p]["step"] += n
+            flat.step_value = -1
+
+    @torch.no_grad()
+    def device_step(self, lr_scale: Tensor) -> None:
+        """One AdamW update of every parameter, capture-safe: no host read, no allocation-dependent
+        branch, the same ops on the same buffers every call.
+
+        lr_scale: a 0-dim tensor (one schedule factor for all models) or [K] (one per model), on
+        the device. The step count lives on the device (begin_device_steps sets it, this adds 1),
+        so a replayed CUDA graph counts too; the host counts are the caller's (advance_host_steps).
+        Each distinct (lr, weight decay) among the models is one fused-kernel call with a tensor lr:
+        models with equal lr have equal scheduled lr under either schedule, so the grouping is static.
+        """
+        for group, flat in zip(self.param_groups, self.flat):
+            # after the first step every gradient is a view of the flat buffer already (nothing runs)
+            if not all(flat.gather_grads(group["params"])):
+                raise ValueError("a device step needs a gradient for every parameter")
+            flat.step_tensor.add_(1)
+            beta1, beta2 = group["betas"]
+            # float32 on CUDA (the fused kernel reads a float lr there); float64 elsewhere, as a host lr
+            lr_dtype = torch.float32 if flat.params.device.type == "cuda" else torch.float64
+            for (lr, wd), rows in _rows_by_hparams(flat.host_hparams).items():
+                scale = lr_scale if lr_scale.dim() == 0 else lr_scale[rows[0]]
+                blocks = _adjacent(rows)
+                torch._fused_adamw_([flat.params[a:b] for a, b in blocks], [flat.grads[a:b] for a, b in blocks],
+                                    [flat.exp_avg[a:b] for a, b in blocks], [flat.exp_avg_sq[a:b] for a, b in blocks],
+                                    [], [flat.step_tensor] * len(blocks), lr=(scale * lr).to(lr_dtype),
+                                    beta1=beta1, beta2=beta2, weight_decay=wd, eps=group["eps"], amsgrad=False,
+                                    maximize=False)
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient in one op (they stay views of the flat buffer); set_to_none=True as torch."""
@@ -322,17 +387,20 @@ class SAM:
             p.add_(self._scaled(p, self._scaled(p, g)) * _along_dim0(scale, p))
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = True, lr_scale: float | Tensor = 1.0) -> None:
+    def second_step(self, zero_grad: bool = True, lr_scale: float | Tensor = 1.0, on_device: bool = False) -> None:
         """Restore theta and take the base optimizer's step with the gradient from theta + eps.
 
-        lr_scale (a Python float, or a [K] tensor) is forwarded to the base step, e.g. BatchedAdamW.step.
+        lr_scale (a Python float, or a [K] tensor) is forwarded to the base step, e.g. BatchedAdamW.step;
+        on_device=True too (BatchedAdamW.device_step: the whole SAM step can then be graph-captured).
         """
         with record_function("SAM.second_step"):
             for p, _ in self.perturbed:
                 p.copy_(self.saved[p])
         self.perturbed = []
+        if on_device:
+            self.base_optimizer.step(lr_scale=lr_scale, on_device=True)
         # Base optimizers without lr_scale (e.g. torch.optim.SGD) work with lr_scale=1.
-        if isinstance(lr_scale, Tensor) or lr_scale != 1.0:
+        elif isinstance(lr_scale, Tensor) or lr_scale != 1.0:
             self.base_optimizer.step(lr_scale=lr_scale)
         else:
             self.base_optimizer.step()

@@ -59,13 +59,14 @@ def resolve_precision(precision: str, device: torch.device, cpuinfo: str | None 
     return precision
 
 
-def matmuls_in(precision: str, device: torch.device):
+def matmuls_in(precision: str, device: torch.device, cache: bool = True):
     """A context in which the heads' hidden layers run in `precision` (resolved: fp32 or bf16).
 
     A bf16 autocast: BatchedMLP reads its dtype and runs its hidden layers in it; other heads'
     matmuls (layermix's mix) run under autocast itself. Enter it once per forward: SAM moves
-    the weights between two forwards, and each forward casts them afresh.
+    the weights between two forwards, and each forward casts them afresh. cache=False turns
+    autocast's weight-cast cache off, as CUDA-graph capture requires (the casts are the same).
     """
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from dfclip import store
 from dfclip.errors import UserError
-from dfclip.heads import losses, metrics
+from dfclip.heads import graphs, losses, metrics
 from dfclip.heads.config import FIELDS, ONE_VALUE, PER_MODEL, RunConfig, group_key, option_name
 from dfclip.heads.data import (Data, EvalSet, augment_with_noise, describe_data, epoch_batches, feature_noise,
                                load_data)
@@ -274,6 +274,55 @@ class GroupRun:
         self.video = val_video_index(data, cfgs)  # per-epoch video AUC; --select video_auc needs it
         self.rows: list[dict] = []
         self.step, self.epoch, self.done, self.seconds = 0, 0, False, 0.0
+        self.graphed: graphs.GraphedSteps | None = None  # CUDA-graph steps (--cuda-graphs), built on first use
+        self.use_graphs: bool | None = None
+
+    def _graphed(self, first_epoch: bool) -> graphs.GraphedSteps | None:
+        """The CUDA-graph steps of this group (None: eager steps), synced with the host's step counts
+        at the first epoch of each run_until call."""
+        if self.use_graphs is None:  # decided (and a fallback said) once per group
+            self.use_graphs = graphs.use_graphs(self.cfgs[0].cuda_graphs, self.data.x.device, self.log)
+        if not self.use_graphs:
+            return None
+        if self.graphed is None:
+            self.graphed = graphs.GraphedSteps(self, self.cfgs[0].cuda_graphs, self.log)
+        if first_epoch:
+            self.graphed.begin(self.step)
+        return self.graphed
+
+    def _batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's batch [B, D] (or noise-doubled, see _noisy_batch) and labels: rows idx [B] of the
+        training data, shared by the K heads."""
+        c0, data = self.cfgs[0], self.data
+        xb, yb = data.x[idx].float(), data.y[idx]
+        if c0.l2_normalize:
+            xb = F.normalize(xb, dim=-1)
+        if c0.feature_noise:
+            xb, yb = _noisy_batch(xb, yb, self.noise_gens)
+        return xb, yb
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor, scale, *, graph_safe: bool = False) -> torch.Tensor:
+        """Forward, loss, backward and the (SAM) AdamW update of all K heads; returns the loss [K].
+
+        scale: the lr factor (a float or one per model; graph_safe: a device tensor, and the
+        optimizer steps on the device with autocast's cast cache off, so the step can be captured)."""
+        c0, device, head = self.cfgs[0], self.data.x.device, self.head
+        on_device = {"on_device": True} if graph_safe else {}
+        # One precision context per forward (heads.precision.matmuls_in); logits come out float32.
+        with matmuls_in(c0.precision, device, cache=not graph_safe):
+            logits = head(xb, generator=self.dropout_gens)
+        loss = self.loss_fn(logits, yb)
+        loss.sum().backward()  # models are independent: the sum gives each its own gradient
+        if self.sam is not None:
+            self.sam.first_step(zero_grad=True)
+            with matmuls_in(c0.precision, device, cache=not graph_safe):
+                logits = head(xb, update_stats=False, generator=self.dropout_gens)
+            self.loss_fn(logits, yb).sum().backward()
+            self.sam.second_step(zero_grad=True, lr_scale=scale, **on_device)
+        else:
+            self.opt.step(lr_scale=scale, **on_device)
+            self.opt.zero_grad()  # in place: backward accumulates into the optimizer's flat buffer
+        return loss
 
     def _sam(self) -> SAM | None:
         # group_key splits configs with and without SAM, so a group is all SAM or none.
@@ -292,30 +341,20 @@ class GroupRun:
             train_loss = torch.zeros(k, device=data.x.device)
             batches = epoch_batches(data.y, 1, self.batch_size, [self.batch_gen], drop_last=not self.keep_last,
                                     balanced_fake_rate=c0.fake_rate if c0.balanced else None)
+            epoch_scale = None
             if c0.schedule == "sp_cup":  # one lr per epoch; a scale per model, as min_lr is absolute
                 epoch_scale = [sp_cup_lr(epoch - 1, c0.epochs, c.lr, c0.min_lr) / c.lr for c in self.cfgs]
+            graphed = self._graphed(epoch == self.epoch + 1)
+            if graphed is not None:
+                graphed.begin_epoch(epoch_scale)
+                train_loss = graphed.loss_sum
             for idx in batches:
-                xb, yb = data.x[idx[0]].float(), data.y[idx[0]]  # [B, D], [B]: shared by the K heads
-                if c0.l2_normalize:
-                    xb = F.normalize(xb, dim=-1)
-                if c0.feature_noise:
-                    xb, yb = _noisy_batch(xb, yb, self.noise_gens)
-                scale = epoch_scale if c0.schedule == "sp_cup" else _lr_scale(self.step, self.total, self.warmup)
-                # One precision context per forward (heads.precision.matmuls_in); logits come out float32.
-                with matmuls_in(c0.precision, data.x.device):
-                    logits = head(xb, generator=self.dropout_gens)
-                loss = self.loss_fn(logits, yb)
-                loss.sum().backward()  # models are independent: the sum gives each its own gradient
-                if self.sam is not None:
-                    self.sam.first_step(zero_grad=True)
-                    with matmuls_in(c0.precision, data.x.device):
-                        logits = head(xb, update_stats=False, generator=self.dropout_gens)
-                    self.loss_fn(logits, yb).sum().backward()
-                    self.sam.second_step(zero_grad=True, lr_scale=scale)
+                if graphed is not None:  # the same step, its inputs in device buffers (heads.graphs)
+                    graphed.step(idx[0])
                 else:
-                    self.opt.step(lr_scale=scale)
-                    self.opt.zero_grad()  # in place: backward accumulates into the optimizer's flat buffer
-                train_loss += loss.detach()
+                    xb, yb = self._batch(idx[0])
+                    scale = epoch_scale if epoch_scale is not None else _lr_scale(self.step, self.total, self.warmup)
+                    train_loss += self._step(xb, yb, scale).detach()
                 self.step += 1
                 if bar is not None:
                     bar.advance()
@@ -363,6 +402,7 @@ class GroupRun:
             self.dropout_gens = [self.dropout_gens[i] for i in positions]
             self.sam = self._sam()
             self.loss_fn = losses.Objective(self.cfgs, device)
+            self.graphed = None  # a captured step holds the old tensors: capture anew
             self.best.keep(positions)
         return out
 

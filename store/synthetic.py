@@ -21,32 +21,46 @@ def make_synthetic_store(root: str | os.PathLike, *, n: int = 4000, dim: int = 6
                          real_sources: tuple[str, ...] = ("ffhq",), frames_per_group: int = 4,
                          shard_size: int = 16384, dtype: str = "float16", seed: int = 0) -> str:
     """Write n rows: label ~ Bernoulli(fake_rate); fakes are shifted by `signal` along a random
-    direction per source (so each source is learnable, and held-out sources partly transfer)."""
+    direction per source (so each source is learnable, and held-out sources partly transfer).
+
+    The embeddings are drawn and written in float32 blocks of BLOCK_ROWS rows (the same values
+    whatever the block size): a 1M x 768 store then peaks at one block, not at a 1M x 768 array.
+    """
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < fake_rate).astype(np.int8)
     src = np.where(y == 1, rng.choice(fake_sources, n), rng.choice(real_sources, n))
-    shared = rng.normal(size=dim)
-    shared /= np.linalg.norm(shared)
-    x = rng.normal(size=(n, dim)).astype(np.float32)
-    for s in fake_sources:
-        own = rng.normal(size=dim)
-        own /= np.linalg.norm(own)
-        direction = (shared + own) / np.linalg.norm(shared + own)
-        rows = src == s
-        x[rows] += signal * direction
+    shift = _source_shifts(rng, dim, fake_sources, signal)
     # Videos never mix labels or sources: frames of one group share them, like real video datasets.
     order = np.lexsort((np.arange(n), src))
     group = np.empty(n, dtype=object)
     group[order] = [f"vid{i // frames_per_group:07d}" for i in range(n)]
-    block = 200_000
     with ShardWriter(root, SYNTHETIC_PROVENANCE, dim=dim, dtype=dtype, shard_size=shard_size) as w:
-        for a in range(0, n, block):
-            b = min(n, a + block)
+        for a in range(0, n, BLOCK_ROWS):
+            b = min(n, a + BLOCK_ROWS)
             m = b - a
-            w.add(x[a:b], {"path": [f"img/{i:08d}.jpg" for i in range(a, b)], "label": y[a:b], "source": src[a:b],
-                           "split": [""] * m, "group": group[a:b],
-                           "size": np.zeros(m, np.int64), "mtime_ns": np.zeros(m, np.int64)})
+            x = rng.standard_normal((m, dim), dtype=np.float32)
+            for s, direction in shift.items():
+                x[src[a:b] == s] += direction
+            w.add(x, {"path": [f"img/{i:08d}.jpg" for i in range(a, b)], "label": y[a:b], "source": src[a:b],
+                      "split": [""] * m, "group": group[a:b],
+                      "size": np.zeros(m, np.int64), "mtime_ns": np.zeros(m, np.int64)})
     return str(root)
+
+
+BLOCK_ROWS = 65536  # rows drawn at once: 192 MiB of float32 at dim 768
+
+
+def _source_shifts(rng: np.random.Generator, dim: int, fake_sources: tuple[str, ...], signal: float
+                   ) -> dict[str, np.ndarray]:
+    """signal x a unit direction per fake source (float32), half shared by all sources, half its own."""
+    shared = rng.normal(size=dim)
+    shared /= np.linalg.norm(shared)
+    out = {}
+    for s in fake_sources:
+        own = rng.normal(size=dim)
+        own /= np.linalg.norm(own)
+        out[s] = (signal * (shared + own) / np.linalg.norm(shared + own)).astype(np.float32)
+    return out
 
 
 def rewrite_store(src: str | os.PathLike, dst: str | os.PathLike, *, keep: np.ndarray | None = None,

@@ -1,4 +1,4 @@
-"""Issue 9, heads side: nothing lost, nothing stale, nothing silent.
+"""The heads side of robustness: nothing lost, nothing stale, nothing silent.
 
 NaN/inf settings, divergence, hand-edited config.json, damaged weights, unwritable outputs,
 non-finite embeddings, --val-store overlap and the cosmetic items, each through the real

@@ -371,7 +371,7 @@ def _train(store_dir, cfgs, device, monkeypatch=None):
     return data, results
 
 
-FIT = dict(epochs=2, lr=1e-2, batch_size=64, hidden=16, depth=2)
+FIT = dict(epochs=2, lr=1e-2, batch_size=64, hidden=16, depth=2, cuda_graphs="off")
 
 CASES = {
     "fit": [dict()],
@@ -382,18 +382,28 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "cuda-graphs"])
 @pytest.mark.parametrize("case", CASES)
-def test_training_on_fake_cuda_mixes_no_devices_and_never_syncs_in_a_step(fake_cuda, monkeypatch, small_store, case):
+def test_training_on_fake_cuda_mixes_no_devices_and_never_syncs_in_a_step(fake_cuda, monkeypatch, small_store, case,
+                                                                           graphed):
+    """Eager steps, and graph-captured ones (--cuda-graphs on, capture and replay emulated by
+    tests/graph_emulation.py: warm-up steps, the capture and every replay run inside the step)."""
+    from dfclip.heads import graphs
     from dfclip.heads import train as T
     from dfclip.heads.config import make_config
 
+    from graph_emulation import EmulatedBackend
+
     real_batches = T.epoch_batches
     monkeypatch.setattr(T, "epoch_batches", lambda *a, **kw: StepScoped(real_batches(*a, **kw)))
-    cfgs = [make_config(**(FIT | over)) for over in CASES[case]]
+    backend = EmulatedBackend()
+    monkeypatch.setattr(graphs, "BACKEND", backend)
+    cfgs = [make_config(**(FIT | over | ({"cuda_graphs": "on"} if graphed else {}))) for over in CASES[case]]
     data, results = _train(small_store, cfgs, "cuda")
     assert data.x.device == CUDA and data.val.x.device == CUDA
     assert fake_cuda.steps > 0, "the step hook saw no step: heads.train no longer loops over epoch_batches"
     assert fake_cuda.syncs == []
+    assert (backend.replays > 0) == graphed
     for r in results:
         assert {n: t.device for n, t in r.head.state_dict().items()} == {n: CUDA for n in r.head.state_dict()}
         assert 0.0 <= r.reports["val"]["auc"] <= 1.0

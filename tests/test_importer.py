@@ -117,7 +117,7 @@ def _features(tmp_path, feats, name="bad.h5"):
 
 
 def test_non_finite_rows_become_failures_named_by_row(tmp_path, cup):
-    """Issue 9 items 5 and 17: NaN/inf rows are never stored; the message names them and advises
+    """NaN/inf rows are never stored; the message names them and advises
     --dtype float32 only when that would keep them."""
     h5, csv, feats, _ = cup
     big = feats.copy()
@@ -159,7 +159,7 @@ import_h5(sys.argv[1], sys.argv[2], out=sys.argv[3], shard_size=10, split=sys.ar
 
 
 def test_killed_import_is_invisible_and_cleaned_by_the_next_writer(tmp_path, cup):
-    """Issue 9 item 3: after SIGKILL half-way, readers see none of the import (alone or beside an
+    """After SIGKILL half-way, readers see none of the import (alone or beside an
     earlier import), and a re-run imports everything once."""
     h5, csv, feats, _ = cup
     out = tmp_path / "emb"

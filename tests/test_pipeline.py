@@ -123,7 +123,7 @@ def test_predict_images_refuses_a_run_without_a_backbone(tmp_path):
 
 
 def test_predict_on_images_reports_unreadable_files(tmp_path, demo_images, tiny_checkpoint, dfembed, dfhead):
-    """Issue 9 item 7: unreadable images are counted, listed with their reason beside the CSV, and
+    """Unreadable images are counted, listed with their reason beside the CSV, and
     a folder where nothing could be read fails instead of writing an empty CSV with exit 0."""
     import shutil
 

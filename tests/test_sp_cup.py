@@ -265,7 +265,7 @@ def write_sp_cup_files(folder, name: str, dataset: str, n: int, seed: int) -> tu
     return folder / f"{name}.h5", csv, real
 
 
-# The README's "Reproducing SP_CUP" commands (notes/issue10.md), with --epochs 2 and a small batch.
+# The README's "Reproducing SP_CUP" commands, with --epochs 2 and a small batch.
 IMPORT_TRAIN = "import-h5 {d}/cup_train.h5 --csv {d}/cup_train_realAS1.csv --dataset train_features --target-means real --out {d}/cup_train"
 IMPORT_VAL = "import-h5 {d}/cup_val.h5 --csv {d}/cup_val_realAS1.csv --dataset test_features --target-means real --out {d}/cup_val"
 FIT = "fit {d}/cup_train --val-store {d}/cup_val --preset sp_cup --vs-delta-fake 1.1 --vs-delta-real 0.9"

@@ -1,4 +1,4 @@
-"""Issue 9, the store half: nothing lost, nothing stale, nothing silent.
+"""The store side of robustness: nothing lost, nothing stale, nothing silent.
 
 Two input roots, relabelling and pruning, read-only stores, disk full, NaN/inf rows, the writer's
 own lock and identity check, shards and caches written by other tools, symlink loops.
