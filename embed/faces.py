@@ -170,14 +170,17 @@ def _as_faces(boxes, scores, points, back: torch.Tensor) -> Faces:
                  as_tensor(scores, (-1,)))
 
 
-DETECTORS: dict[str, Callable[[torch.device | str], FaceDetector]] = {"mtcnn": MtcnnDetector}
+# name -> factory(device, **settings); the settings are the detector's own keyword arguments.
+DETECTORS: dict[str, Callable[..., FaceDetector]] = {"mtcnn": MtcnnDetector}
 
 
-def load_detector(name: str = "mtcnn", device: torch.device | str = "cpu") -> FaceDetector:
-    """The registered detector `name` on `device` (a UserError names the choices or the install line)."""
+def load_detector(name: str = "mtcnn", device: torch.device | str = "cpu", **settings) -> FaceDetector:
+    """The registered detector `name` on `device`, with `settings` (e.g. min_face_size=40 for
+    MTCNN) over its defaults; its provenance records them. A UserError names the choices or the
+    install line."""
     if name not in DETECTORS:
         raise UserError(f"unknown face detector {name!r}; choose one of: {', '.join(sorted(DETECTORS))}")
-    return DETECTORS[name](device)
+    return DETECTORS[name](device, **settings)
 
 
 def select_faces(faces: Faces, mode: str, min_score: float = 0.0, min_size: float = 0.0) -> list[int]:

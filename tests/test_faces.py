@@ -276,6 +276,10 @@ def test_provenance_names_the_weights_and_settings(detector):
                                       for n in ("pnet", "rnet", "onet")}
     assert prov["min_face_size"] == 20 and prov["thresholds"] == [0.6, 0.7, 0.7] and prov["factor"] == 0.709
     assert prov["max_side"] == fc.DETECT_MAX_SIDE == 640
+    other = fc.load_detector("mtcnn", "cpu", min_face_size=40, max_side=None).provenance
+    assert other["min_face_size"] == 40 and other["max_side"] is None
+    assert {k: v for k, v in other.items() if k not in ("min_face_size", "max_side")} == \
+        {k: v for k, v in prov.items() if k not in ("min_face_size", "max_side")}
 
 
 def test_large_frames_are_shrunk_for_detection_and_mapped_back(detector):
