@@ -60,6 +60,11 @@ TEMPLATE = torch.tensor(
     dtype=torch.float64,
 ) / 112.0
 DETECT_CHUNK_PIXELS = 2**25  # frame pixels per MTCNN call: 16 frames of 1920 x 1080 (about 1.5 GiB peak)
+# Frames are shrunk so their longer side is at most this before detection (boxes and landmarks
+# are scaled back to frame pixels): MTCNN's time grows with the pixels, and its smallest face
+# (min_face_size, 20 px) then means 20 px of the shrunk frame, 60 px of a 1920 px one; faces in
+# face-forgery videos are larger. MtcnnDetector(max_side=None) detects at full size.
+DETECT_MAX_SIDE = 640
 
 
 @dataclass
@@ -109,7 +114,8 @@ class MtcnnDetector:
     """facenet-pytorch's MTCNN with keep_all=True, on `device`; see the module docstring for why."""
 
     def __init__(self, device: torch.device | str = "cpu", *, min_face_size: int = 20,
-                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), factor: float = 0.709):
+                 thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7), factor: float = 0.709,
+                 max_side: int | None = DETECT_MAX_SIDE):
         facenet = _facenet()
         self.device = torch.device(device)
         with warnings.catch_warnings():
@@ -125,42 +131,56 @@ class MtcnnDetector:
             "min_face_size": min_face_size,
             "thresholds": list(thresholds),
             "factor": factor,
+            "max_side": max_side,
         }
+        self.max_side = max_side
 
     def detect(self, frames: torch.Tensor) -> list[Faces]:
         """One Faces per frame of uint8 [T, H, W, 3]; frames go through MTCNN in chunks of
         DETECT_CHUNK_PIXELS pixels (its image pyramid is float32 copies of the whole batch)."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
             raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-        if min(frames.shape[1:3]) < self.provenance["min_face_size"]:  # MTCNN's pyramid would be empty
+        h, w = frames.shape[1:3]
+        shrink = min(1.0, self.max_side / max(h, w)) if self.max_side else 1.0
+        size = (max(1, round(h * shrink)), max(1, round(w * shrink)))
+        if min(size) < self.provenance["min_face_size"]:  # MTCNN's pyramid would be empty
             return [Faces.empty() for _ in range(len(frames))]
-        per_call = max(1, DETECT_CHUNK_PIXELS // (frames.shape[1] * frames.shape[2]))
+        back = torch.tensor([w / size[1], h / size[0]])  # detector pixels -> frame pixels, per axis
+        per_call = max(1, DETECT_CHUNK_PIXELS // (h * w))
         found: list[Faces] = []
         for start in range(0, len(frames), per_call):
             chunk = frames[start:start + per_call].to(self.device)
+            if size != (h, w):  # float [T, h', w', 3] in 0..255, which MTCNN takes as it takes uint8
+                chunk = F.interpolate(chunk.permute(0, 3, 1, 2).float(), size=size, mode="bilinear",
+                                      antialias=True, align_corners=False).permute(0, 2, 3, 1)
             with warnings.catch_warnings(), torch.inference_mode():
                 warnings.simplefilter("ignore")
                 boxes, scores, points = self.mtcnn.detect(chunk, landmarks=True)
-            found += [_as_faces(b, s, p) for b, s, p in zip(boxes, scores, points)]
+            found += [_as_faces(b, s, p, back) for b, s, p in zip(boxes, scores, points)]
         return found
 
 
-def _as_faces(boxes, scores, points) -> Faces:
-    """One frame of MTCNN.detect's output (None when nothing was found) as a Faces."""
+def _as_faces(boxes, scores, points, back: torch.Tensor) -> Faces:
+    """One frame of MTCNN.detect's output (None when nothing was found) as a Faces, with
+    coordinates multiplied by `back` (x, y scale to frame pixels)."""
     if boxes is None:
         return Faces.empty()
     as_tensor = lambda a, shape: torch.tensor(a.astype("float32")).reshape(shape)  # noqa: E731
-    return Faces(as_tensor(boxes, (-1, 4)), as_tensor(points, (-1, 5, 2)), as_tensor(scores, (-1,)))
+    return Faces(as_tensor(boxes, (-1, 2, 2)).mul(back).reshape(-1, 4), as_tensor(points, (-1, 5, 2)).mul(back),
+                 as_tensor(scores, (-1,)))
 
 
-DETECTORS: dict[str, Callable[[torch.device | str], FaceDetector]] = {"mtcnn": MtcnnDetector}
+# name -> factory(device, **settings); the settings are the detector's own keyword arguments.
+DETECTORS: dict[str, Callable[..., FaceDetector]] = {"mtcnn": MtcnnDetector}
 
 
-def load_detector(name: str = "mtcnn", device: torch.device | str = "cpu") -> FaceDetector:
-    """The registered detector `name` on `device` (a UserError names the choices or the install line)."""
+def load_detector(name: str = "mtcnn", device: torch.device | str = "cpu", **settings) -> FaceDetector:
+    """The registered detector `name` on `device`, with `settings` (e.g. min_face_size=40 for
+    MTCNN) over its defaults; its provenance records them. A UserError names the choices or the
+    install line."""
     if name not in DETECTORS:
         raise UserError(f"unknown face detector {name!r}; choose one of: {', '.join(sorted(DETECTORS))}")
-    return DETECTORS[name](device)
+    return DETECTORS[name](device, **settings)
 
 
 def select_faces(faces: Faces, mode: str, min_score: float = 0.0, min_size: float = 0.0) -> list[int]:

@@ -220,8 +220,8 @@ def truncate_file(source: str | Path, out: str | Path, fraction: float = 0.5) ->
     """Copy the first `fraction` of `source`'s bytes to `out`: a video cut off mid-stream.
 
     With fraction 0 the result is a zero-length file. For an .mp4, whose index (moov atom) is
-    written at the end, any cut leaves an unreadable file; for .mkv/.webm/.avi a cut keeps the
-    frames before it decodable.
+    written at the end, any cut leaves an unreadable file; a cut .mkv opens and decodes a prefix
+    of its frames (how many depends on the packet sizes: the first keyframe is the largest).
     """
     data = Path(source).read_bytes()
     out = Path(out)

@@ -275,6 +275,22 @@ def test_provenance_names_the_weights_and_settings(detector):
     assert prov["weights_sha256"] == {f"{n}.pt": hashlib.sha256((data / f"{n}.pt").read_bytes()).hexdigest()
                                       for n in ("pnet", "rnet", "onet")}
     assert prov["min_face_size"] == 20 and prov["thresholds"] == [0.6, 0.7, 0.7] and prov["factor"] == 0.709
+    assert prov["max_side"] == fc.DETECT_MAX_SIDE == 640
+    other = fc.load_detector("mtcnn", "cpu", min_face_size=40, max_side=None).provenance
+    assert other["min_face_size"] == 40 and other["max_side"] is None
+    assert {k: v for k, v in other.items() if k not in ("min_face_size", "max_side")} == \
+        {k: v for k, v in prov.items() if k not in ("min_face_size", "max_side")}
+
+
+def test_large_frames_are_shrunk_for_detection_and_mapped_back(detector):
+    """A 720 x 1280 frame is detected at 360 x 640; boxes and landmarks come back in frame pixels."""
+    pasted = paste_face((720, 1280), astronaut_face(), (900, 300), 200)
+    frames = torch.from_numpy(pasted.frame)[None]
+    shrunk = detector.detect(frames)[0]
+    full = fc.MtcnnDetector("cpu", max_side=None).detect(frames)[0]
+    assert len(shrunk) == len(full) == 1
+    assert iou(shrunk.boxes[0], pasted.box) >= 0.5 and iou(full.boxes[0], pasted.box) >= 0.5
+    assert np.abs(shrunk.landmarks[0].numpy() - pasted.landmarks).max() < 0.05 * 200
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
