@@ -302,3 +302,34 @@ def test_cuda_pools_as_the_cpu(frames, pool, temperature):
     gpu = metrics.video_scores(torch.from_numpy(scores).cuda(), index, pool, temperature)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-12, atol=1e-12)
     assert index.labels.is_cuda and index.codes.is_cuda
+
+
+def test_predict_on_a_store_of_video_frames_writes_one_row_per_video(videos, fitted, dfhead, tmp_path, monkeypatch):
+    """End to end through `dfhead predict --store`: rows named VIDEO#fNNNNNN with a `frame` column
+    (as extract writes for videos) come out as one row per video, pooled as --frame-scores' rows say."""
+    meta = store.open(videos).meta
+    frame = meta.select(pl.int_range(pl.len()).over("group"))[:, 0]  # 0..5 within each video
+    paths = [f"{g}.mp4#f{f:06d}" for g, f in zip(meta["group"], frame)]
+    framed = rewrite_store(videos, tmp_path / "framed", path=paths)
+    real_load = store.Store.load
+
+    def load_with_frames(self, *args, **kwargs):  # the frame column of a store extracted from videos
+        x, rows = real_load(self, *args, **kwargs)
+        frame = rows["path"].str.extract(r"#f(\d+)$").cast(pl.Int32)
+        return x, rows.with_columns(frame=frame, face_index=pl.lit(0, pl.Int16))
+
+    monkeypatch.setattr(store.Store, "load", load_with_frames)
+    out, frames_csv = tmp_path / "videos.csv", tmp_path / "frames.csv"
+    code, stdout, err = dfhead("predict", fitted, "--store", framed, "--out", out, "--frame-scores", frames_csv,
+                               "--pool", "max", "--device", "cpu")
+    assert code == 0, err
+    table, per_frame = pl.read_csv(out), pl.read_csv(frames_csv)
+    assert table.height == 200 and per_frame.height == 1200 and "200 rows" in stdout
+    assert table.columns == ["path", "n_frames", "n_faces", "score", "pred", "label"]
+    assert (table["n_frames"] == 6).all() and (table["n_faces"] == 6).all()
+    assert set(per_frame["video"]) == set(table["path"]) and per_frame["frame"].max() == 5
+    by_hand = per_frame.group_by("video").agg(pl.col("score").max(), pl.col("label").max()).sort("video")
+    np.testing.assert_allclose(table["score"].to_numpy(), by_hand["score"].to_numpy(), rtol=1e-6)
+    assert table["label"].to_list() == by_hand["label"].to_list()
+    threshold = json.loads((fitted / "config.json").read_text())["threshold"]
+    assert table["pred"].to_list() == (table["score"] >= threshold).cast(pl.Int64).to_list()
