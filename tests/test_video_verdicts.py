@@ -333,3 +333,16 @@ def test_predict_on_a_store_of_video_frames_writes_one_row_per_video(videos, fit
     assert table["label"].to_list() == by_hand["label"].to_list()
     threshold = json.loads((fitted / "config.json").read_text())["threshold"]
     assert table["pred"].to_list() == (table["score"] >= threshold).cast(pl.Int64).to_list()
+
+
+def test_halving_ranks_rungs_by_video_auc(videos, tmp_path):
+    """With --select video_auc the config that goes on past the first rung is the one with the best
+    val video AUC at it (the dropped ones report that epoch)."""
+    cfgs = R.grid(make_config(**FAST | dict(epochs=3, seed=3), select="video_auc", video_pool="max"), seeds=3)
+    out, _ = R.sweep(videos, cfgs, runs_dir=tmp_path, name="h", device="cpu", halving=True, eta=3, min_epochs=1,
+                     **QUIET)
+    runs = pl.read_parquet(out / "runs.parquet")
+    assert runs["stop_epoch"].to_list() == [3, 1, 1]
+    survivor_at_rung = pl.read_parquet(out / "best" / "metrics.parquet").row(0, named=True)
+    assert survivor_at_rung["val_video_auc"] > runs["val_video_auc"][1:].max()
+    assert survivor_at_rung["val_auc"] < runs["val_auc"][1:].max()  # precondition: frame AUC would keep another
