@@ -346,3 +346,9 @@ def test_halving_ranks_rungs_by_video_auc(videos, tmp_path):
     survivor_at_rung = pl.read_parquet(out / "best" / "metrics.parquet").row(0, named=True)
     assert survivor_at_rung["val_video_auc"] > runs["val_video_auc"][1:].max()
     assert survivor_at_rung["val_auc"] < runs["val_auc"][1:].max()  # precondition: frame AUC would keep another
+
+
+def test_a_sweep_takes_one_pooling(videos, dfhead, tmp_path):
+    code, _, err = dfhead("sweep", videos, "--video-pool", "mean,max", "--epochs", "1", "--runs-dir", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--video-pool must be one value for a whole sweep" in err, err
