@@ -151,6 +151,14 @@ def test_pool_table_gives_one_row_per_video_and_per_image(pool, temperature):
     assert table["pred"].to_list() == [int(s >= np.float32(0.5)) for s in table["score"].to_numpy()]
 
 
+def test_a_frame_without_a_video_stays_its_own_row():
+    rows = frame_rows().with_columns(pl.when(pl.col("path") == "real/b.mp4#f000005").then(pl.lit(""))
+                                     .otherwise(pl.col("video")).alias("video"))
+    table = metrics.pool_table(rows, "mean", threshold=0.5)
+    assert table["path"].to_list() == ["fake/a.mp4", "real/b.mp4", "real/b.mp4#f000005", "real/c.png", "x/d.jpg"]
+    assert table["score"][1] == pytest.approx(0.2) and table["score"][2] == pytest.approx(0.45)
+
+
 def test_pool_table_pools_as_the_video_metrics_do(frames):
     """predict and eval share one pooling: the table's scores are evaluate's video scores."""
     scores, labels, groups = frames
