@@ -275,6 +275,8 @@ def test_cli_reports_name_the_pooling(videos, fitted, dfhead, tmp_path):
     assert "frames' scores pooled by max" in out, out
     code, _, err = dfhead("eval", fitted, "--pool", "max")
     assert code == 2 and "give --store STORE" in err and len(err.strip().splitlines()) == 1
+    code, _, err = dfhead("eval", fitted, "--store", videos, "--store", videos, "--pool", "max")
+    assert code == 2 and "video-level metrics of one --store" in err and len(err.strip().splitlines()) == 1
     code, _, err = dfhead("predict", fitted, "--store", videos, "--pool", "median", "--out", tmp_path / "s.csv")
     assert code == 2 and "--pool must be one of mean, max, lse" in err and len(err.strip().splitlines()) == 1
 
