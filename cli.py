@@ -460,6 +460,9 @@ def eval_(
     from dfclip.heads.run import evaluate_run, evaluate_stores
 
     if store_dirs and len(store_dirs) > 1:
+        if pool is not None or temperature is not None:
+            raise UserError("--pool and --temperature set the video-level metrics of one --store; the robustness "
+                            "table over several has none")
         table = evaluate_stores(run, store_dirs, device=device, split=split, precision=precision, log=_warn)
         if as_json:
             out.print_json(json.dumps(table.to_dicts()))

@@ -434,8 +434,8 @@ def pool_table(frame_scores: pl.DataFrame, pool: str = "mean", temperature: floa
     frames = torch.from_numpy(rows["score"].to_numpy().astype(np.float64)).unsqueeze(0)
     pooled = pool_groups(frames, codes, len(names), pool, temperature)[0].numpy().astype(dtype)
     per_key = (rows.group_by("_key")
-               .agg(pl.col("frame").n_unique().cast(pl.Int64).alias("n_frames"), pl.len().cast(pl.Int64).alias("n_faces"),
-                    pl.col("label").max().cast(pl.Int8)))
+               .agg(pl.col("frame").n_unique().cast(pl.Int64).alias("n_frames"),
+                    pl.len().cast(pl.Int64).alias("n_faces"), pl.col("label").max().cast(pl.Int8)))
     verdicts = pl.DataFrame({"_key": names, "score": pooled}).join(per_key, on="_key")
     return (verdicts.rename({"_key": "path"})
             .with_columns((pl.col("score") >= np.asarray(threshold, dtype=dtype).item()).cast(pl.Int8).alias("pred"))

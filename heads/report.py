@@ -287,7 +287,8 @@ def result_row(result) -> dict:
 
 
 def selection_order(select: str) -> tuple[str, bool]:
-    """(column, descending) that ranks runs for --select: lowest val loss, highest val video AUC, else highest val AUC."""
+    """(column, descending) that ranks runs for --select: lowest val loss, highest val video AUC, else highest
+    val AUC."""
     return {"loss": ("val_loss", False), "video_auc": ("val_video_auc", True)}.get(select, ("val_auc", True))
 
 

@@ -408,8 +408,8 @@ def verdicts(rows: pl.DataFrame, scores: np.ndarray, config: dict, *, pool: str 
     if frame_scores is not None:
         table.sort("path").write_csv(frame_scores)
     if not (table["frame"] >= 0).any():
-        return pl.DataFrame({"path": rows["path"], "score": scores,
-                             "pred": (scores >= config["threshold"]).astype(np.int8), "label": rows["label"]}).sort("path")
+        pred = (scores >= config["threshold"]).astype(np.int8)
+        return pl.DataFrame({"path": rows["path"], "score": scores, "pred": pred, "label": rows["label"]}).sort("path")
     return metrics.pool_table(table, *run_pooling(config, pool, temperature), config["threshold"])
 
 

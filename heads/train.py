@@ -502,7 +502,8 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
         raise UserError("nothing to train: give at least one configuration")
     for name in (n for n, f in FIELDS.items() if f.metadata["sweep"] == ONE_VALUE):  # the data's own settings
         if len({getattr(c, name) for c in cfgs}) > 1:
-            raise UserError(f"{option_name(name)} must be one value for a whole sweep (all heads share the data)")
+            raise UserError(f"{option_name(name)} must be one value for a whole sweep "
+                            "(all heads share the data and how it is validated)")
     if halving is not None:
         halving.check(cfgs)
     if isinstance(data, Data):

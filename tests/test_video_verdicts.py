@@ -151,6 +151,14 @@ def test_pool_table_gives_one_row_per_video_and_per_image(pool, temperature):
     assert table["pred"].to_list() == [int(s >= np.float32(0.5)) for s in table["score"].to_numpy()]
 
 
+def test_a_frame_without_a_video_stays_its_own_row():
+    rows = frame_rows().with_columns(pl.when(pl.col("path") == "real/b.mp4#f000005").then(pl.lit(""))
+                                     .otherwise(pl.col("video")).alias("video"))
+    table = metrics.pool_table(rows, "mean", threshold=0.5)
+    assert table["path"].to_list() == ["fake/a.mp4", "real/b.mp4", "real/b.mp4#f000005", "real/c.png", "x/d.jpg"]
+    assert table["score"][1] == pytest.approx(0.2) and table["score"][2] == pytest.approx(0.45)
+
+
 def test_pool_table_pools_as_the_video_metrics_do(frames):
     """predict and eval share one pooling: the table's scores are evaluate's video scores."""
     scores, labels, groups = frames
@@ -267,6 +275,8 @@ def test_cli_reports_name_the_pooling(videos, fitted, dfhead, tmp_path):
     assert "frames' scores pooled by max" in out, out
     code, _, err = dfhead("eval", fitted, "--pool", "max")
     assert code == 2 and "give --store STORE" in err and len(err.strip().splitlines()) == 1
+    code, _, err = dfhead("eval", fitted, "--store", videos, "--store", videos, "--pool", "max")
+    assert code == 2 and "video-level metrics of one --store" in err and len(err.strip().splitlines()) == 1
     code, _, err = dfhead("predict", fitted, "--store", videos, "--pool", "median", "--out", tmp_path / "s.csv")
     assert code == 2 and "--pool must be one of mean, max, lse" in err and len(err.strip().splitlines()) == 1
 
@@ -302,3 +312,53 @@ def test_cuda_pools_as_the_cpu(frames, pool, temperature):
     gpu = metrics.video_scores(torch.from_numpy(scores).cuda(), index, pool, temperature)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-12, atol=1e-12)
     assert index.labels.is_cuda and index.codes.is_cuda
+
+
+def test_predict_on_a_store_of_video_frames_writes_one_row_per_video(videos, fitted, dfhead, tmp_path, monkeypatch):
+    """End to end through `dfhead predict --store`: rows named VIDEO#fNNNNNN with a `frame` column
+    (as extract writes for videos) come out as one row per video, pooled as --frame-scores' rows say."""
+    meta = store.open(videos).meta
+    frame = meta.select(pl.int_range(pl.len()).over("group"))[:, 0]  # 0..5 within each video
+    paths = [f"{g}.mp4#f{f:06d}" for g, f in zip(meta["group"], frame)]
+    framed = rewrite_store(videos, tmp_path / "framed", path=paths)
+    real_load = store.Store.load
+
+    def load_with_frames(self, *args, **kwargs):  # the frame column of a store extracted from videos
+        x, rows = real_load(self, *args, **kwargs)
+        frame = rows["path"].str.extract(r"#f(\d+)$").cast(pl.Int32)
+        return x, rows.with_columns(frame=frame, face_index=pl.lit(0, pl.Int16))
+
+    monkeypatch.setattr(store.Store, "load", load_with_frames)
+    out, frames_csv = tmp_path / "videos.csv", tmp_path / "frames.csv"
+    code, stdout, err = dfhead("predict", fitted, "--store", framed, "--out", out, "--frame-scores", frames_csv,
+                               "--pool", "max", "--device", "cpu")
+    assert code == 0, err
+    table, per_frame = pl.read_csv(out), pl.read_csv(frames_csv)
+    assert table.height == 200 and per_frame.height == 1200 and "200 rows" in stdout
+    assert table.columns == ["path", "n_frames", "n_faces", "score", "pred", "label"]
+    assert (table["n_frames"] == 6).all() and (table["n_faces"] == 6).all()
+    assert set(per_frame["video"]) == set(table["path"]) and per_frame["frame"].max() == 5
+    by_hand = per_frame.group_by("video").agg(pl.col("score").max(), pl.col("label").max()).sort("video")
+    np.testing.assert_allclose(table["score"].to_numpy(), by_hand["score"].to_numpy(), rtol=1e-6)
+    assert table["label"].to_list() == by_hand["label"].to_list()
+    threshold = json.loads((fitted / "config.json").read_text())["threshold"]
+    assert table["pred"].to_list() == (table["score"] >= threshold).cast(pl.Int64).to_list()
+
+
+def test_halving_ranks_rungs_by_video_auc(videos, tmp_path):
+    """With --select video_auc the config that goes on past the first rung is the one with the best
+    val video AUC at it (the dropped ones report that epoch)."""
+    cfgs = R.grid(make_config(**FAST | dict(epochs=3, seed=3), select="video_auc", video_pool="max"), seeds=3)
+    out, _ = R.sweep(videos, cfgs, runs_dir=tmp_path, name="h", device="cpu", halving=True, eta=3, min_epochs=1,
+                     **QUIET)
+    runs = pl.read_parquet(out / "runs.parquet")
+    assert runs["stop_epoch"].to_list() == [3, 1, 1]
+    survivor_at_rung = pl.read_parquet(out / "best" / "metrics.parquet").row(0, named=True)
+    assert survivor_at_rung["val_video_auc"] > runs["val_video_auc"][1:].max()
+    assert survivor_at_rung["val_auc"] < runs["val_auc"][1:].max()  # precondition: frame AUC would keep another
+
+
+def test_a_sweep_takes_one_pooling(videos, dfhead, tmp_path):
+    code, _, err = dfhead("sweep", videos, "--video-pool", "mean,max", "--epochs", "1", "--runs-dir", tmp_path)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--video-pool must be one value for a whole sweep" in err, err
