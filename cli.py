@@ -382,16 +382,20 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     split: Annotated[Optional[str], typer.Option(help="Only the stores' rows of this split (e.g. test).", show_default="every labelled row")] = None,
     precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
+    include_train: Annotated[bool, typer.Option("--include-train", help="Also score the rows the run trained on (its own store, or perturbed copies of its images, matched on path); left out by default, as their metrics are optimistic.")] = False,
 ) -> None:
     """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video).
 
+    Rows the run trained on are left out (a note gives their count) unless --include-train.
     With several --store (e.g. clean, jpeg75, blur1 from `dfembed extract --perturb`): one table of AUC, AP, EER and
-    accuracy per store, also written to RUN/robustness.parquet and RUN/robustness.png.
+    accuracy per store, also written to RUN/robustness.parquet and RUN/robustness.png when RUN can be written.
     """
-    from dfclip.heads.run import evaluate_run, evaluate_stores
+    from dfclip.heads.run import evaluate_run, evaluate_stores, write_robustness
 
     if store_dirs and len(store_dirs) > 1:
-        table = evaluate_stores(run, store_dirs, device=device, split=split, precision=precision, log=_warn)
+        table = evaluate_stores(run, store_dirs, device=device, split=split, precision=precision,
+                                include_train=include_train, write=False, log=_warn)
+        written = write_robustness(table, run, log=_warn)
         if as_json:
             out.print_json(json.dumps(table.to_dicts()))
             return
@@ -404,21 +408,24 @@ def eval_(
             t.add_row(r["store"], r["perturb"], str(r["n"]),
                       *("-" if r[c] is None else f"{r[c]:.4f}" for c in ("auc", "ap", "eer", "acc")))
         out.print(t)
-        out.print(f"wrote {run / 'robustness.parquet'} and {run / 'robustness.png'}", highlight=False)
+        if written:
+            out.print(f"wrote {' and '.join(map(str, written))}", highlight=False)
         return
     store_dir = store_dirs[0] if store_dirs else None
     if split is not None and store_dir is None:
         raise UserError("--split selects rows of a --store; give --store STORE")
-    rep = evaluate_run(run, store_dir, device=device, split=split, precision=precision, log=_warn)
+    rep = evaluate_run(run, store_dir, device=device, split=split, precision=precision, include_train=include_train,
+                       log=_warn)
     if as_json:
         out.print_json(json.dumps(rep))
         return
     rep = rep.get("val", rep) if store_dir is None else rep
+    show = lambda v: "-" if v is None else v  # an undefined metric (e.g. recall of a class the store lacks)
     for k, v in rep.items():
         if not isinstance(v, dict):
-            out.print(f"{k:>16}  {v}")
+            out.print(f"{k:>16}  {show(v)}")
     for s, v in (rep.get("per_source") or {}).items():
-        out.print(f"{'source ' + (s or '(none)'):>16}  auc={v['auc']}  acc={v['acc']}  n={v['n']}")
+        out.print(f"{'source ' + (s or '(none)'):>16}  auc={show(v['auc'])}  acc={show(v['acc'])}  n={v['n']}")
 
 
 @head_app.command()

@@ -20,6 +20,7 @@ from typing import Callable
 import polars as pl
 
 from dfclip.errors import UserError
+from dfclip.runtime import process_alive
 
 TEMP_PREFIX = "dfclip-predict-"  # + "<pid>-": whose temporary store it is
 
@@ -31,21 +32,11 @@ def remove_dead_temps() -> list[Path]:
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
         pid = folder.name[len(TEMP_PREFIX):].split("-")[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",

@@ -49,6 +49,17 @@ def rank_from_env(env: dict | None = None) -> Rank:
     return Rank(rank, world, local, max(1, local_world))
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (someone else's live process counts): whose temporary folder is garbage."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def nvidia_driver_version() -> str | None:
     """The loaded NVIDIA kernel driver's version (e.g. "570.86.15"), or None without one."""
     try:
