@@ -441,7 +441,9 @@ def predict(
     """Score a store or images with a trained run, using the threshold chosen at fit time.
 
     Images that cannot be read are listed with their reason in OUT's sibling NAME.failures.csv;
-    when none can be scored the command fails.
+    when none can be scored the command fails. One process embeds every image, whatever RANK and
+    WORLD_SIZE say, unless torchrun started it; under torchrun the ranks share the images and rank 0
+    writes one OUT: torchrun --nproc-per-node N $(which dfhead) predict RUN IMAGES.
     """
     from dfclip.heads.report import check_writable_file
 
@@ -459,6 +461,10 @@ def predict(
         from dfclip.heads.run import predict_store
 
         df = predict_store(run, store_dir, device=device, precision=precision, log=_warn)
+    from dfclip.runtime import own_rank
+
+    if own_rank().rank != 0:  # under torchrun every rank holds all the rows: rank 0 writes them
+        return
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())
     out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real",

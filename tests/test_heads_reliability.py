@@ -263,3 +263,75 @@ def test_runs_lists_a_nan_threshold_as_broken(env, dfhead, tmp_path, monkeypatch
     assert code == 0, err
     rows = {line.split("┆")[0].strip("│ "): line for line in out.splitlines() if "┆" in line}
     assert "bad config.json" in rows["nan"] and " ok " in rows["good"]
+
+
+# --- predict on images: rank variables, messages ----------------------------------------------------------
+
+TINY = ("--model", "dfclip-tiny", "--workers", "0", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, tiny_checkpoint) -> dict:
+    """Demo images, their store (tiny model) and a run trained on it."""
+    from dfclip.embed import EmbedConfig, extract
+    from dfclip.embed.demo import make_demo_images
+    from dfclip.heads.config import make_config
+    from dfclip.heads.run import fit
+
+    root = tmp_path_factory.mktemp("images")
+    images = make_demo_images(root / "images", n_per_source=6, seed=3)
+    extract(images, root / "store", EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0,
+                                                device="cpu"), progress=False)
+    run = fit(root / "store", make_config(epochs=1, batch_size=8), runs_dir=root / "runs", name="r", device="cpu",
+              log=lambda line: None)
+    walked = sorted(str(p.relative_to(images)) for p in images.rglob("*") if p.suffix in (".jpg", ".png", ".webp"))
+    return {"images": images, "run": run, "n": len(walked), "walked": walked}
+
+
+def test_predict_ignores_rank_variables_that_no_torchrun_set(image_run, dfhead, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("COLUMNS", "500")
+    code, out, err = dfhead("predict", image_run["run"], image_run["images"], "--out", tmp_path / "s.csv",
+                            "--workers", "0", "--device", "cpu")
+    assert code == 0, err
+    assert pl.read_csv(tmp_path / "s.csv").height == image_run["n"]
+    notes = [line for line in (out + err).splitlines() if "TORCHELASTIC_RUN_ID" in line]
+    assert len(notes) == 1 and "WORLD_SIZE=2" in notes[0] and "RANK=1" in notes[0], out + err
+    assert os.environ["WORLD_SIZE"] == "2"  # restored for the rest of the process
+
+
+def test_predict_under_torchrun_merges_the_ranks_into_one_file(image_run, tmp_path):
+    out = tmp_path / "s.csv"
+    proc = subprocess.run([str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                           str(VENV_BIN / "dfhead"), "predict", str(image_run["run"]), str(image_run["images"]),
+                           "--out", str(out), "--workers", "0", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = pl.read_csv(out)
+    assert scores["path"].to_list() == image_run["walked"]  # every image once, sorted, from both ranks
+    assert sum("wrote" in line for line in proc.stdout.splitlines()) == 1
+    assert "TORCHELASTIC_RUN_ID" not in proc.stdout + proc.stderr
+
+
+def test_predict_on_one_hidden_image_scores_it(image_run, dfhead, tmp_path):
+    hidden = tmp_path / ".face.png"
+    shutil.copy(next(image_run["images"].rglob("*.png")), hidden)
+    code, out, err = dfhead("predict", image_run["run"], hidden, "--out", tmp_path / "s.csv", "--workers", "0",
+                            "--device", "cpu")
+    assert code == 0, err
+    assert pl.read_csv(tmp_path / "s.csv")["path"].to_list() == [".face.png"]
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "missing.png"])
+def test_predicts_messages_name_the_users_file(image_run, dfhead, tmp_path, name):
+    target = tmp_path / name
+    if name == "notes.txt":
+        target.write_text("not an image")
+    code, out, err = dfhead("predict", image_run["run"], target, "--out", tmp_path / "s.csv", "--device", "cpu")
+    assert code == 2 and "Traceback" not in err
+    assert str(target) in err and "_input" not in err and "--manifest" not in err, err
+    assert ("does not exist" if name == "missing.png" else "not an image") in err
