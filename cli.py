@@ -459,8 +459,10 @@ def predict(
                             log=_warn)
     else:
         from dfclip.heads.run import predict_store
+        from dfclip.runtime import without_stray_ranks
 
-        df = predict_store(run, store_dir, device=device, precision=precision, log=_warn)
+        with without_stray_ranks(_warn):  # a stray LOCAL_RANK would pick the GPU
+            df = predict_store(run, store_dir, device=device, precision=precision, log=_warn)
     from dfclip.runtime import own_rank
 
     if own_rank().rank != 0:  # under torchrun every rank holds all the rows: rank 0 writes them

@@ -281,16 +281,25 @@ def _training_rows(config: dict, trained: pl.Series | None, s: store.Store, rows
     Paths are relative to a store's input folder, so a path means the same image only in the run's
     own store or in a store of the same input folder (perturbed copies); elsewhere no row matches.
     """
-    data, root = config.get("data") or {}, config["provenance"].get("input_root")
-    same_store = data.get("store_root") == str(s.root.resolve())
-    same_images = root is not None and root == s.provenance.get("input_root")
-    if trained is None or not (same_store or same_images):
+    if trained is None or not _same_images(config, s):
         return pl.Series([False] * rows.height, dtype=pl.Boolean)
     return rows["path"].is_in(trained.implode())
 
 
+def _same_images(config: dict, s: store.Store) -> bool:
+    """Whether store `s` may hold the run's training images: it is the run's training store, or a store of
+    the same input folder. Runs from before store_root was recorded compare the store path as given."""
+    data, root = config.get("data") or {}, config["provenance"].get("input_root")
+    trained_on = data.get("store_root") or (str(Path(data["store"]).resolve()) if data.get("store") else None)
+    return trained_on == str(s.root.resolve()) or (root is not None and root == s.provenance.get("input_root"))
+
+
 def _leave_out_training_rows(config: dict, trained: pl.Series | None, s: store.Store, rows: pl.DataFrame,
                              include_train: bool, where: str, log: Callable[[str], None]) -> pl.DataFrame:
+    if trained is None and _same_images(config, s):
+        log(f"warning: the run does not record the rows it trained on (it predates {TRAIN_ROWS_FILE}), and store "
+            f"{s.root} may hold them: these metrics may be optimistic; re-run `dfhead fit` to record them")
+        return rows
     hit = _training_rows(config, trained, s, rows)
     n = int(hit.sum())
     if n == 0:

@@ -91,6 +91,15 @@ def test_robustness_tables_leave_out_training_rows_of_perturbed_copies(env, dfhe
     assert n == {"good": all_rows - trained, "jpeg": all_rows - trained, "other": all_rows}
 
 
+def test_a_run_without_a_record_of_its_training_rows_warns_on_its_own_store(env, dfhead, tmp_path):
+    old = shutil.copytree(env["run"], tmp_path / "old")
+    (old / "train_rows.parquet").unlink()
+    code, out, err = dfhead("eval", old, "--store", env["good"], "--json", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["n"] == labelled_rows(env["good"])
+    assert "does not record the rows it trained on" in err and "optimistic" in err
+
+
 def test_a_store_of_training_rows_only_is_refused_with_the_option(env, dfhead, tmp_path):
     train_paths = pl.read_parquet(env["run"] / "train_rows.parquet")["path"]
     keep = store.open(env["good"]).meta["path"].is_in(train_paths.implode()).to_numpy()
@@ -285,7 +294,7 @@ def image_run(tmp_path_factory, tiny_checkpoint) -> dict:
     run = fit(root / "store", make_config(epochs=1, batch_size=8), runs_dir=root / "runs", name="r", device="cpu",
               log=lambda line: None)
     walked = sorted(str(p.relative_to(images)) for p in images.rglob("*") if p.suffix in (".jpg", ".png", ".webp"))
-    return {"images": images, "run": run, "n": len(walked), "walked": walked}
+    return {"images": images, "store": root / "store", "run": run, "n": len(walked), "walked": walked}
 
 
 def test_predict_ignores_rank_variables_that_no_torchrun_set(image_run, dfhead, tmp_path, monkeypatch):
@@ -301,6 +310,11 @@ def test_predict_ignores_rank_variables_that_no_torchrun_set(image_run, dfhead, 
     notes = [line for line in (out + err).splitlines() if "TORCHELASTIC_RUN_ID" in line]
     assert len(notes) == 1 and "WORLD_SIZE=2" in notes[0] and "RANK=1" in notes[0], out + err
     assert os.environ["WORLD_SIZE"] == "2"  # restored for the rest of the process
+    code, out, err = dfhead("predict", image_run["run"], "--store", image_run["store"], "--out", tmp_path / "t.csv",
+                            "--device", "cpu")
+    assert code == 0, err
+    assert pl.read_csv(tmp_path / "t.csv").height == image_run["n"]
+    assert sum("TORCHELASTIC_RUN_ID" in line for line in (out + err).splitlines()) == 1
 
 
 def test_predict_under_torchrun_merges_the_ranks_into_one_file(image_run, tmp_path):
