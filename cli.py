@@ -451,19 +451,23 @@ def eval_(
     precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
     pool: Annotated[Optional[str], typer.Option(help=POOL_HELP + " For the video-level metrics of a --store.", show_default="the run's --video-pool")] = None,
     temperature: Annotated[Optional[float], typer.Option(help=TEMPERATURE_HELP, show_default="the run's --pool-temperature")] = None,
+    include_train: Annotated[bool, typer.Option("--include-train", help="Also score the rows the run trained on (its own store, or perturbed copies of its images, matched on path); left out by default, as their metrics are optimistic.")] = False,
 ) -> None:
     """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video).
 
+    Rows the run trained on are left out (a note gives their count) unless --include-train.
     With several --store (e.g. clean, jpeg75, blur1 from `dfembed extract --perturb`): one table of AUC, AP, EER and
-    accuracy per store, also written to RUN/robustness.parquet and RUN/robustness.png.
+    accuracy per store, also written to RUN/robustness.parquet and RUN/robustness.png when RUN can be written.
     """
-    from dfclip.heads.run import evaluate_run, evaluate_stores
+    from dfclip.heads.run import evaluate_run, evaluate_stores, write_robustness
 
     if store_dirs and len(store_dirs) > 1:
         if pool is not None or temperature is not None:
             raise UserError("--pool and --temperature set the video-level metrics of one --store; the robustness "
                             "table over several has none")
-        table = evaluate_stores(run, store_dirs, device=device, split=split, precision=precision, log=_warn)
+        table = evaluate_stores(run, store_dirs, device=device, split=split, precision=precision,
+                                include_train=include_train, write=False, log=_warn)
+        written = write_robustness(table, run, log=_warn)
         if as_json:
             out.print_json(json.dumps(table.to_dicts()))
             return
@@ -476,7 +480,8 @@ def eval_(
             t.add_row(r["store"], r["perturb"], str(r["n"]),
                       *("-" if r[c] is None else f"{r[c]:.4f}" for c in ("auc", "ap", "eer", "acc")))
         out.print(t)
-        out.print(f"wrote {run / 'robustness.parquet'} and {run / 'robustness.png'}", highlight=False)
+        if written:
+            out.print(f"wrote {' and '.join(map(str, written))}", highlight=False)
         return
     store_dir = store_dirs[0] if store_dirs else None
     if split is not None and store_dir is None:
@@ -484,21 +489,22 @@ def eval_(
     if (pool is not None or temperature is not None) and store_dir is None:
         raise UserError("--pool and --temperature re-score a --store (the run's report used its own --video-pool); "
                         "give --store STORE")
-    rep = evaluate_run(run, store_dir, device=device, split=split, precision=precision, log=_warn, pool=pool,
-                       temperature=temperature)
+    rep = evaluate_run(run, store_dir, device=device, split=split, precision=precision, include_train=include_train,
+                       log=_warn, pool=pool, temperature=temperature)
     if as_json:
         out.print_json(json.dumps(rep))
         return
     rep = rep.get("val", rep) if store_dir is None else rep
+    show = lambda v: "-" if v is None else v  # an undefined metric (e.g. recall of a class the store lacks)
     for k, v in rep.items():
         if not isinstance(v, dict):
-            out.print(f"{k:>16}  {v}")
+            out.print(f"{k:>16}  {show(v)}")
     for s, v in (rep.get("per_source") or {}).items():
-        out.print(f"{'source ' + (s or '(none)'):>16}  auc={v['auc']}  acc={v['acc']}  n={v['n']}")
+        out.print(f"{'source ' + (s or '(none)'):>16}  auc={show(v['auc'])}  acc={show(v['acc'])}  n={v['n']}")
     if rep.get("video"):
         v = rep["video"]
-        out.print(f"{'video':>16}  auc={v['auc']}  ap={v['ap']}  eer={v['eer']}  acc={v['acc']}  n={v['n']} videos  "
-                  f"(frames pooled by {_pooling(v)})", highlight=False, soft_wrap=True)
+        out.print(f"{'video':>16}  auc={show(v['auc'])}  ap={show(v['ap'])}  eer={show(v['eer'])}  acc={show(v['acc'])}  "
+                  f"n={v['n']} videos  (frames pooled by {_pooling(v)})", highlight=False, soft_wrap=True)
 
 
 @head_app.command()
@@ -518,7 +524,9 @@ def predict(
 
     A video gets one row (path, n_frames, n_faces, score, pred, label): its frames' scores pooled by
     --pool; still images keep one row each. Images that cannot be read are listed with their reason in
-    OUT's sibling NAME.failures.csv; when none can be scored the command fails.
+    OUT's sibling NAME.failures.csv; when none can be scored the command fails. One process embeds
+    every file, whatever RANK and WORLD_SIZE say, unless torchrun started it; under torchrun the ranks
+    share the files and rank 0 writes one OUT: torchrun --nproc-per-node N $(which dfhead) predict RUN IMAGES.
     """
     from dfclip.heads.report import check_writable_file
 
@@ -537,8 +545,14 @@ def predict(
                             log=_warn, **pooling)
     else:
         from dfclip.heads.run import predict_store
+        from dfclip.runtime import without_stray_ranks
 
-        df = predict_store(run, store_dir, device=device, precision=precision, log=_warn, **pooling)
+        with without_stray_ranks(_warn):  # a stray LOCAL_RANK would pick the GPU
+            df = predict_store(run, store_dir, device=device, precision=precision, log=_warn, **pooling)
+    from dfclip.runtime import own_rank
+
+    if own_rank().rank != 0:  # under torchrun every rank holds all the rows: rank 0 writes them
+        return
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())
     out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real",

@@ -20,6 +20,7 @@ from typing import Callable
 import polars as pl
 
 from dfclip.errors import UserError
+from dfclip.runtime import process_alive
 
 TEMP_PREFIX = "dfclip-predict-"  # + "<pid>-": whose temporary store it is
 
@@ -31,28 +32,18 @@ def remove_dead_temps() -> list[Path]:
     removed = []
     for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
         pid = folder.name[len(TEMP_PREFIX):].split("-")[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or process_alive(int(pid)):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",
                    workers: int = 2, progress: bool = True, failures_csv: str | os.PathLike | None = None,
                    precision: str = "auto", log: Callable[[str], None] = print, pool: str | None = None,
                    temperature: float | None = None, frame_scores: str | os.PathLike | None = None) -> pl.DataFrame:
-    """Score a folder of images (or one image file) with a trained run.
+    """Score a folder of images and videos (or one file) with a trained run.
 
     The images are embedded exactly as the run's training store was (same model, weights,
     preprocessing and feature, and the blocks of its --feature; embed.config.config_from_provenance), on `device` with
@@ -68,30 +59,97 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     n_frames, n_faces, score, pred, label; still images keep one row each), the frames pooled by
     `pool` (mean, max or lse with `temperature`; None = the run's --video-pool), as
     heads.run.verdicts does; `frame_scores` (a CSV path) receives the per-frame scores.
-    """
-    from dfclip import store
-    from dfclip.embed.extract import extract_like
-    from dfclip.heads.report import load_run_config
-    from dfclip.heads.run import predict_store, run_pooling
 
-    from dfclip.store.format import feature_blocks
+    One process embeds every image, even where RANK and WORLD_SIZE are set, unless torchrun started
+    it (runtime.without_stray_ranks). Under torchrun each rank embeds and scores its share, the
+    ranks exchange their rows (gloo), every rank returns all of them, and rank 0 alone writes
+    `failures_csv`.
+    """
+    from dfclip.heads.report import load_run_config
+    from dfclip.heads.run import run_pooling
+    from dfclip.runtime import without_stray_ranks
 
     config = load_run_config(run_dir)
     run_pooling(config, pool, temperature)  # a bad --pool is refused before anything is embedded
+    pooling = {"pool": pool, "temperature": temperature}
+    remove_dead_temps()
+    with without_stray_ranks(log) as me:
+        scores, failures, error = None, None, None
+        try:
+            # Under torchrun each rank writes its frames aside; rank 0 joins them after the merge.
+            mine_frames = frame_scores if me.world == 1 or frame_scores is None else f"{frame_scores}.rank{me.rank}"
+            scores, failures = _predict_mine(run_dir, config, images, device, workers, progress, precision, log,
+                                             frame_scores=mine_frames, **pooling)
+        except UserError as e:
+            if me.world == 1:
+                raise
+            error = str(e)  # the peers must hear it, or they wait for this rank forever
+        if me.world > 1:
+            scores, failures = _merge_ranks(scores, failures, error)
+            if frame_scores is not None and me.rank == 0:
+                _join_frame_scores(frame_scores, me.world)
+    if failures is not None and failures_csv is not None and me.rank == 0:
+        failures.select("path", "error", "message").sort("path").write_csv(failures_csv)
+    if scores is None:
+        reasons = ", ".join(f"{n} {k}" for k, n in failures["error"].value_counts(sort=True).iter_rows()) \
+            if failures is not None else "no images found"
+        where = f"; listed in {failures_csv}" if failures is not None and failures_csv is not None else ""
+        raise UserError(f"none of the images in {images} could be scored ({reasons}){where}")
+    return scores
+
+
+def _predict_mine(run_dir, config: dict, images, device: str, workers: int, progress: bool, precision: str,
+                  log: Callable[[str], None], **pooling) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """(scores, failures) of this process's images (all of them, or its rank's share); None when none."""
+    from dfclip import store
+    from dfclip.embed.extract import extract_like
+    from dfclip.heads.run import predict_store
+    from dfclip.store.format import feature_blocks
+
     # Exactly the run's feature: the projected embedding always, plus the blocks it reads (if any).
     blocks = feature_blocks(config["run"]["feature"])
-    remove_dead_temps()
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         summary = extract_like(config["provenance"], images, tmp, device=device, workers=workers, progress=progress,
                                layers=blocks)
-        failures = store.open(summary["store"]).failures if summary["failed"] else None
-        if failures is not None and failures_csv is not None:
-            failures.select("path", "error", "message").sort("path").write_csv(failures_csv)
-        if summary["embedded"] == 0:
-            reasons = ", ".join(f"{n} {k}" for k, n in failures["error"].value_counts(sort=True).iter_rows()) \
-                if failures is not None else "no images found"
-            where = f"; listed in {failures_csv}" if failures is not None and failures_csv is not None else ""
-            raise UserError(f"none of the images in {images} could be scored ({reasons}){where}")
-        return predict_store(run_dir, summary["store"], device=device, precision=precision, log=log, pool=pool,
-                             temperature=temperature, frame_scores=frame_scores)
+        failures = store.open(summary["store"]).failures.select("path", "error", "message") if summary["failed"] else None
+        scores = predict_store(run_dir, summary["store"], device=device, precision=precision, log=log, **pooling) \
+            if summary["embedded"] else None
+    if Path(images).is_file():  # one image: its own name, not that of the link it was embedded through
+        name = pl.lit(Path(images).name)
+        scores = scores.with_columns(path=name) if scores is not None else None
+        failures = failures.with_columns(path=name) if failures is not None else None
+    return scores, failures
 
+
+def _join_frame_scores(path: str | os.PathLike, world: int) -> None:
+    """Concatenate the ranks' per-frame CSVs (`path`.rankR) into `path`, sorted by path."""
+    parts = [Path(f"{path}.rank{r}") for r in range(world)]
+    frames = [pl.read_csv(p) for p in parts if p.is_file()]
+    if frames:
+        pl.concat(frames).sort("path").write_csv(path)
+    for p in parts:
+        p.unlink(missing_ok=True)
+
+
+def _merge_ranks(scores: pl.DataFrame | None, failures: pl.DataFrame | None, error: str | None
+                 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None]:
+    """Every torchrun rank's (scores, failures), concatenated and sorted by path, on every rank; a
+    rank's UserError is raised on all of them."""
+    import torch.distributed as dist
+
+    mine = not dist.is_initialized()
+    if mine:
+        dist.init_process_group("gloo")
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (scores, failures, error))
+    if mine:
+        dist.destroy_process_group()
+    errors = sorted({e for _, _, e in parts if e is not None})
+    if errors:
+        raise UserError("; ".join(errors))
+
+    def merged(i: int) -> pl.DataFrame | None:
+        frames = [p[i] for p in parts if p[i] is not None]
+        return pl.concat(frames).sort("path") if frames else None
+
+    return merged(0), merged(1)

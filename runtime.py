@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,60 @@ def rank_from_env(env: dict | None = None) -> Rank:
         raise UserError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world}); launch with torchrun "
                         "or unset RANK and WORLD_SIZE")
     return Rank(rank, world, local, max(1, local_world))
+
+
+# torchrun's elastic agent sets this in every worker it starts (with RANK, WORLD_SIZE, LOCAL_RANK,
+# MASTER_ADDR ...). Cluster pods and job schedulers set WORLD_SIZE, RANK and often MASTER_ADDR for
+# their own purposes, so those alone do not say that this process has peers.
+TORCHRUN_VARIABLE = "TORCHELASTIC_RUN_ID"
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def under_torchrun(env: dict | None = None) -> bool:
+    """Whether torchrun started this process (TORCHELASTIC_RUN_ID is set), so that its rank variables
+    name real peer processes."""
+    return TORCHRUN_VARIABLE in (os.environ if env is None else env)
+
+
+def own_rank() -> Rank:
+    """This process's rank for commands that only split work under a real torchrun (dfhead predict):
+    rank_from_env() under torchrun, else 0 of 1 whatever RANK and WORLD_SIZE say."""
+    return rank_from_env() if under_torchrun() else Rank()
+
+
+@contextmanager
+def without_stray_ranks(log: Callable[[str], None]) -> Iterator[Rank]:
+    """Inside, rank variables that no torchrun set are hidden from rank_from_env (and from the processes
+    started meanwhile), with one note through `log` when they would have split the work; restored on
+    exit. Yields this process's Rank (own_rank).
+
+    A pod with WORLD_SIZE=2 RANK=0 set by its scheduler would otherwise make a one-process command
+    do only half of its work, with no peer to do the rest.
+    """
+    if under_torchrun():
+        yield rank_from_env()
+        return
+    stray = {k: os.environ[k] for k in RANK_VARIABLES if k in os.environ}
+    if any(os.environ.get(k, default) != default for k, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))):
+        log(f"note: {' '.join(f'{k}={v}' for k, v in stray.items())} set, but not by torchrun (no {TORCHRUN_VARIABLE}): "
+            "ignored, this one process does all the work")
+    for k in stray:
+        del os.environ[k]
+    try:
+        yield Rank()
+    finally:
+        os.environ.update(stray)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (someone else's live process counts): whose temporary folder is garbage."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def nvidia_driver_version() -> str | None:

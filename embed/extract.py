@@ -528,16 +528,28 @@ def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.Path
                  workers: int | None = None, progress: bool = True, layers: Sequence[int] | None = None) -> dict:
     """Embed `images` (a folder or one image file) into the store `out`/store exactly as the store of
     `provenance` was embedded (embed.config.config_from_provenance), on `device` with `workers`.
-    layers: the blocks to store (default: those of `provenance`)."""
+    layers: the blocks to store (default: those of `provenance`).
+
+    One file is embedded through a link in a folder of `out` (named so the walk never skips it, a
+    hidden file included); messages name the file itself, never that folder."""
+    from dfclip.embed.sources import scan_folder
+
     images = Path(images)
     out = Path(out)
+    if not images.exists():
+        raise UserError(f"{images} does not exist; give a folder of images or one image file")
     out.mkdir(parents=True, exist_ok=True)
     if images.is_file():  # one image: a folder holding a link to it
         folder = out / "_input"
         folder.mkdir(exist_ok=True)
-        link = folder / images.name
+        link = folder / (f"_{images.name}" if images.name.startswith(".") else images.name)
         if not link.exists():
             link.symlink_to(images.resolve())
+        try:
+            scan_folder(folder)
+        except UserError:
+            raise UserError(f"{images} is not an image file dfclip reads (extension {images.suffix or '(none)'}); "
+                            "give an image, or a folder of images") from None
         images = folder
     config = dataclasses.replace(config_from_provenance(provenance, out), device=device, workers=workers)
     if layers is not None:

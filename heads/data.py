@@ -10,6 +10,7 @@ group (Utf8; "" = none).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -274,6 +275,7 @@ class Data:
     counts: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warning lines for the log (dropped rows, overlaps)
     feature: str = "proj"  # the stored feature x holds (store.format.feature_parts)
+    train_paths: pl.Series | None = None  # the path of every training row (recorded in the run: eval leaves them out)
 
 
 def _to_device(x: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -315,11 +317,36 @@ def _check_val_store(tr: store.Store, va: store.Store, notes: list[str]) -> None
                      f"store {tr.root}; if they are the same images, validation scores training rows")
 
 
+def missing_inputs_note(s: store.Store, rows: pl.DataFrame | None = None) -> str | None:
+    """One line on the rows of `s` (or only those of `rows`) whose image file is gone from the store's
+    input folder; None when every file is there, or for imported stores (no input folder).
+
+    A file moved from real/ to fake/ and extracted again is stored twice, with both labels, until
+    `--prune-missing`: the old row is used with its old label. Such rows are kept (a store is
+    often read where its images are not), but never silently: this line gives their count. When
+    the input folder itself is not on this machine, nothing can be checked, and the note says so.
+    """
+    root = s.provenance.get("input_root")
+    if not root:
+        return None
+    if not os.path.isdir(root):
+        return (f"note: the input folder {root} of store {s.root} is not on this machine, so rows whose image was "
+                "moved or deleted since it was embedded cannot be detected")
+    rows = s.meta if rows is None else rows
+    gone = rows.join(s.missing_inputs().select("path"), on="path", how="semi")
+    if gone.height == 0:
+        return None
+    return (f"warning: {gone.height} of the {rows.height} rows of store {s.root} have no image file in {root} any "
+            f"more (moved or deleted since they were embedded, e.g. {gone['path'][0]}); they are used with their "
+            "stored labels: `dfembed extract ... --prune-missing` drops them")
+
+
 def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data:
     """Load train/val/holdout rows of cfg.feature once, on `device`, as cfg (a RunConfig) splits them (see
     split_rows). Stores may be paths or open store.Store objects (whose metadata is then read only once).
 
-    Rows whose embeddings are not finite are dropped, with one warning line in Data.notes.
+    Rows whose embeddings are not finite are dropped, with one warning line in Data.notes; rows whose
+    image file is gone from the input folder are counted there too (missing_inputs_note).
     """
     tr = store.open(train_store) if not isinstance(train_store, store.Store) else train_store
     va, notes = None, []
@@ -328,6 +355,7 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
         store.format.require_compatible(va.provenance, tr.provenance, what=f"--val-store {va.root}",
                                         fix="extract the train and validation stores with the same model")
         _check_val_store(tr, va, notes)
+    notes += [n for n in (missing_inputs_note(tr), missing_inputs_note(va) if va is not None else None) if n]
     meta = tr.meta
     parts = split_rows(meta, val_frac=cfg.val_frac, seed=cfg.split_seed, holdout_sources=cfg.holdout_sources,
                        has_val_store=va is not None)
@@ -342,7 +370,7 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
         dropped[str(tr.root)] += n
         return _to_device(x, device), _labels(rows, device), rows
 
-    x, y, _ = subset(parts["train"])
+    x, y, train_rows = subset(parts["train"])
     if va is not None:
         # Held-out sources are unseen: they leave the validation store too, not only the train store.
         vmeta = va.select(label=[0, 1], where=~pl.col("source").is_in(list(cfg.holdout_sources)))
@@ -372,8 +400,10 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
         holdout = EvalSet("holdout", hx, hy, hmeta)
     counts = {"train": int(y.numel()), "train_fake": int(y.sum()), "val": int(val.y.numel()),
               "holdout": int(holdout.y.numel()) if holdout else 0,
-              "store": str(tr.root), "val_store": str(va.root) if va is not None else None}
-    return Data(x, y, val, holdout, tr.provenance, tr.feature_dim(cfg.feature), counts, notes, cfg.feature)
+              "store": str(tr.root), "val_store": str(va.root) if va is not None else None,
+              "store_root": str(tr.root.resolve())}  # eval matches its stores against this
+    return Data(x, y, val, holdout, tr.provenance, tr.feature_dim(cfg.feature), counts, notes, cfg.feature,
+                train_rows["path"])
 
 
 def _labels(rows: pl.DataFrame, device: torch.device) -> torch.Tensor:

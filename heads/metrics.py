@@ -282,11 +282,28 @@ def _headline(scores: Tensor, labels: Tensor, threshold: float | Tensor) -> list
         columns[f"tpr@fpr={target}"] = _tpr_at_fpr(counts, target)
     if not both_classes:  # acc@eer means nothing when there is no EER threshold
         columns["acc@eer"] = torch.full_like(columns["acc@eer"], float("nan"))
+        _undefined_for_absent_class(columns, fake_present=n_fake > 0)
     as_lists = {key: value.double().cpu().tolist() for key, value in columns.items()}  # one transfer per metric
     return [
         {"n": labels.shape[0], "n_fake": n_fake, "n_real": n_real} | {key: _py(values[k]) for key, values in as_lists.items()}
         for k in range(scores.shape[0])
     ]
+
+
+def _undefined_for_absent_class(columns: dict[str, Tensor], fake_present: bool) -> None:
+    """NaN (None in reports) for the thresholded metrics a one-class set cannot define, in place.
+
+    The absent class has no recall, hence no F1, and a precision only when something was called
+    that class (then 0: every such call is wrong; nothing was called it when acc is 1). The macro
+    averages need both classes. scikit-learn's zero_division=0 would report 0 for all of these,
+    which reads as a detector that misses every fake.
+    """
+    absent = "real" if fake_present else "fake"
+    nan = torch.full_like(columns["acc"], float("nan"))
+    columns[f"recall_{absent}"] = columns[f"f1_{absent}"] = nan
+    columns[f"precision_{absent}"] = torch.where(columns["acc"] < 1, columns[f"precision_{absent}"], nan)
+    for metric in ("precision", "recall", "f1"):
+        columns[f"{metric}_macro"] = nan
 
 
 def _group_codes(names: pl.Series, device: torch.device) -> tuple[list[str], Tensor]:
@@ -460,6 +477,8 @@ def evaluate(
     `threshold_metrics`; zero_division=0 conventions).
     Rank metrics (auc, eer, eer_threshold, acc@eer, tpr@fpr) are None when a class is absent,
     ap is None without fakes; eer_threshold is None when the EER point is 'predict nothing fake'.
+    When a class is absent, so are its recall and F1, its precision unless something was called it,
+    and the macro averages (None; `_undefined_for_absent_class`).
     - sources ([N] names): adds per_source = {source: {n, auc, acc}} where auc compares the
       source's fake rows with ALL real rows of the set (None for a source without fakes, or when
       the set has no reals) and acc is accuracy at `threshold` over the source's rows.

@@ -5,14 +5,23 @@
     runs/<name>/metrics.parquet  one row per epoch
     runs/<name>/report.json      val and held-out-source metrics of the selected epoch
     runs/<name>/roc_pr.png       ROC and PR curves of val (and held-out sources)
+    runs/<name>/train_rows.parquet  the path of every row it trained on (eval leaves them out)
+
+A run folder is written aside and swapped in whole (`replacing_dir`), so it only ever holds the
+files of one head: nothing of a replaced run (robustness.parquet, say) survives.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +33,83 @@ from dfclip.heads import metrics
 from dfclip.heads.config import RunConfig, config_from_dict
 from dfclip.heads.models import Head, head_from_config
 from dfclip.errors import UserError
+from dfclip.runtime import process_alive
 from dfclip.store.format import feature_width
 
 RUN_FORMAT = "dfclip-run/1"
+TRAIN_ROWS_FILE = "train_rows.parquet"
+# .NAME.new-PID-TAG: a folder being written; .NAME.old-PID-TAG: the folder it replaces, mid-swap.
+_STAGE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on `folder` itself: swaps of its entries happen one at a time, and the lock
+    dies with its process (no stale lock file)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _clean_stale_stages(parent: Path) -> None:
+    """Staging folders of processes that are gone: a half-written new folder is deleted; an old folder
+    caught between the two renames of a swap is put back when nothing has taken its place."""
+    for entry in parent.iterdir():
+        m = _STAGE.match(entry.name)
+        if m is None or process_alive(int(m["pid"])):
+            continue
+        final = parent / m["name"]
+        if m["kind"] == "old" and not final.exists():
+            os.rename(entry, final)
+        else:
+            _remove(entry)
+
+
+@contextmanager
+def replacing_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden folder beside `final` to write into; when the block ends without error it replaces
+    `final` whole (a run folder, a sweep folder).
+
+    A folder written in place would keep files of the one it replaces (a robustness table of the
+    old head), and an error half-way would leave a mix. Written aside, `final` holds either the old
+    files or the new ones, never both; an error (or Ctrl-C) leaves it as it was. The swap is two
+    renames under an flock on the parent folder, so concurrent writers of one name leave one whole
+    folder (the last wins). A killed writer's staging folder is cleaned up by the next writer.
+    """
+    final = Path(final)
+    parent = final.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    stage, old = parent / f".{final.name}.new-{tag}", parent / f".{final.name}.old-{tag}"
+    with _folder_lock(parent):
+        _clean_stale_stages(parent)
+        stage.mkdir()
+    try:
+        yield stage
+        with _folder_lock(parent):
+            had_old = final.exists() or final.is_symlink()
+            if had_old:
+                os.rename(final, old)
+            try:
+                os.rename(stage, final)
+            except BaseException:
+                if had_old:
+                    os.rename(old, final)
+                raise
+    finally:
+        _remove(stage)  # gone already after a swap
+    if had_old:
+        _remove(old)
 
 
 def _first_existing(path: Path) -> Path:
@@ -80,28 +157,37 @@ def default_run_name(cfg: RunConfig) -> str:
     return "-".join(parts)
 
 
-def save_run(result, run_dir: str | os.PathLike, *, provenance: dict, counts: dict) -> Path:
+def save_run(result, run_dir: str | os.PathLike, *, provenance: dict, counts: dict,
+             train_paths: pl.Series | None = None) -> Path:
     """Write one trained configuration (a heads.train.RunResult) as a run directory (see module docstring).
 
-    The ROC/PR plot draws the val and holdout scores the result carries (computed once, in training).
+    The folder is written aside and replaces any earlier `run_dir` whole (replacing_dir).
+    train_paths: the paths of the rows it trained on (heads.data.Data.train_paths), so that
+    `dfhead eval` can leave them out. The ROC/PR plot draws the val and holdout scores the result
+    carries (computed once, in training).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with replacing_dir(run_dir) as tmp:
+        _write_run(result, tmp, run_dir.name, provenance, counts, train_paths)
+    return run_dir
+
+
+def _write_run(result, folder: Path, name: str, provenance: dict, counts: dict, train_paths: pl.Series | None) -> None:
     head = result.head
     state = {n: t.detach().cpu().contiguous() for n, t in head.state_dict().items()}
-    save_file(state, str(run_dir / ".head.safetensors.tmp"))
-    os.replace(run_dir / ".head.safetensors.tmp", run_dir / "head.safetensors")
+    save_file(state, str(folder / "head.safetensors"))
     config = {
         "format": RUN_FORMAT, "run": result.config.to_dict(), "head": head.config, "threshold": result.threshold,
         "best_epoch": result.best_epoch, "data": counts, "provenance": provenance,
     }
-    _atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, default=str))
-    result.history.write_parquet(run_dir / "metrics.parquet")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    result.history.write_parquet(folder / "metrics.parquet")
     report = {"best_epoch": result.best_epoch, "threshold": result.threshold, "seconds": result.seconds, **result.reports}
-    _atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    if train_paths is not None:
+        pl.DataFrame({"path": train_paths}, schema={"path": pl.Utf8}).write_parquet(folder / TRAIN_ROWS_FILE)
     if result.scores:
-        plot_roc_pr(result.scores, run_dir / "roc_pr.png", title=run_dir.name)
-    return run_dir
+        plot_roc_pr(result.scores, folder / "roc_pr.png", title=name)
 
 
 def load_run_config(run_dir: str | os.PathLike) -> dict:

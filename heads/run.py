@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -27,9 +28,10 @@ import torch
 from dfclip import store
 from dfclip.heads import metrics
 from dfclip.heads.config import RunConfig, validate
-from dfclip.heads.data import finite_rows, non_finite_note
-from dfclip.heads.report import (check_writable_dir, default_run_name, leaderboard, load_run, plot_heatmap, result_row,
-                                 safe_name, save_run, varying_columns)
+from dfclip.heads.data import finite_rows, missing_inputs_note, non_finite_note
+from dfclip.heads.report import (TRAIN_ROWS_FILE, check_writable_dir, default_run_name, leaderboard, load_run,
+                                 load_run_config, plot_heatmap, replacing_dir, result_row, safe_name, save_run,
+                                 varying_columns)
 from dfclip.heads.models import HEAD_KINDS, head_options
 from dfclip.heads.precision import resolve_precision
 from dfclip.heads.train import EVAL_CHUNK, Halving, predict_logits, train
@@ -58,7 +60,7 @@ def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs
         base, n = run_dir, 2
         while run_dir.exists():
             run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
-    save_run(results[0], run_dir, provenance=data.provenance, counts=data.counts)
+    save_run(results[0], run_dir, provenance=data.provenance, counts=data.counts, train_paths=data.train_paths)
     return run_dir
 
 
@@ -204,7 +206,8 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
                             infer_schema_length=None)
         best_i = int(leaderboard(rows, select, halving=halving)[0]["index"][0])
         if results[best_i].diverged is None:  # no best run from a rank whose every config diverged
-            save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts)
+            save_run(results[best_i], parts / f"best-r{rank:03d}", provenance=data.provenance, counts=data.counts,
+                     train_paths=data.train_paths)
         tmp = parts / f".rows-r{rank:03d}.parquet.tmp"
         rows.write_parquet(tmp)
         os.replace(tmp, parts / f"rows-r{rank:03d}.parquet")
@@ -215,34 +218,45 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     files = [p for r in range(world) if (p := parts / f"rows-r{r:03d}.parquet").is_file()]
     rows = pl.concat([pl.read_parquet(p) for p in files], how="diagonal_relaxed")
     runs, summary = leaderboard(rows, select, halving=halving)
-    runs.write_parquet(out / "runs.parquet")
-    summary.write_parquet(out / "leaderboard.parquet")
-    plot_heatmap(summary, out / "heatmap_alpha_gamma.png")
     best = runs.row(0, named=True)
-    best_dir = out / "best"
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
+    halving_info = {"eta": eta, "min_epochs": min_epochs, "rungs": plan.rungs(cfgs[0].epochs),
+                    "per_rank": world > 1} if plan is not None else None
+    # The sweep folder is assembled aside and swapped in whole: nothing of an earlier sweep of this
+    # name (a heatmap this grid has none of, another rank count's parts) survives.
+    with replacing_dir(out) as new:
+        (new / "parts").mkdir()
+        for r in range(world):
+            for part in (f"rows-r{r:03d}.parquet", f"best-r{r:03d}"):
+                if (parts / part).exists():
+                    os.rename(parts / part, new / "parts" / part)
+        runs.write_parquet(new / "runs.parquet")
+        summary.write_parquet(new / "leaderboard.parquet")
+        plot_heatmap(summary, new / "heatmap_alpha_gamma.png")
+        if best["diverged"] is None:
+            shutil.copytree(new / "parts" / f"best-r{best['rank']:03d}", new / "best")
+            (new / "sweep.json").write_text(json.dumps({"configs": len(cfgs), "world_size": world, "best": best,
+                                                        "varying": varying_columns(rows), "halving": halving_info},
+                                                       indent=2, default=str))
     if best["diverged"] is not None:
         raise UserError(f"every config of the sweep diverged (NaN or infinite loss; leaderboard in {out}); "
                         f"lower --lr (lowest now {min(c.lr for c in cfgs):g})")
-    shutil.copytree(parts / f"best-r{best['rank']:03d}", best_dir)
-    halving_info = {"eta": eta, "min_epochs": min_epochs, "rungs": plan.rungs(cfgs[0].epochs),
-                    "per_rank": world > 1} if plan is not None else None
-    (out / "sweep.json").write_text(json.dumps({"configs": len(cfgs), "world_size": world, "best": best,
-                                                "varying": varying_columns(rows), "halving": halving_info},
-                                               indent=2, default=str))
     return out, summary
 
 
 def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
                  device: str = "auto", split: str | None = None, precision: str = "auto",
-                 log: Callable[[str], None] = print, pool: str | None = None,
+                 include_train: bool = False, log: Callable[[str], None] = print, pool: str | None = None,
                  temperature: float | None = None) -> dict:
     """Metrics of a trained run on a store (default: its validation numbers from report.json).
 
     split: only the store's rows of this split (e.g. "test"); None = every labelled row.
+    include_train: also score the rows the run trained on. By default they are left out (one note
+    through `log` gives their count): metrics over training rows are optimistic. A row is a
+    training row when its path is in the run's train_rows.parquet and the store is the run's own
+    training store or holds the same input folder's images (a perturbed copy, say).
     precision: of the head's hidden matmuls on the store (heads.precision: auto, fp32 or bf16). Rows
-    whose embeddings are NaN or inf are left out, with one warning line through `log`.
+    whose embeddings are NaN or inf are left out, with one warning line through `log`; rows whose
+    image file is gone from the store's input folder are counted in one warning line.
     pool, temperature: how the video-level metrics ("video", over the rows' groups) pool frame
     scores (heads.metrics.pool_groups); None = the run's --video-pool / --pool-temperature.
     """
@@ -254,19 +268,70 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
         return json.loads((run_dir / "report.json").read_text())
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
-    return _evaluate_loaded(head, config, store.open(store_dir), dev, split, precision, log, pool=pool,
-                            temperature=temperature)
+    return _evaluate_loaded(head, config, _trained_paths(run_dir), store.open(store_dir), dev, split, precision,
+                            include_train, log, pool=pool, temperature=temperature)
 
 
-def _evaluate_loaded(head, config: dict, s: store.Store, dev: torch.device, split: str | None, precision: str,
-                     log: Callable[[str], None], *, pool: str | None = None, temperature: float | None = None) -> dict:
+def _trained_paths(run_dir: Path) -> pl.Series | None:
+    """The paths the run trained on (train_rows.parquet); None for runs written before it was recorded."""
+    file = Path(run_dir) / TRAIN_ROWS_FILE
+    return pl.read_parquet(file)["path"] if file.is_file() else None
+
+
+def _training_rows(config: dict, trained: pl.Series | None, s: store.Store, rows: pl.DataFrame) -> pl.Series:
+    """Which of `rows` (of store `s`) the run trained on, as a boolean mask, matched on path.
+
+    Paths are relative to a store's input folder, so a path means the same image only in the run's
+    own store or in a store of the same input folder (perturbed copies); elsewhere no row matches.
+    """
+    if trained is None or not _same_images(config, s):
+        return pl.Series([False] * rows.height, dtype=pl.Boolean)
+    return rows["path"].is_in(trained.implode())
+
+
+def _same_images(config: dict, s: store.Store) -> bool:
+    """Whether store `s` may hold the run's training images: it is the run's training store, or a store of
+    the same input folder. Runs from before store_root was recorded compare the store path as given."""
+    data, root = config.get("data") or {}, config["provenance"].get("input_root")
+    trained_on = data.get("store_root") or (str(Path(data["store"]).resolve()) if data.get("store") else None)
+    return trained_on == str(s.root.resolve()) or (root is not None and root == s.provenance.get("input_root"))
+
+
+def _leave_out_training_rows(config: dict, trained: pl.Series | None, s: store.Store, rows: pl.DataFrame,
+                             include_train: bool, where: str, log: Callable[[str], None]) -> pl.DataFrame:
+    if trained is None and _same_images(config, s):
+        log(f"warning: the run does not record the rows it trained on (it predates {TRAIN_ROWS_FILE}), and store "
+            f"{s.root} may hold them: these metrics may be optimistic; re-run `dfhead fit` to record them")
+        return rows
+    hit = _training_rows(config, trained, s, rows)
+    n = int(hit.sum())
+    if n == 0:
+        return rows
+    if include_train:
+        log(f"warning: {n} of the {rows.height} rows of store {s.root}{where} are rows the run trained on: scored "
+            "(--include-train), so these metrics are optimistic")
+        return rows
+    if n == rows.height:
+        raise UserError(f"every labelled row of store {s.root}{where} is a row the run trained on; evaluate on other "
+                        "images, or pass --include-train to score them anyway (optimistic)")
+    log(f"note: left out {n} of the {rows.height} rows of store {s.root}{where} that the run trained on; "
+        "--include-train scores them too (optimistic)")
+    return rows.filter(~hit)
+
+
+def _evaluate_loaded(head, config: dict, trained: pl.Series | None, s: store.Store, dev: torch.device,
+                     split: str | None, precision: str, include_train: bool, log: Callable[[str], None], *,
+                     pool: str | None = None, temperature: float | None = None) -> dict:
     """evaluate_run on a loaded run and an open store (a robustness table loads the run once)."""
     _check_same_model(config, s)
     rows = s.select(label=[0, 1], split=split)
+    where = f" in split {split!r}" if split is not None else ""
     if rows.height == 0:
-        where = f" in split {split!r}" if split is not None else ""
         raise UserError(f"store {s.root} has no labelled rows{where} to evaluate on; use `dfhead predict` for "
                         "unlabelled data" + (" or another --split" if where else ""))
+    rows = _leave_out_training_rows(config, trained, s, rows, include_train, where, log)
+    if (note := missing_inputs_note(s, rows)) is not None:
+        log(note)
     x, rows = _finite(*s.load(rows, feature=config["run"]["feature"]), s, log)
     scores = _scores(head, config, x, dev, precision)
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
@@ -286,30 +351,59 @@ def run_pooling(config: dict, pool: str | None = None, temperature: float | None
 
 
 ROBUSTNESS_METRICS = ("auc", "ap", "eer", "acc")
+ROBUSTNESS_FILES = ("robustness.parquet", "robustness.png")
 
 
 def evaluate_stores(run_dir: str | os.PathLike, store_dirs: list[str | os.PathLike], *,
                     device: str = "auto", split: str | None = None, precision: str = "auto",
+                    include_train: bool = False, write: bool = True,
                     log: Callable[[str], None] = print) -> pl.DataFrame:
     """A run's metrics on several labelled stores of its model: the robustness table.
 
     One row per store, in the order given: store (its folder name), perturb (from its
     provenance, "none" for a clean store), n, and AUC, AP, EER and accuracy at the run's
-    threshold, over every labelled row (or those of `split`). Written into the run directory as robustness.parquet and robustness.png (a bar
-    chart of AUC and accuracy per store); returned.
+    threshold, over every labelled row (or those of `split`) but the rows the run trained on
+    (include_train: as evaluate_run). write: also save it into the run directory
+    (write_robustness); returned.
     """
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
+    trained = _trained_paths(Path(run_dir))
     rows = []
     for store_dir in store_dirs:
         s = store.open(store_dir)
-        rep = _evaluate_loaded(head, config, s, dev, split, precision, log)
+        rep = _evaluate_loaded(head, config, trained, s, dev, split, precision, include_train, log)
         rows.append({"store": Path(store_dir).name, "perturb": s.provenance.get("perturb") or "none", "n": rep["n"],
                      **{k: rep.get(k) for k in ROBUSTNESS_METRICS}, "path": str(Path(store_dir).resolve())})
     table = pl.DataFrame(rows)
-    table.write_parquet(Path(run_dir) / "robustness.parquet")
-    plot_robustness(table, Path(run_dir) / "robustness.png", title=Path(run_dir).name)
+    if write:
+        write_robustness(table, run_dir, log=log)
     return table
+
+
+def write_robustness(table: pl.DataFrame, run_dir: str | os.PathLike, *, log: Callable[[str], None] = print
+                     ) -> list[Path]:
+    """Save the robustness table into the run directory as robustness.parquet and robustness.png (a bar
+    chart of AUC and accuracy per store); the paths written.
+
+    Saving is a by-product of `dfhead eval`: a run folder that cannot be written (read-only, full)
+    gives one warning line through `log` and no files (each is written aside, then renamed), not an error.
+    """
+    run_dir = Path(run_dir)
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    tmps = [run_dir / f".{name}.tmp{tag}{Path(name).suffix}" for name in ROBUSTNESS_FILES]
+    try:
+        table.write_parquet(tmps[0])
+        plot_robustness(table, tmps[1], title=run_dir.name)
+        for tmp, name in zip(tmps, ROBUSTNESS_FILES):
+            os.replace(tmp, run_dir / name)
+    except OSError as e:
+        for tmp in tmps:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        log(f"warning: the robustness table could not be saved in {run_dir} ({e.strerror or e}); it is only printed")
+        return []
+    return [run_dir / name for name in ROBUSTNESS_FILES]
 
 
 def plot_robustness(table: pl.DataFrame, path: Path, *, title: str = "") -> None:
@@ -417,19 +511,23 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:
     """One row per run directory under runs_dir (sweeps' best runs included), newest first.
 
     `status` is "ok", "no weights" (head.safetensors is missing: predict and eval will refuse
-    the run) or "bad config.json" (unreadable: its settings columns are empty).
+    the run) or "bad config.json" (it fails the checks predict and eval make, load_run_config: say a
+    NaN threshold; its settings columns show what could be read). Folders being written (hidden) are skipped.
     """
     rows = []
     for cfg_path in sorted(Path(runs_dir).glob("**/config.json")):
-        if "parts" in cfg_path.parts:
+        rel = cfg_path.relative_to(runs_dir)
+        if "parts" in rel.parts or any(p.startswith(".") for p in rel.parts):
             continue
         run = cfg_path.parent
         try:
             r = json.loads(cfg_path.read_text())["run"]
             rep = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
-            status = "ok" if (run / "head.safetensors").is_file() else "no weights"
+            if not isinstance(r, dict) or not isinstance(rep, dict):
+                raise TypeError("not a JSON object")
         except (OSError, ValueError, KeyError, TypeError):
-            r, rep, status = {}, {}, "bad config.json"
+            r, rep = {}, {}
+        status = "no weights" if not (run / "head.safetensors").is_file() else _config_status(run)
         rows.append({"run": str(run.relative_to(runs_dir)), "status": status, "head": r.get("head"),
                      "alpha": r.get("cvar_alpha"), "gamma": r.get("auc_gamma"), "rho": r.get("sam_rho"),
                      "lr": r.get("lr"), "epochs": r.get("epochs"), "seed": r.get("seed"), "feature": r.get("feature", "proj"),
@@ -439,3 +537,11 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:
     if not rows:
         raise UserError(f"no runs under {runs_dir}; train one with `dfhead fit`")
     return pl.DataFrame(rows, infer_schema_length=None).sort("modified", descending=True).drop("modified")
+
+
+def _config_status(run: Path) -> str:
+    try:
+        load_run_config(run)
+    except UserError:
+        return "bad config.json"
+    return "ok"

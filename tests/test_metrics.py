@@ -72,6 +72,13 @@ def sklearn_headline(scores: np.ndarray, labels: np.ndarray, threshold: float) -
         out[f"{metric}_macro"] = function(labels, predicted, labels=[0, 1], average="macro", zero_division=0)
     for target in (0.01, 0.05):
         out[f"tpr@fpr={target}"] = sklearn_tpr_at_fpr(scores, labels, target) if both else None
+    if not both:  # the absent class has no recall or F1, a precision only if called, no macro average
+        absent, positive = ("real", 0) if labels.sum() else ("fake", 1)
+        out[f"recall_{absent}"] = out[f"f1_{absent}"] = None
+        if not (predicted == positive).any():
+            out[f"precision_{absent}"] = None
+        for metric in ("precision", "recall", "f1"):
+            out[f"{metric}_macro"] = None
     return out
 
 

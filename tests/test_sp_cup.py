@@ -185,6 +185,18 @@ def test_real_as_1_files_are_the_reference_with_swapped_vs_deltas(mode):
         assert abs(plain.item() - want.item()) > 1e-4
 
 
+@pytest.mark.parametrize("mode", SP_CUP_MODES)
+def test_the_preset_alone_is_the_reference_on_its_real_as_1_files(mode):
+    """--preset sp_cup on a store imported from realAS1 files with --target-means real is the reference's
+    loss, VS included: the preset itself puts the reference's Delta 0.9 on the reals."""
+    rng = np.random.default_rng(11)
+    z_theirs, y_theirs = _batch(rng, 137, scale=0.3)
+    cfg = make_config("sp_cup", objective=f"sp_cup:{mode}")
+    want, _ = reference_loss(z_theirs, y_theirs, mode, cfg.cvar_alpha, cfg.auc_gamma, exact_search=True)
+    got = Objective([cfg])(-z_theirs[None], (1 - y_theirs)[None])[0]
+    assert got.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-6)
+
+
 def test_default_run_name_names_the_sp_cup_mode():
     assert default_run_name(make_config("sp_cup")) == "mlp-sp_cup-vs_cvar_auc-a0.9-g0.6-s8079"
     assert default_run_name(make_config()) == "mlp-a1-g0-s0"
@@ -268,8 +280,8 @@ def write_sp_cup_files(folder, name: str, dataset: str, n: int, seed: int) -> tu
 # The README's "Reproducing SP_CUP" commands, with --epochs 2 and a small batch.
 IMPORT_TRAIN = "import-h5 {d}/cup_train.h5 --csv {d}/cup_train_realAS1.csv --dataset train_features --target-means real --out {d}/cup_train"
 IMPORT_VAL = "import-h5 {d}/cup_val.h5 --csv {d}/cup_val_realAS1.csv --dataset test_features --target-means real --out {d}/cup_val"
-FIT = "fit {d}/cup_train --val-store {d}/cup_val --preset sp_cup --vs-delta-fake 1.1 --vs-delta-real 0.9"
-SWEEP = ("sweep {d}/cup_train --val-store {d}/cup_val --preset sp_cup --vs-delta-fake 1.1 --vs-delta-real 0.9 "
+FIT = "fit {d}/cup_train --val-store {d}/cup_val --preset sp_cup"
+SWEEP = ("sweep {d}/cup_train --val-store {d}/cup_val --preset sp_cup "
          "--objective sp_cup:dag,sp_cup:vs_cvar_auc --cvar-alpha 0.5,0.9")
 MODES = {"vs_cvar_auc": "", "erm": " --objective sp_cup:erm", "dag": " --objective sp_cup:dag",
          "auc": " --objective sp_cup:auc", "vs": " --objective sp_cup:vs"}
