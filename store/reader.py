@@ -507,9 +507,12 @@ class Store:
         root = self.provenance.get("input_root")
         if not root:
             return self.meta.clear()
-        files = self.meta.select(fmt.origin_expr())["path"].to_list()  # a video's frames: the video file
-        gone = [not os.path.isfile(os.path.join(root, p)) for p in files]
-        return self.meta.filter(pl.Series(gone, dtype=pl.Boolean))
+        # One stat per input file: the frames and faces of a video or image share theirs.
+        origin = self.meta.select(fmt.origin_expr().alias("origin"))["origin"]
+        files = origin.unique()
+        gone = files.filter(pl.Series([not os.path.isfile(os.path.join(root, p)) for p in files.to_list()],
+                                      dtype=pl.Boolean))
+        return self.meta.filter(origin.is_in(gone.implode()))
 
     def write_failures_view(self) -> Path:
         """Rebuild failures.parquet (atomically) from the shards, the source of truth."""
