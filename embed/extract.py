@@ -159,14 +159,14 @@ def make_loader(dataset: ImageFiles, *, batch_size: int, workers: int, pin_memor
 
 # ---------------------------------------------------------------- the job
 
-def _load_rows(inputs, manifest, root, columns, target_means) -> tuple[pl.DataFrame, Path]:
+def _load_rows(inputs, manifest, root, columns, target_means, split_map=None) -> tuple[pl.DataFrame, Path]:
     if (inputs is None) == (manifest is None):
         raise UserError("give either an IMAGES_DIR or --manifest FILE (exactly one); "
                         "e.g. `dfembed extract ./images` or `dfembed extract --manifest labels.csv`")
     if manifest is None and not Path(inputs).is_dir():
         raise UserError(f"{inputs} is not a folder of images; pass a folder, or a CSV/Parquet with --manifest")
     return load_inputs(inputs if manifest is None else manifest, root=root, columns=columns,
-                       target_means=target_means)
+                       target_means=target_means, split_map=split_map)
 
 
 def partition(rows: pl.DataFrame, rank: int, world: int) -> pl.DataFrame:
@@ -207,7 +207,9 @@ def _plan(mine: pl.DataFrame, rows: pl.DataFrame, out: Path, retry_failed: bool)
     relabel = (mine.join(stored, on=RESUME_KEY, how="inner")
                .filter(pl.any_horizontal([pl.col(c) != pl.col(f"{c}_stored") for c in labels]))
                .select(*fmt.ROW_COLUMNS, "shard", "row"))
-    missing = s.meta.select("path").join(rows.select("path"), on="path", how="anti")
+    # Failures of files gone from the input count too: like rows, they stay listed until pruned.
+    stored_paths = pl.concat([s.meta.select("path"), s.failures.select("path")]).unique(maintain_order=True)
+    missing = stored_paths.join(rows.select("path"), on="path", how="anti")
     return Plan(todo, mine.height - todo.height, skipped_failures, relabel, missing, s)
 
 
@@ -293,6 +295,7 @@ def extract(
     root: str | os.PathLike | None = None,
     columns: dict[str, str] | None = None,
     target_means: str = "fake",
+    split_map: dict[str, str] | None = None,
     retry_failed: bool = False,
     prune_missing: bool = False,
     progress: bool = True,
@@ -301,7 +304,7 @@ def extract(
 
     config: the embedding settings (EmbedConfig(); default ViT-L-14 with OpenAI's weights),
         recorded in the store's provenance. Resumable and torchrun-aware (module docstring).
-    manifest, root, columns, target_means: the inputs (embed.sources.load_inputs).
+    manifest, root, columns, target_means, split_map: the inputs (embed.sources.load_inputs).
     retry_failed: embed inputs logged as failures again; progress: show the progress bar.
     Labels follow the inputs: an unchanged file whose label, source, split or group changed gets
     its stored embedding copied into a new row with the current values (no re-embedding).
@@ -324,7 +327,7 @@ def extract(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a store directory (new or from an earlier run)")
 
-    rows, input_root = _load_rows(inputs, manifest, root, columns, target_means)
+    rows, input_root = _load_rows(inputs, manifest, root, columns, target_means, split_map)
     mine = partition(rows, rank.rank, rank.world)
     # Seeded so that random init (--pretrained none) is one model on every rank and every resume.
     with torch.random.fork_rng(devices=[]):
@@ -399,7 +402,8 @@ def extract(
         writer.flush()
         loop_s = time.perf_counter() - t_loop
         failures_file = None
-        if writer.written:  # the view changes only when shards were added
+        view_lost = not (out / fmt.FAILURES_FILE).is_file() and store.list_shards(out)  # e.g. a full disk
+        if writer.written or view_lost:  # the view changes only when shards were added
             failures_file = str(store.open(out).write_failures_view())
         elif (out / fmt.FAILURES_FILE).is_file():
             failures_file = str(out / fmt.FAILURES_FILE)
