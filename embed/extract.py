@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -157,6 +157,20 @@ def make_loader(dataset: ImageFiles, *, batch_size: int, workers: int, pin_memor
                       collate_fn=collate, pin_memory=pin_memory, **extra)
 
 
+def worker_deaths(loader: DataLoader) -> Iterator[Batch]:
+    """The loader's batches; a decode worker that died (the OOM killer's SIGKILL, a crash in a decoder)
+    becomes one UserError instead of torch's RuntimeError traceback. Rows written so far stay stored."""
+    try:
+        yield from loader
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"a decode worker died ({first.rstrip('. ')}): most likely the out-of-memory killer; lower "
+                        "--workers or --batch-size (or free memory), then re-run the same command: it resumes, "
+                        "completed shards are kept") from None
+
+
 # ---------------------------------------------------------------- the job
 
 def _load_rows(inputs, manifest, root, columns, target_means, split_map=None) -> tuple[pl.DataFrame, Path]:
@@ -242,7 +256,7 @@ def _progress_bar(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=log, disable=not enabled)
 
 
-def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: store.ShardWriter,
+def _embed_all(loader: Iterable[Batch], backbone: Backbone, precision: str, writer: store.ShardWriter,
                todo: pl.DataFrame, on_batch: Callable[[int], None], *,
                on_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Run every batch through the tower and hand rows and failures to the writer.
@@ -396,7 +410,7 @@ def extract(
             loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
             with _progress_bar(progress and rank.rank == 0) as bar:
                 task = bar.add_task(f"{escape(rank.tag)}embedding", total=todo.height)
-                _embed_all(loader, backbone, precision, writer, todo, lambda n: bar.advance(task, n),
+                _embed_all(worker_deaths(loader), backbone, precision, writer, todo, lambda n: bar.advance(task, n),
                            on_device=on_device)
             del loader  # stop the workers now, not at garbage collection
         writer.flush()
