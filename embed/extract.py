@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -157,18 +157,34 @@ def make_loader(dataset: ImageFiles, *, batch_size: int, workers: int, pin_memor
                       collate_fn=collate, pin_memory=pin_memory, **extra)
 
 
-def worker_deaths(loader: DataLoader) -> Iterator[Batch]:
-    """The loader's batches; a decode worker that died (the OOM killer's SIGKILL, a crash in a decoder)
-    becomes one UserError instead of torch's RuntimeError traceback. Rows written so far stay stored."""
+@contextlib.contextmanager
+def worker_deaths(loader: DataLoader) -> Iterator[None]:
+    """Turn the death of a decode worker (the OOM killer's SIGKILL, a crash in a decoder) into one UserError.
+
+    torch reports it as a RuntimeError, raised from its SIGCHLD handler wherever the main process is
+    (so this wraps the whole loop, not only the loader's iteration), or as a broken pipe when the
+    worker died mid-send. The other workers are stopped first, so the handler cannot raise again later.
+    Rows that reached the writer stay: its context flushes them.
+    """
     try:
-        yield from loader
-    except RuntimeError as e:
-        if "DataLoader worker" not in str(e):
+        yield
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
             raise
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"a decode worker died ({first.rstrip('. ')}): most likely the out-of-memory killer; lower "
+        cause = (str(e).strip().splitlines() or [""])[0] if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+        _stop_workers(loader)
+        raise UserError(f"a decode worker died ({cause.rstrip('. ')}): most likely the out-of-memory killer; lower "
                         "--workers or --batch-size (or free memory), then re-run the same command: it resumes, "
                         "completed shards are kept") from None
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    # Persistent workers belong to the loader's iterator; shutting it down also unregisters their pids
+    # from torch's SIGCHLD handler. (No public API does this; a failure here only means torch does it later.)
+    iterator = getattr(loader, "_iterator", None)
+    with contextlib.suppress(Exception):
+        if iterator is not None:
+            iterator._shutdown_workers()
 
 
 # ---------------------------------------------------------------- the job
@@ -256,7 +272,7 @@ def _progress_bar(enabled: bool) -> Progress:
                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=log, disable=not enabled)
 
 
-def _embed_all(loader: Iterable[Batch], backbone: Backbone, precision: str, writer: store.ShardWriter,
+def _embed_all(loader: DataLoader, backbone: Backbone, precision: str, writer: store.ShardWriter,
                todo: pl.DataFrame, on_batch: Callable[[int], None], *,
                on_device: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
     """Run every batch through the tower and hand rows and failures to the writer.
@@ -408,9 +424,9 @@ def extract(
             host, on_device = split if split else (backbone.preprocess, None)
             dataset = ImageFiles(input_root, todo["path"].to_list(), host, Perturb(config.perturb))
             loader = make_loader(dataset, batch_size=batch_size, workers=workers, pin_memory=dev.type == "cuda")
-            with _progress_bar(progress and rank.rank == 0) as bar:
+            with _progress_bar(progress and rank.rank == 0) as bar, worker_deaths(loader):
                 task = bar.add_task(f"{escape(rank.tag)}embedding", total=todo.height)
-                _embed_all(worker_deaths(loader), backbone, precision, writer, todo, lambda n: bar.advance(task, n),
+                _embed_all(loader, backbone, precision, writer, todo, lambda n: bar.advance(task, n),
                            on_device=on_device)
             del loader  # stop the workers now, not at garbage collection
         writer.flush()
