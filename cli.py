@@ -125,6 +125,13 @@ def info(
     if rep["missing_inputs"]:
         notes.append(f"{rep['missing_inputs']} rows are missing: their images are gone from {rep['input_root']}; "
                      "`dfembed extract ... --prune-missing` drops them")
+    if rep["missing_failures"]:
+        notes.append(f"{rep['missing_failures']} logged failures are of images gone from {rep['input_root']}; "
+                     "`dfembed extract ... --prune-missing` drops them")
+    if rep["source_case_clashes"]:
+        shown = "; ".join(" / ".join(group) for group in rep["source_case_clashes"][:3])
+        notes.append(f"{len(rep['source_case_clashes'])} source names differ only in case ({shown}); they are separate "
+                     "sources and --holdout-source matches names exactly")
     if rep["unfinished_import_shards"]:
         notes.append(f"{rep['unfinished_import_shards']} shards of an interrupted import are ignored; "
                      "re-run the import (the next writer deletes them)")
@@ -141,20 +148,23 @@ def import_h5(
     column: Annotated[Optional[list[str]], typer.Option(help="OURS=THEIRS, e.g. 'path=Image Path', 'label=Target', 'source=Gen'.")] = None,
     target_means: Annotated[str, typer.Option(help="What Target 1 means: fake (SP_CUP) or real.")] = "fake",
     split: Annotated[str, typer.Option(help="Split of every row when no split column is mapped, e.g. train / val.")] = "",
+    split_map: Annotated[Optional[list[str]], typer.Option(
+        help="Map a split value of the CSV to train, val or test, VALUE=SPLIT, repeatable: --split-map training=train.")] = None,
     model: Annotated[str, typer.Option(help="Model that made the features (recorded as declared).")] = "ViT-L-14",
     pretrained: Annotated[str, typer.Option(help="Its weights (recorded as declared).")] = "openai",
     feature: Annotated[str, typer.Option(help="proj (CLIP embedding) or pre (before the projection).")] = "proj",
     dtype: Annotated[str, typer.Option(help="Stored dtype: float16 or float32.")] = "float16",
 ) -> None:
     """Import features you already extracted (SP_CUP-style .h5 + labels CSV) into a store."""
-    from dfclip.store.format import parse_column_map
+    from dfclip.store.format import parse_column_map, parse_split_map
     from dfclip.store.importer import import_h5 as run_import
 
     rep = run_import(h5_file, csv, dataset=dataset, out=out_dir, columns=parse_column_map(column or []),
-                     target_means=target_means, split=split, model=model, pretrained=pretrained, feature=feature,
-                     dtype=dtype)
+                     target_means=target_means, split=split, split_map=parse_split_map(split_map or []), model=model,
+                     pretrained=pretrained, feature=feature, dtype=dtype)
     labels = rep["labels"]
-    out.print(f"imported {rep['rows']} rows (fake={labels['1']}, real={labels['0']}, unknown={labels['-1']}) "
+    of = f" of {rep['file_rows']} in the file" if rep["file_rows"] != rep["rows"] else ""
+    out.print(f"imported {rep['rows']} rows{of} (fake={labels['1']}, real={labels['0']}, unknown={labels['-1']}) "
               f"of dim {rep['dim']} into {rep['store']} ({rep['shards']} shards)", highlight=False)
     if rep["duplicate_paths"]:
         console.print(f"[yellow]note[/]: {rep['duplicate_paths']} paths appear more than once; the last row of each is kept")
@@ -173,7 +183,8 @@ EXTRACT_EPILOG = (
 @embed_app.command("extract", epilog=EXTRACT_EPILOG)
 def extract_cmd(
     images_dir: Annotated[Optional[Path], typer.Argument(
-        help="Folder of images and videos (mp4, avi, mov, mkv, webm, ...); labels from real/fake folder names, "
+        help="Folder of images (every type this Pillow opens: jpg, png, webp, avif, tif, ...) and videos (mp4, avi, "
+             "mov, mkv, webm, ...); labels from real/fake folder names, "
              "source from the folder under them. Omit when using --manifest.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created or resumed).")] = DEFAULT_STORE,
     manifest: Annotated[Optional[Path], typer.Option(
@@ -184,6 +195,9 @@ def extract_cmd(
         help="Map a manifest column, OURS=THEIRS, repeatable: --column 'path=Image Path' --column label=Target.")] = None,
     target_means: Annotated[str, typer.Option(
         help="What label 1 means in the manifest: fake (default) or real (flips 0/1).")] = "fake",
+    split_map: Annotated[Optional[list[str]], typer.Option(
+        help="Map a manifest split value to train, val or test, VALUE=SPLIT, repeatable: --split-map training=train. "
+             "Splits other than train/val/valid/validation/test (any case) or empty are refused without one.")] = None,
     model: Annotated[str, typer.Option(envvar="DFCLIP_MODEL",
         help="open_clip model name (ViT-L-14 is the paper's), dfclip-tiny for tests, or a model-config .json.")] = "ViT-L-14",
     pretrained: Annotated[str, typer.Option(envvar="DFCLIP_PRETRAINED",
@@ -239,7 +253,7 @@ def extract_cmd(
 ) -> None:
     """Embed every image of IMAGES_DIR (or --manifest) with a frozen CLIP image tower into a resumable store."""
     from dfclip.embed import EmbedConfig, extract
-    from dfclip.store.format import parse_column_map
+    from dfclip.store.format import parse_column_map, parse_split_map
 
     config = EmbedConfig(model=model, pretrained=pretrained, feature=feature, quick_gelu=quick_gelu,
                          cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
@@ -248,7 +262,8 @@ def extract_cmd(
                          face_scale=face_scale, min_face_score=min_face_score, min_face_size=min_face_size,
                          face_fallback=face_fallback, detections=str(detections) if detections else None)
     rep = extract(images_dir, out_dir, config, manifest=manifest, root=root, columns=parse_column_map(column or []),
-                  target_means=target_means, retry_failed=retry_failed, prune_missing=prune_missing, progress=progress)
+                  target_means=target_means, split_map=parse_split_map(split_map or []), retry_failed=retry_failed,
+                  prune_missing=prune_missing, progress=progress)
     from rich.markup import escape
 
     tag = f"[rank {rep['rank']}/{rep['world_size']}] " if rep["world_size"] > 1 else ""

@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -160,16 +160,46 @@ def make_loader(dataset: ImageFiles, *, batch_size: int, workers: int, pin_memor
                       collate_fn=collate, pin_memory=pin_memory, **extra)
 
 
+@contextlib.contextmanager
+def worker_deaths(loader: DataLoader) -> Iterator[None]:
+    """Turn the death of a decode worker (the OOM killer's SIGKILL, a crash in a decoder) into one UserError.
+
+    torch reports it as a RuntimeError, raised from its SIGCHLD handler wherever the main process is
+    (so this wraps the whole loop, not only the loader's iteration), or as a broken pipe when the
+    worker died mid-send. The other workers are stopped first, so the handler cannot raise again later.
+    Rows that reached the writer stay: its context flushes them.
+    """
+    try:
+        yield
+    except (RuntimeError, ConnectionError, EOFError) as e:
+        if isinstance(e, RuntimeError) and "DataLoader worker" not in str(e):
+            raise
+        cause = (str(e).strip().splitlines() or [""])[0] if isinstance(e, RuntimeError) else f"{type(e).__name__}: {e}"
+        _stop_workers(loader)
+        raise UserError(f"a decode worker died ({cause.rstrip('. ')}): most likely the out-of-memory killer; lower "
+                        "--workers or --batch-size (or free memory), then re-run the same command: it resumes, "
+                        "completed shards are kept") from None
+
+
+def _stop_workers(loader: DataLoader) -> None:
+    # Persistent workers belong to the loader's iterator; shutting it down also unregisters their pids
+    # from torch's SIGCHLD handler. (No public API does this; a failure here only means torch does it later.)
+    iterator = getattr(loader, "_iterator", None)
+    with contextlib.suppress(Exception):
+        if iterator is not None:
+            iterator._shutdown_workers()
+
+
 # ---------------------------------------------------------------- the job
 
-def _load_rows(inputs, manifest, root, columns, target_means) -> tuple[pl.DataFrame, Path]:
+def _load_rows(inputs, manifest, root, columns, target_means, split_map=None) -> tuple[pl.DataFrame, Path]:
     if (inputs is None) == (manifest is None):
         raise UserError("give either an IMAGES_DIR or --manifest FILE (exactly one); "
                         "e.g. `dfembed extract ./images` or `dfembed extract --manifest labels.csv`")
     if manifest is None and not Path(inputs).is_dir():
         raise UserError(f"{inputs} is not a folder of images; pass a folder, or a CSV/Parquet with --manifest")
     return load_inputs(inputs if manifest is None else manifest, root=root, columns=columns,
-                       target_means=target_means)
+                       target_means=target_means, split_map=split_map)
 
 
 def partition(rows: pl.DataFrame, rank: int, world: int) -> pl.DataFrame:
@@ -238,7 +268,11 @@ def _plan(mine: pl.DataFrame, rows: pl.DataFrame, out: Path, retry_failed: bool,
                .filter(pl.any_horizontal([pl.col(c) != pl.col(f"{c}_stored") for c in labels]))
                .with_columns(pl.col("row_path").alias("path"))
                .select(*fmt.ROW_COLUMNS, *fmt.FACE_COLUMNS, "shard", "row"))
-    missing = (stored_rows.join(rows.select(pl.col("path").alias("origin")), on="origin", how="anti").select("path"))
+    # Rows and failures of files gone from the input (a video's frames: the video file); like rows,
+    # failures stay listed until pruned.
+    stored_paths = pl.concat([stored_rows.select("path", "origin"), failed_rows.select("path", "origin")]
+                             ).unique(maintain_order=True)
+    missing = stored_paths.join(rows.select(pl.col("path").alias("origin")), on="origin", how="anti").select("path")
     return Plan(todo, mine.height - todo.height, skipped_failures, relabel, missing, s, skip)
 
 
@@ -324,6 +358,7 @@ def extract(
     root: str | os.PathLike | None = None,
     columns: dict[str, str] | None = None,
     target_means: str = "fake",
+    split_map: dict[str, str] | None = None,
     retry_failed: bool = False,
     prune_missing: bool = False,
     progress: bool = True,
@@ -332,7 +367,7 @@ def extract(
 
     config: the embedding settings (EmbedConfig(); default ViT-L-14 with OpenAI's weights),
         recorded in the store's provenance. Resumable and torchrun-aware (module docstring).
-    manifest, root, columns, target_means: the inputs (embed.sources.load_inputs).
+    manifest, root, columns, target_means, split_map: the inputs (embed.sources.load_inputs).
     retry_failed: embed inputs logged as failures again; progress: show the progress bar.
     Labels follow the inputs: an unchanged file whose label, source, split or group changed gets
     its stored embedding copied into a new row with the current values (no re-embedding).
@@ -355,7 +390,7 @@ def extract(
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; pass a store directory (new or from an earlier run)")
 
-    rows, input_root = _load_rows(inputs, manifest, root, columns, target_means)
+    rows, input_root = _load_rows(inputs, manifest, root, columns, target_means, split_map)
     videos = pl.Series("video", [is_video(p) for p in rows["path"].to_list()], dtype=pl.Boolean)
     # The frames of a video belong together: its path is their group unless a manifest gave one.
     rows = rows.with_columns(group=pl.when(videos & (pl.col("group") == "")).then(pl.col("path"))
@@ -441,8 +476,9 @@ def extract(
                     dataset = ImageFiles(input_root, todo_plain["path"].to_list(), host, Perturb(config.perturb))
                     loader = make_loader(dataset, batch_size=batch_size, workers=workers,
                                          pin_memory=dev.type == "cuda")
-                    _embed_all(loader, backbone, precision, writer, todo_plain, lambda n: bar.advance(task, n),
-                               on_device=on_device)
+                    with worker_deaths(loader):
+                        _embed_all(loader, backbone, precision, writer, todo_plain, lambda n: bar.advance(task, n),
+                                   on_device=on_device)
                     del loader  # stop the workers now, not at garbage collection
                 if todo_media.height:
                     media_counts.update(_embed_media(todo_media, plan, input_root, config, backbone, precision, writer,
@@ -450,7 +486,8 @@ def extract(
         writer.flush()
         loop_s = time.perf_counter() - t_loop
         failures_file = None
-        if writer.written:  # the views change only when shards were added
+        view_lost = not (out / fmt.FAILURES_FILE).is_file() and store.list_shards(out)  # e.g. a full disk
+        if writer.written or view_lost:  # the views change only when shards were added
             written = store.open(out)
             failures_file = str(written.write_failures_view())
             if faces is not None:
@@ -517,7 +554,7 @@ def _embed_media(todo: pl.DataFrame, plan: Plan, input_root: Path, config: Embed
         with amp:
             return backbone.encode_with_layers(on_device(pixels))
 
-    with torch.inference_mode():
+    with torch.inference_mode(), worker_deaths(loader):
         counts = embed_media(loader, todo, embed, writer, device=dev, batch_size=batch_size, faces=faces,
                              skip=plan.skip, on_file=on_file)
     del loader

@@ -14,6 +14,15 @@ Folder rules (`scan_folder`), all case-insensitive and applied to directory name
 - split: a folder named train, val / valid / validation, test -> "train" / "val" / "test";
   deepest wins; none -> "".
 - group: always "" (a folder does not say which frames belong together; manifests can).
+- files: every extension Pillow opens here (ACCEPTED_EXTENSIONS, any case); other files are
+  counted by extension in one line. Symlinks are followed, and a file reachable under several
+  paths (a labelled view built from symlinks, hard links) is one row: a labelled path wins over
+  an unlabelled one, a plain path over a linked one, then path order. A file under both labels
+  is an error naming both paths.
+
+Manifest splits: train, val / valid / validation, test in any case, or empty; other values are
+refused in one line listing them, unless `split_map` maps them. Source names are kept as written:
+names that differ only in case ("GAN", "gan") are two sources, with a warning line.
 """
 
 import errno

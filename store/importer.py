@@ -57,6 +57,7 @@ def import_h5(
     columns: dict[str, str] | None = None,
     target_means: str = "fake",
     split: str = "",
+    split_map: dict[str, str] | None = None,
     model: str = "ViT-L-14",
     pretrained: str = "openai",
     feature: str = "proj",
@@ -69,7 +70,10 @@ def import_h5(
         (default {"path": "Image Path", "label": "Target"}).
     target_means: "fake" (Target 1 = fake, SP_CUP's convention) or "real" (1 = real).
     split: split of every row when no split column is mapped (e.g. "train" for cup_train.h5).
-    Features are streamed in blocks of `shard_size` rows. Returns a summary dict.
+    split_map: other split values -> train / val / test ({"training": "train"}); any split besides those,
+        valid / validation or empty is refused (store.format.parse_splits).
+    Features are streamed in blocks of `shard_size` rows. Returns a summary dict: "rows" counts the
+    rows now live (a path given twice is one row, its last), "file_rows" the rows of the file.
     """
     h5_path, csv_path, columns = Path(h5_file), Path(csv_file), dict(columns or {})
     unknown = sorted(set(columns) - {*DEFAULT_COLUMNS, *OPTIONAL_COLUMNS})
@@ -97,6 +101,15 @@ def import_h5(
         # of the same images re-embeds them and its rows win.
         "size": np.full(n, -1, np.int64), "mtime_ns": np.full(n, -1, np.int64),
     }
+
+    if "split" in names:
+        meta["split"] = fmt.parse_splits(meta["split"], split_map, where="CSV")
+    else:
+        try:
+            meta["split"] = fmt.parse_splits([split], split_map) * n
+        except UserError:
+            raise UserError(f"--split {split!r} is not train, val (valid, validation), test or empty; "
+                            "`dfhead fit` would never train on such rows: pass one of those") from None
 
     try:
         f = h5py.File(h5_path, "r")
@@ -137,10 +150,21 @@ def import_h5(
             w.abort()  # a failed import leaves nothing behind
             raise
     unique_paths = pl.Series(meta["path"]).n_unique()
-    return {"store": str(out), "rows": n - len(non_finite), "dim": dim, "dtype": dtype, "shards": len(w.written),
-            "duplicate_paths": n - unique_paths, "labels": {str(k): int((np.delete(labels, non_finite) == k).sum()) for k in (1, 0, -1)},
+    live = _live_rows(out, w.written)
+    return {"store": str(out), "rows": live.height, "file_rows": n, "dim": dim, "dtype": dtype, "shards": len(w.written),
+            "duplicate_paths": n - unique_paths,
+            "labels": {str(k): int((live["label"] == k).sum()) for k in (1, 0, -1)},
             "sha256": provenance["imported_from"]["sha256"], "non_finite_rows": non_finite,
             "non_finite_message": _non_finite_message(non_finite, dataset, dtype, w)}
+
+
+def _live_rows(out: str | os.PathLike, written: list[Path]) -> pl.DataFrame:
+    """The rows of the shards `written` that are live now (newest wins: a path given twice is its last row)."""
+    from dfclip.store.reader import open as open_store
+
+    s = open_store(out)
+    mine = [i for i, shard in enumerate(s.shards) if shard.path in set(written)]
+    return s.meta.filter(pl.col("shard").is_in(mine))
 
 
 def _non_finite_message(rows: list[int], dataset: str, dtype: str, writer: ShardWriter) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -284,17 +285,23 @@ class Store:
         return index if index is not None and dict(index.schema) == META_SCHEMA else None
 
     def _write_index(self) -> None:
-        """Cache the resolved rows (best effort: a read-only store is simply resolved every time)."""
+        """Cache the resolved rows. Best effort: on a read-only or full disk nothing is written (or the
+        partial temp file is removed) and the next open resolves the rows again."""
+        if not os.access(self.root, os.W_OK):  # a read-only store is read, never written
+            return
         dest = self._index_path()
         tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
         try:
             self._meta.write_parquet(tmp)
             os.replace(tmp, dest)
-            for old in self.root.glob(fmt.INDEX_CACHE_GLOB):  # caches of earlier sets of shards
-                if old != dest:
+        except Exception:  # noqa: BLE001 - polars words a full disk as ComputeError, the OS as OSError: a cache may fail
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return
+        for old in self.root.glob(fmt.INDEX_CACHE_GLOB):  # caches of earlier sets of shards
+            if old != dest:
+                with contextlib.suppress(OSError):
                     old.unlink(missing_ok=True)
-        except OSError:
-            tmp.unlink(missing_ok=True)
 
     @property
     def meta(self) -> pl.DataFrame:
@@ -479,7 +486,8 @@ class Store:
             "failures": self.failures.height, "failure_kinds": by_error(self.failures),
             "videos": int((self.done_inputs["n_frames"] >= 0).sum()), "frames": int((m["frame"] >= 0).sum()),
             "video_settings": p.get("video"), "faces": p.get("faces"), "non_finite": self.non_finite_rows(),
-            "missing_inputs": self.missing_inputs().height, "input_root": p.get("input_root"),
+            "missing_inputs": self.missing_inputs().height, "missing_failures": self.missing_failures().height,
+            "input_root": p.get("input_root"), "source_case_clashes": fmt.case_clashes(m["source"].unique().to_list()),
             "unfinished_import_shards": len(self.unfinished_imports),
             "bytes_on_disk": sum(f.stat().st_size for f in self.root.iterdir() if f.is_file()),
         }
@@ -515,12 +523,30 @@ class Store:
         return self.meta.filter(origin.is_in(gone.implode()))
 
     def write_failures_view(self) -> Path:
-        """Rebuild failures.parquet (atomically) from the shards, the source of truth."""
+        """Rebuild failures.parquet (atomically) from the shards, the source of truth. A full or read-only
+        disk is one UserError and leaves no temp file (the shards are complete; a re-run writes the view)."""
         dest = self.root / fmt.FAILURES_FILE
         tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        self.failures.write_parquet(tmp)
-        os.replace(tmp, dest)
+        try:
+            self.failures.write_parquet(tmp)
+            os.replace(tmp, dest)
+        except (OSError, pl.exceptions.PolarsError) as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot write {dest} ({reason}); every shard is complete: free some space (or give "
+                            "write permission) and re-run the same command to write it") from None
         return dest
+
+    def missing_failures(self) -> pl.DataFrame:
+        """Logged failures whose file is gone from the input folder. Like rows of deleted files they stay
+        listed (and counted) until `dfembed extract --prune-missing` drops them."""
+        root = self.provenance.get("input_root")
+        if not root:
+            return self.failures.clear()
+        origin = self.failures.select(fmt.origin_expr().alias("origin"))["origin"]  # a frame's: its video
+        gone = [not os.path.isfile(os.path.join(root, p)) for p in origin.to_list()]
+        return self.failures.filter(pl.Series(gone, dtype=pl.Boolean))
 
 
 def open(root: str | os.PathLike) -> Store:  # noqa: A001 - the natural name: store.open(dir)

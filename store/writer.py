@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -247,7 +248,26 @@ class ShardWriter:
                 "free some space and re-run the same command to resume (completed shards are kept)")
 
     def _write_shard(self, tmp: Path, created_ns: int, n: int, nf: int) -> None:
-        with h5py.File(tmp, "w") as f:
+        """Build the shard in memory, then write its bytes to `tmp` and fsync.
+
+        HDF5 never writes to the disk itself: when its own writes fail (a full disk), its close and
+        flush fail again with other errors ("Can't destroy cache") and the process can end in a
+        segmentation fault at exit. A plain write fails once, with errno ENOSPC. The shard's file
+        image is held in memory while it is written (about one shard, besides the row buffer).
+        """
+        image = io.BytesIO()
+        self._build_shard(image, created_ns, n, nf)
+        data = image.getbuffer()
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            data.release()
+
+    def _build_shard(self, image: io.BytesIO, created_ns: int, n: int, nf: int) -> None:
+        with h5py.File(image, "w") as f:
             f.attrs["format"] = fmt.FORMAT_VERSION
             f.attrs["provenance"] = json.dumps(self.provenance, sort_keys=True, default=str)
             f.attrs["created_ns"] = created_ns
@@ -278,8 +298,6 @@ class ShardWriter:
                 g.create_dataset(c, data=np.array(self._fail[c], dtype=object), dtype=_STR, shape=(nf,))
             for c in fmt.FILE_COLUMNS:
                 g.create_dataset(c, data=np.array(self._fail[c], dtype=np.int64), shape=(nf,))
-            f.flush()
-            os.fsync(f.id.get_vfd_handle())
 
     @staticmethod
     def _write_records(f: h5py.File, name: str, records: dict[str, list], schema: dict) -> None:

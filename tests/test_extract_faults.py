@@ -138,3 +138,97 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, tiny_checkpoint):
     assert_same_rows(live(two), live(one))
     assert store.open(two).meta.sort("path")["label"].to_list() == store.open(one).meta.sort("path")["label"].to_list()
 
+
+
+# ---------------------------------------------------------------- a full disk, for real
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 120 kB tmpfs mounted at tmp_path/disk; skipped where mounting is not allowed (needs root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def run_dfembed(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([DFEMBED, *map(str, args)], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_full_disk_during_extract_is_one_line_and_resumes(tmp_path, tiny_checkpoint, small_disk):
+    images = tmp_path / "images"
+    paths = make_images(images, 60)
+    out = small_disk / "store"
+    res = run_dfembed("extract", images, "--out", out, "--model", "dfclip-tiny", "--pretrained", tiny_checkpoint,
+                      "--workers", 0, "--no-progress", "--shard-size", 16, "--layers=all")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert res.returncode == 2 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "no space left" in errors[0] and "re-run" in errors[0]
+    # No partial shard and no temp file; every shard left is complete.
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if ".tmp" in n], names
+    for shard in out.glob("shard-*.h5"):
+        with h5py.File(shard, "r") as f:
+            assert f["embeddings"].shape[0] == f["path"].shape[0] > 0
+    # Reading the store on the full disk works (the index cache is skipped).
+    assert store.open(out).info()["rows"] == len(store.open(out).meta) > 0
+    assert not [p.name for p in out.iterdir() if ".tmp" in p.name]
+
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    config = EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0, shard_size=16, layers="all")
+    rep = extract(images, out, config, progress=False)
+    assert rep["skipped"] > 0 and sorted(store.open(out).meta["path"].to_list()) == paths
+    assert (out / "failures.parquet").is_file()
+
+
+def test_read_only_mount_without_index_cache_is_read(tmp_path, tiny_checkpoint, small_disk):
+    images = tmp_path / "images"
+    make_images(images, 6)
+    out = small_disk / "store"
+    extract(images, out, EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=0), progress=False)
+    for cache in out.glob("index-*.parquet"):
+        cache.unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    before = sorted(p.name for p in out.iterdir())
+    res = run_dfembed("info", out, "--json")
+    assert res.returncode == 0 and '"rows": 6' in res.stdout, res.stderr[-3000:]
+    s = store.open(out)
+    assert s.load()[0].shape[0] == 6
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+# ---------------------------------------------------------------- a decode worker killed
+
+
+def test_a_killed_decode_worker_is_one_line_and_the_run_resumes(tmp_path, tiny_checkpoint, monkeypatch):
+    import importlib
+
+    extract_module = importlib.import_module("dfclip.embed.extract")
+    images = tmp_path / "images"
+    paths = make_images(images, 12)
+    real_getitem = extract_module.ImageFiles.__getitem__
+
+    def oom_killed(self, i):
+        if self.path(i) == paths[9]:
+            os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does to a worker
+        return real_getitem(self, i)
+    monkeypatch.setattr(extract_module.ImageFiles, "__getitem__", oom_killed)
+    config = EmbedConfig(model="dfclip-tiny", pretrained=str(tiny_checkpoint), workers=1, batch_size=4, shard_size=4)
+    out = tmp_path / "S"
+    with pytest.raises(UserError) as err:
+        extract(images, out, config, progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "decode worker" in message and "out-of-memory" in message
+    assert "re-run the same command" in message and "--workers" in message
+    kept = len(store.open(out)) if store.list_shards(out) else 0  # batches that reached the writer stay
+
+    monkeypatch.undo()
+    rep = extract(images, out, config, progress=False)
+    assert (rep["skipped"], rep["embedded"]) == (kept, len(paths) - kept)
+    assert sorted(store.open(out).meta["path"].to_list()) == paths

@@ -245,3 +245,29 @@ def test_labels_follow_the_manifest_rules(tmp_path, cup):
     got = {k: store.open(tmp_path / k).meta.sort("row")["label"].to_list()[:8] for k in "ab"}
     assert got["a"] == [1, 0, 1, 0, -1, -1, -1, 0]
     assert got["b"] == [1, 0, 0, 1, -1, -1, -1, 0]
+
+
+def test_duplicate_paths_report_the_live_rows(tmp_path, cup):
+    h5, csv, feats, target = cup
+    table = pl.read_csv(csv)
+    paths = [f"/data/cup/train/{i // 2:04d}.jpg" for i in range(N)]  # every path twice (the last once)
+    table.with_columns(pl.Series("Image Path", paths)).write_csv(csv)
+    live = len(set(paths))
+    rep = import_h5(h5, csv, out=tmp_path / "emb")
+    assert rep["rows"] == live == len(store.open(tmp_path / "emb")) and rep["duplicate_paths"] == N - live
+    last = {p: t for p, t in zip(paths, target)}  # the last row of each path is kept
+    assert rep["labels"]["1"] == sum(last.values()) and rep["labels"]["0"] == live - sum(last.values())
+    r = invoke("import-h5", h5, "--csv", csv, "--out", tmp_path / "emb2")
+    assert r.exit_code == 0 and f"imported {live} rows" in r.output and f"of {N} in" in " ".join(r.output.split())
+
+
+def test_unknown_split_values_in_the_labels_csv_are_refused_or_mapped(tmp_path, cup):
+    h5, csv, feats, target = cup
+    pl.read_csv(csv).with_columns(Fold=pl.Series(["training"] * (N - 1) + ["val"])).write_csv(csv)
+    with pytest.raises(UserError, match=r"'training' \(44\).*--split-map training=train"):
+        import_h5(h5, csv, out=tmp_path / "emb", columns={"split": "Fold"})
+    with pytest.raises(UserError, match=r"'dev'"):
+        import_h5(h5, csv, out=tmp_path / "emb", split="dev")
+    assert not (tmp_path / "emb").exists()
+    import_h5(h5, csv, out=tmp_path / "emb", columns={"split": "Fold"}, split_map={"training": "train"})
+    assert store.open(tmp_path / "emb").meta.group_by("split").len().sort("split").rows() == [("train", 44), ("val", 1)]

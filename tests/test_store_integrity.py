@@ -413,3 +413,104 @@ def test_the_documented_plain_h5py_reading_matches_the_reader(tmp_path, monkeypa
     np.testing.assert_array_equal(scope["X"], want_x)
     np.testing.assert_array_equal(scope["y"], meta["label"].to_numpy())
     assert sorted(meta["path"]) == ["a", "b", "d", "e", "g"] and store.open(root).failures["path"].to_list() == ["f"]
+
+
+# ---------------------------------------------------------------- splits, failures of deleted files, case
+
+
+def test_unknown_split_values_are_refused_at_extract_or_mapped(tmp_path, extract_args, dfembed):
+    data = tmp_path / "data"
+    for i in range(4):
+        image(data / f"img{i}.png", i)
+    manifest = data / "m.csv"
+    pl.DataFrame({"path": [f"img{i}.png" for i in range(4)], "label": [0, 1, 0, 1],
+                  "split": ["training", "training", "val", "Validation"]}).write_csv(manifest)
+    out = tmp_path / "S"
+    code, _, stderr = dfembed(*extract_args("--manifest", manifest, out=out))
+    line = one_line(stderr)
+    assert code == 2 and "'training' (2)" in line and "--split-map training=train" in line and not out.exists()
+    code, _, stderr = dfembed(*extract_args("--manifest", manifest, out=out), "--split-map", "Training=train")
+    assert code == 0, stderr
+    assert store.open(out).meta.sort("path")["split"].to_list() == ["train", "train", "val", "val"]
+
+
+def test_failures_of_deleted_files_count_as_gone_and_go_with_prune_missing(tmp_path, extract_args, dfembed):
+    images = tmp_path / "images"
+    image(images / "real" / "s" / "x.png", 0)
+    (images / "fake" / "s").mkdir(parents=True)
+    (images / "fake" / "s" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "S"
+    assert dfembed(*extract_args(images, out=out))[0] == 0
+    assert store.open(out).failures["path"].to_list() == ["fake/s/broken.png"]
+    os.remove(images / "fake" / "s" / "broken.png")
+
+    code, _, stderr = dfembed(*extract_args(images, out=out))
+    assert code == 0 and "1 stored images are gone from the input" in " ".join(stderr.split())
+    assert "fake/s/broken.png" in stderr
+    assert store.open(out).info()["failures"] == 1  # still listed until pruned, like a row
+
+    code, stdout, stderr = dfembed(*extract_args(images, out=out), "--prune-missing")
+    assert code == 0 and "1 gone from the input pruned" in " ".join(stdout.split()), stdout + stderr
+    s = store.open(out)
+    assert s.failures.height == 0 and s.info()["failures"] == 0 and len(s) == 1
+    assert pl.read_parquet(out / "failures.parquet").height == 0
+    code, stdout, _ = dfembed("info", out, "--json")
+    assert code == 0 and json.loads(stdout)["failures"] == 0
+
+
+def test_info_warns_about_sources_differing_only_in_case(tmp_path, dfembed):
+    rows = rows_of(["a", "b", "c"])
+    rows["source"] = ["GAN", "gan", "sd"]
+    with store.ShardWriter(tmp_path, PROV, dim=3) as w:
+        w.add(np.ones((3, 3), np.float32), rows)
+    assert store.open(tmp_path).info()["source_case_clashes"] == [["GAN", "gan"]]
+    code, stdout, _ = dfembed("info", tmp_path)
+    text = " ".join(stdout.split())
+    assert code == 0 and "differ only in case" in text and "GAN / gan" in text
+
+
+# ---------------------------------------------------------------- the index cache is best effort
+
+
+def test_index_cache_that_cannot_be_written_is_skipped_and_its_temp_removed(tmp_path, monkeypatch):
+    with store.ShardWriter(tmp_path, PROV, dim=3) as w:
+        w.add(np.ones((2, 3), np.float32), rows_of(["a", "b"]))
+    real = pl.DataFrame.write_parquet
+
+    def full(self, file, *a, **k):
+        if Path(file).name.startswith(".index-"):
+            Path(file).write_bytes(b"PAR1 half")  # what a full disk leaves: a partial temp
+            raise pl.exceptions.ComputeError("parquet: underlying IO error: No space left on device (os error 28)")
+        return real(self, file, *a, **k)
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", full)
+    s = store.open(tmp_path)
+    assert s.meta["path"].to_list() == ["a", "b"] and s.info()["rows"] == 2
+    assert not list(tmp_path.glob(".index-*")) and not list(tmp_path.glob("index-*"))
+
+
+def test_read_only_store_without_index_cache_is_read_without_writing(tmp_path, monkeypatch, dfembed):
+    with store.ShardWriter(tmp_path, PROV, dim=3) as w:
+        w.add(np.ones((2, 3), np.float32), rows_of(["a", "b"]))
+    for cache in tmp_path.glob("index-*.parquet"):
+        cache.unlink()
+    real_open, real_unlink = os.open, Path.unlink
+
+    def read_only(path, flags, *a, **k):  # every write under the store fails, as on a read-only mount
+        if str(path).startswith(str(tmp_path)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *a, **k)
+
+    def no_unlink(self, *a, **k):
+        if str(self).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_unlink(self, *a, **k)
+
+    def no_parquet(self, file, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(file))
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(Path, "unlink", no_unlink)
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", no_parquet)
+    s = store.open(tmp_path)
+    assert s.meta["path"].to_list() == ["a", "b"] and s.load()[0].shape == (2, 3)
+    code, stdout, stderr = dfembed("info", tmp_path)
+    assert code == 0 and "Traceback" not in stderr, stderr
