@@ -185,10 +185,15 @@ def extract_cmd(
     target_means: Annotated[str, typer.Option(
         help="What label 1 means in the manifest: fake (default) or real (flips 0/1).")] = "fake",
     model: Annotated[str, typer.Option(envvar="DFCLIP_MODEL",
-        help="open_clip model name (ViT-L-14 is the paper's), dfclip-tiny for tests, or a model-config .json.")] = "ViT-L-14",
+        help="open_clip model name (ViT-L-14 is the paper's; PE-Core-*, *-worldwide), dfclip-tiny for tests, "
+             "a model-config .json, or a timm model with timm's own preprocessing: timm:NAME.TAG, e.g. "
+             "timm:vit_large_patch14_dinov2.lvd142m.")] = "ViT-L-14",
     pretrained: Annotated[str, typer.Option(envvar="DFCLIP_PRETRAINED",
-        help="open_clip tag (openai), a checkpoint file (.safetensors/.pt/.bin/OpenAI .pt archive), or none.")] = "openai",
-    feature: Annotated[str, typer.Option(help="proj: after CLIP's projection (SP_CUP); pre: before it.")] = "proj",
+        help="open_clip tag (openai), a checkpoint file (.safetensors/.pt/.bin/OpenAI .pt archive), or none. "
+             "timm: the tag in the name (this default), a checkpoint file, or none.")] = "openai",
+    feature: Annotated[str, typer.Option(
+        help="proj: after CLIP's projection (SP_CUP); pre: before it. timm: proj is the model's output, "
+             "pre the pooled token before its head (the same where the head is Identity, e.g. DINOv2).")] = "proj",
     quick_gelu: Annotated[Optional[bool], typer.Option(
         "--quick-gelu/--no-quick-gelu", help="Force the activation; default picks QuickGELU for OpenAI weights.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where tagged weights are cached / downloaded.")] = None,
@@ -203,6 +208,9 @@ def extract_cmd(
     layers: Annotated[str, typer.Option(
         help="Also store the class token after these transformer blocks (1-based) as features/block{i}: "
              "8,16,24, all, or every:4. Part of the store's identity.", show_default="none")] = "",
+    tap: Annotated[str, typer.Option(
+        help="Where --layers reads each block: resid (the residual stream after it) or ln2 (its second "
+             "LayerNorm's output, as RINE). Part of the store's identity.")] = "resid",
     perturb: Annotated[str, typer.Option(
         help="Degrade each decoded image before preprocessing, for a robustness store: jpeg:75, resize:0.5, "
              "blur:1.0, noise:0.02, or composed: jpeg:75+resize:0.5. Deterministic per path; part of the "
@@ -243,7 +251,7 @@ def extract_cmd(
 
     config = EmbedConfig(model=model, pretrained=pretrained, feature=feature, quick_gelu=quick_gelu,
                          cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
-                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers, perturb=perturb,
+                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers, tap=tap, perturb=perturb,
                          frames=frames, frame_stride=frame_stride, faces=faces, face_detector=face_detector,
                          face_scale=face_scale, min_face_score=min_face_score, min_face_size=min_face_size,
                          face_fallback=face_fallback, detections=str(detections) if detections else None)
