@@ -292,3 +292,27 @@ def test_worldwide_names_resolve_without_building():
 
     for name in ("ViT-L-14-worldwide", "ViT-H-14-worldwide-378", "PE-Core-B-16"):
         assert resolve_model_name(name) == (name, "open_clip")
+
+
+def test_dinov3_blocks_equal_forward_intermediates_and_norm2_hooks(tmp_path):
+    """DINOv3 (timm's Eva: rotary positions, 4 register tokens after the class token, mean pool)."""
+    config = tmp_path / "tiny-dinov3.json"
+    config.write_text(json.dumps({"timm": "vit_small_patch16_dinov3.lvd1689m",
+                                  "kwargs": {"img_size": 64, "depth": 2, "embed_dim": 64, "num_heads": 2}}))
+    resid = load_backbone(str(config), "none", layers="all")
+    assert resid.provenance["pool"] == "avg" and resid.provenance["preprocess"]["input_size"] == [3, 256, 256]
+    ln2 = load_backbone(str(config), "none", layers="all", tap="ln2")
+    ln2.visual.load_state_dict(resid.visual.state_dict())
+    model = resid.visual.model
+    hooked: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(model.blocks, start=1):
+        block.norm2.register_forward_hook(lambda _m, _i, out, i=i: hooked.__setitem__(i, out[:, 0].clone()))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model(x)
+        want = class_tokens_by_intermediates(model, x)
+    features, tokens = resid.encode_with_layers(x)
+    torch.testing.assert_close(features, pooled, rtol=1e-5, atol=1e-5)
+    for b in (1, 2):
+        torch.testing.assert_close(tokens[:, b - 1], want[b][:, 0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ln2.encode_with_layers(x)[1][:, b - 1], hooked[b], rtol=1e-5, atol=1e-5)
