@@ -99,7 +99,9 @@ def info(
     t = Table(title=f"store {rep['store']}", show_header=False)
     for k in ("rows", "dim", "dtype", "model", "pretrained", "feature", "shards", "failures"):
         t.add_row(k, str(rep[k]))
-    t.add_row("layers", ", ".join(f"block{b}" for b in rep["layers"]) or "none (only proj)")
+    tap = s.provenance.get("tap", "resid")
+    t.add_row("layers", (", ".join(f"block{b}" for b in rep["layers"]) or "none (only proj)")
+              + (f" (tap {tap})" if tap != "resid" else ""))
     t.add_row("perturb", rep["perturb"])
     if rep["failure_kinds"]:
         t.add_row("failures by reason", ", ".join(f"{k}={v}" for k, v in rep["failure_kinds"].items()))

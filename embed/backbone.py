@@ -368,7 +368,7 @@ def _tag_preprocess(name: str, weights: dict[str, Any]) -> tuple[dict[str, Any],
     tags = open_clip.list_pretrained_tags_by_model(name)
     shared = {json.dumps(of(open_clip.get_pretrained_cfg(name, t)), sort_keys=True) for t in tags}
     if len(shared) == 1 and (common := json.loads(shared.pop())):
-        return common, f"shared by every pretrained tag of {name} ({', '.join(tags)})"
+        return common, f"shared by every pretrained tag of {name} ({len(tags)})"
     return {}, "model config"
 
 

@@ -192,6 +192,8 @@ def test_predict_style_reembedding_matches_a_random_init_timm_store(tmp_path, fo
     assert code == 0, stderr
     rows, prov = read_store(out)
     assert prov["pretrained"] == {"kind": "none"} and prov["tap"] == "ln2"
+    code, shown, _ = dfembed("info", out)
+    assert code == 0 and "block2, block3 (tap ln2)" in shown
     rebuilt = config_from_provenance(prov, tmp_path)
     assert (rebuilt.pretrained, rebuilt.layers, rebuilt.tap) == ("none", "2,3", "ln2")
     config.rename(config.with_suffix(".moved"))  # the recorded name and kwargs rebuild it, not the file
