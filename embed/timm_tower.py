@@ -228,8 +228,15 @@ def _create_with_tag(full: str, weights: dict, kwargs: dict, cache_dir) -> nn.Mo
     options = ("use a local checkpoint file (--pretrained PATH), a cache dir that already holds these weights "
                "(--cache-dir DIR), or random init (--pretrained none)")
     if cached is not None:
-        return timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": str(cached), "source": ""},
-                                 **kwargs)
+        try:
+            return timm.create_model(full, pretrained=True, pretrained_cfg_overlay={"file": str(cached), "source": ""},
+                                     **kwargs)
+        except TypeError:
+            raise  # a kwarg the model does not take: build() says so
+        except Exception as e:  # e.g. kwargs that change the shapes the weights were trained with
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise UserError(f"the cached weights {cached} do not load into timm:{full} with {kwargs or 'no kwargs'} "
+                            f"({reason}); drop the kwargs that change its shape, or use --pretrained none") from None
     where = f"cache dir {cache_dir}" if cache_dir else "timm's caches"
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on") or not _reachable(cfg):
         raise UserError(f"no cached weights for timm:{full} in {where} and no network; {options}")

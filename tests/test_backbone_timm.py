@@ -76,6 +76,15 @@ def class_tokens_by_intermediates(model, x: torch.Tensor) -> dict[int, torch.Ten
     return {i: torch.cat([prefix, spatial], dim=1) for i, (spatial, prefix) in enumerate(out, start=1)}
 
 
+def put_in_hf_cache(cache: Path, weights: Path) -> None:
+    """Lay `weights` out as the Hugging Face cache holds timm/vit_small_patch14_dinov2.lvd142m's model.safetensors."""
+    repo = cache / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "model.safetensors").write_bytes(weights.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
 def read_store(out: Path) -> tuple[dict[str, dict], dict]:
     rows, prov = {}, {}
     for shard in sorted(out.glob("shard-r*-*.h5")):
@@ -229,11 +238,7 @@ def test_timm_names_tags_and_weights_errors_are_one_line(tmp_path, folder, dfemb
 def test_tagged_weights_load_through_timm_from_the_hugging_face_cache(tmp_path, tiny_timm, monkeypatch):
     """A tag's weights already in the HF cache are loaded by timm's own pretrained path, offline."""
     config, weights = tiny_timm
-    snapshot = tmp_path / "hf" / "models--timm--vit_small_patch14_dinov2.lvd142m" / "snapshots" / ("0" * 40)
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").write_bytes(weights.read_bytes())
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    put_in_hf_cache(tmp_path / "hf", weights)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tagged = load_backbone(str(config), "openai", cache_dir=tmp_path / "hf")
     assert tagged.provenance["pretrained"] == {"kind": "tag", "tag": "lvd142m",
@@ -318,3 +323,14 @@ def test_dinov3_blocks_equal_forward_intermediates_and_norm2_hooks(tmp_path):
     for b in (1, 2):
         torch.testing.assert_close(tokens[:, b - 1], want[b][:, 0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ln2.encode_with_layers(x)[1][:, b - 1], hooked[b], rtol=1e-5, atol=1e-5)
+
+
+def test_cached_weights_that_do_not_fit_the_kwargs_are_one_line(tmp_path, tiny_timm, monkeypatch):
+    config, weights = tiny_timm
+    deeper = tmp_path / "deeper.json"
+    deeper.write_text(json.dumps({"timm": NAME, "kwargs": {**KWARGS, "depth": 4}}))
+    put_in_hf_cache(tmp_path / "hf", weights)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="do not load into timm:vit_small_patch14_dinov2.lvd142m") as e:
+        load_backbone(str(deeper), "openai", cache_dir=tmp_path / "hf")
+    assert "\n" not in str(e.value)
