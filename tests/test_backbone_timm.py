@@ -334,3 +334,22 @@ def test_cached_weights_that_do_not_fit_the_kwargs_are_one_line(tmp_path, tiny_t
     with pytest.raises(UserError, match="do not load into timm:vit_small_patch14_dinov2.lvd142m") as e:
         load_backbone(str(deeper), "openai", cache_dir=tmp_path / "hf")
     assert "\n" not in str(e.value)
+
+
+def test_face_crops_are_made_at_the_timm_towers_input_size(tmp_path, tiny_timm):
+    pytest.importorskip("facenet_pytorch")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import media
+    from dfclip.embed import extract
+
+    config, weights = tiny_timm
+    shot = media.paste_face((144, 192), media.astronaut_face(), (96, 72), 80)
+    (tmp_path / "i" / "real").mkdir(parents=True)
+    Image.fromarray(shot.frame).save(tmp_path / "i" / "real" / "face.png")
+    rep = extract(tmp_path / "i", tmp_path / "st", EmbedConfig(model=str(config), pretrained=str(weights), workers=0,
+                  faces="largest", min_face_score=0.5, layers="all"), progress=False)
+    assert (rep["embedded"], rep["failed"]) == (1, 0)
+    s = store.open(tmp_path / "st")
+    assert s.provenance["faces"]["size"] == 56 and s.features == ["proj", "block1", "block2", "block3"]
