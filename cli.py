@@ -99,7 +99,9 @@ def info(
     t = Table(title=f"store {rep['store']}", show_header=False)
     for k in ("rows", "dim", "dtype", "model", "pretrained", "feature", "shards", "failures"):
         t.add_row(k, str(rep[k]))
-    t.add_row("layers", ", ".join(f"block{b}" for b in rep["layers"]) or "none (only proj)")
+    tap = s.provenance.get("tap", "resid")
+    t.add_row("layers", (", ".join(f"block{b}" for b in rep["layers"]) or "none (only proj)")
+              + (f" (tap {tap})" if tap != "resid" else ""))
     t.add_row("perturb", rep["perturb"])
     if rep["failure_kinds"]:
         t.add_row("failures by reason", ", ".join(f"{k}={v}" for k, v in rep["failure_kinds"].items()))
@@ -199,10 +201,15 @@ def extract_cmd(
         help="Map a manifest split value to train, val or test, VALUE=SPLIT, repeatable: --split-map training=train. "
              "Splits other than train/val/valid/validation/test (any case) or empty are refused without one.")] = None,
     model: Annotated[str, typer.Option(envvar="DFCLIP_MODEL",
-        help="open_clip model name (ViT-L-14 is the paper's), dfclip-tiny for tests, or a model-config .json.")] = "ViT-L-14",
+        help="open_clip model name (ViT-L-14 is the paper's; PE-Core-*, *-worldwide), dfclip-tiny for tests, "
+             "a model-config .json, or a timm model with timm's own preprocessing: timm:NAME.TAG, e.g. "
+             "timm:vit_large_patch14_dinov2.lvd142m.")] = "ViT-L-14",
     pretrained: Annotated[str, typer.Option(envvar="DFCLIP_PRETRAINED",
-        help="open_clip tag (openai), a checkpoint file (.safetensors/.pt/.bin/OpenAI .pt archive), or none.")] = "openai",
-    feature: Annotated[str, typer.Option(help="proj: after CLIP's projection (SP_CUP); pre: before it.")] = "proj",
+        help="open_clip tag (openai), a checkpoint file (.safetensors/.pt/.bin/OpenAI .pt archive), or none. "
+             "timm: the tag in the name (this default), a checkpoint file, or none.")] = "openai",
+    feature: Annotated[str, typer.Option(
+        help="proj: after CLIP's projection (SP_CUP); pre: before it. timm: proj is the model's output, "
+             "pre the pooled token before its head (the same where the head is Identity, e.g. DINOv2).")] = "proj",
     quick_gelu: Annotated[Optional[bool], typer.Option(
         "--quick-gelu/--no-quick-gelu", help="Force the activation; default picks QuickGELU for OpenAI weights.")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Where tagged weights are cached / downloaded.")] = None,
@@ -217,6 +224,9 @@ def extract_cmd(
     layers: Annotated[str, typer.Option(
         help="Also store the class token after these transformer blocks (1-based) as features/block{i}: "
              "8,16,24, all, or every:4. Part of the store's identity.", show_default="none")] = "",
+    tap: Annotated[str, typer.Option(
+        help="Where --layers reads each block: resid (the residual stream after it) or ln2 (its second "
+             "LayerNorm's output, as RINE). Part of the store's identity.")] = "resid",
     perturb: Annotated[str, typer.Option(
         help="Degrade each decoded image before preprocessing, for a robustness store: jpeg:75, resize:0.5, "
              "blur:1.0, noise:0.02, or composed: jpeg:75+resize:0.5. Deterministic per path; part of the "
@@ -257,7 +267,7 @@ def extract_cmd(
 
     config = EmbedConfig(model=model, pretrained=pretrained, feature=feature, quick_gelu=quick_gelu,
                          cache_dir=cache_dir, precision=precision, device=device, batch_size=batch_size,
-                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers, perturb=perturb,
+                         workers=workers, shard_size=shard_size, dtype=dtype, layers=layers, tap=tap, perturb=perturb,
                          frames=frames, frame_stride=frame_stride, faces=faces, face_detector=face_detector,
                          face_scale=face_scale, min_face_score=min_face_score, min_face_size=min_face_size,
                          face_fallback=face_fallback, detections=str(detections) if detections else None)

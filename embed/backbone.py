@@ -1,7 +1,9 @@
-"""The frozen CLIP image tower: a model name, weights and a feature kind in; model,
+"""The frozen image tower: a model name, weights and a feature kind in; model,
 preprocess and provenance out.
 
-Everything is built by open_clip; this module only decides *what* to build and loads the
+open_clip names (and config files) are built by open_clip, as below; "timm:NAME" towers by
+timm with timm's own preprocessing (embed.timm_tower). For open_clip,
+everything is built by open_clip; this module only decides *what* to build and loads the
 weights itself, so that it can (a) apply the QuickGELU rule below, (b) refuse a checkpoint
 that does not fit instead of silently resizing it, and (c) never sit in a network timeout.
 
@@ -20,6 +22,12 @@ Auto picks QuickGELU when:
      of GELU-trained weights (e.g. a LAION ViT-L-14 checkpoint saved to disk).
 Otherwise GELU. An explicit True/False always wins. The decision and its reason are
 recorded in the provenance.
+
+Preprocessing without a tag (random init or a checkpoint file): when every pretrained tag of
+the architecture shares one preprocessing (PE Core, SigLIP, MobileCLIP: mean/std 0.5 or 0,
+squash, bilinear), it is used, since weights of that architecture were trained with it;
+otherwise (e.g. ViT-L-14, whose tags differ) the model config's own. Recorded as
+`preprocess_from`.
 """
 
 from __future__ import annotations
@@ -52,12 +60,16 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from dfclip.embed import timm_tower
 from dfclip.errors import UserError
 from dfclip.store import format as fmt
 from dfclip.store.format import sha256_file
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 FEATURES = ("proj", "pre")
+# Where block features are taken (`--tap`): the residual stream after the block, or the output of
+# the block's second LayerNorm (open_clip `ln_2`, timm `norm2`), where RINE reads them.
+TAPS = ("resid", "ln2")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # Entries of OpenAI's TorchScript archives that are metadata, not weights.
 OPENAI_ARCHIVE_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -75,13 +87,16 @@ _register_model_configs()
 
 @dataclass
 class Backbone:
-    """A frozen open_clip image tower and everything needed to reproduce its features.
+    """A frozen image tower and everything needed to reproduce its features.
 
-    visual: the image tower (eval mode, requires_grad False, fp32 weights).
-    preprocess: open_clip's own eval transform for this model (PIL image -> tensor).
+    visual: the image tower (eval mode, requires_grad False, fp32 weights): open_clip's
+        VisionTransformer (or other tower), or a timm_tower.TimmTower.
+    preprocess: the library's own eval transform for this model (PIL image -> tensor).
     dim: feature size (embed_dim for "proj", the tower width for "pre").
-    feature: "proj" (the CLIP image embedding) or "pre" (pooled, before the projection).
+    feature: "proj" (the CLIP image embedding; a timm model's output) or "pre" (pooled, before
+        the projection; before a timm model's head).
     provenance: JSON-serialisable description of model, weights, preprocess and versions.
+    tap: where the `layers` block features are read ("resid" or "ln2", see TAPS).
     """
 
     visual: nn.Module
@@ -91,6 +106,7 @@ class Backbone:
     provenance: dict[str, Any]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     layers: tuple[int, ...] = ()  # 1-based blocks whose class token encode_with_layers also returns
+    tap: str = "resid"
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -100,7 +116,9 @@ class Backbone:
         they want to). Precision is the caller's business (wrap in torch.autocast).
         """
         images = images.to(self.device, non_blocking=True)
-        if self.feature == "pre":
+        if isinstance(self.visual, timm_tower.TimmTower):
+            features = self.visual(images, self.feature)
+        elif self.feature == "pre":
             features = pre_projection(self.visual, images)
         else:
             features = self.visual(images)
@@ -113,8 +131,9 @@ class Backbone:
         """encode(images) and, with `layers`, the class token after each of those blocks: float
         [B, len(layers), width] (None without layers), from the same single forward pass.
 
-        The class token is position 0 of the residual stream leaving block i: for the last block
-        that is before ln_post and the projection. The loop is VisionTransformer.forward written
+        The class token is position 0 of the residual stream leaving block i (tap "resid"; for the
+        last block that is before ln_post and the projection), or of block i's ln_2 output (tap
+        "ln2", read by a forward hook on ln_2 during the same pass). The loop is VisionTransformer.forward written
         out (embeddings, blocks, pool, projection) so each block's output can be read on the way.
         Not open_clip's forward_intermediates: it keeps every requested block's whole token map
         until it returns (for `--layers all` on ViT-L/14, 24 x B x 257 x 1024 values), where
@@ -124,16 +143,21 @@ class Backbone:
             return self.encode(images), None
         images = images.to(self.device, non_blocking=True)
         visual = self.visual
+        if isinstance(visual, timm_tower.TimmTower):
+            pooled, tokens = visual.forward_with_blocks(images, self.feature, self.layers, self.tap)
+            return pooled.float(), tokens.float()
         x = visual._embeds(images)
         blocks = visual.transformer.resblocks
         batch_first = getattr(visual.transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
         wanted, tokens = set(self.layers), []
-        for i, block in enumerate(blocks, start=1):
-            x = block(x)
-            if i in wanted:
-                tokens.append(x[:, 0] if batch_first else x[0])
+        norms = {i: blocks[i - 1].ln_2 for i in self.layers} if self.tap == "ln2" else {}
+        with timm_tower.class_tokens(norms, batch_first) as seen:
+            for i, block in enumerate(blocks, start=1):
+                x = block(x)
+                if i in wanted:
+                    tokens.append(seen.pop(i) if norms else x[:, 0] if batch_first else x[0])
         if not batch_first:
             x = x.transpose(0, 1)
         pooled, _ = visual._pool(x)
@@ -144,6 +168,8 @@ class Backbone:
 
 def transformer_depth(visual: nn.Module) -> int:
     """How many blocks a ViT image tower has (what `--layers all` means)."""
+    if isinstance(visual, timm_tower.TimmTower):
+        return visual.depth()
     return len(visual.transformer.resblocks)
 
 
@@ -163,8 +189,9 @@ class DevicePreprocess:
     """The tensor part: uint8 [B, H, W, 3] -> ToTensor's x/255 -> Normalize, on whatever device x is on."""
 
     def __init__(self, mean, std) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        # as_tensor: timm's Normalize holds tensors, open_clip's tuples
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).clone().view(1, 3, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).clone().view(1, 3, 1, 1)
         self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,23 +245,33 @@ def load_backbone(
     quick_gelu: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     layers: str | None = None,
+    tap: str = "resid",
 ) -> Backbone:
-    """Build a frozen open_clip image tower with its eval preprocess and provenance.
+    """Build a frozen image tower with its eval preprocess and provenance.
 
     model: an open_clip model name ("ViT-L-14", "ViT-L/14" also works), a name from
-        embed/model_configs/ ("dfclip-tiny"), or a path to an open_clip model-config JSON.
+        embed/model_configs/ ("dfclip-tiny"), a path to an open_clip model-config JSON, or a
+        timm model: "timm:NAME[.TAG]" or a JSON {"timm": NAME, "kwargs": {...}} (embed.timm_tower).
     pretrained: an open_clip tag ("openai", "laion2b_s32b_b82k"), a checkpoint file
         (.safetensors, .pt/.pth/.bin state dict, or OpenAI's TorchScript archive), or
-        "none" for random init.
+        "none" for random init. For timm: "none", a checkpoint file, or a timm tag (the one in
+        the name; the default "openai" means the name's tag, or timm's default tag).
     feature: "proj" or "pre" (see Backbone).
     quick_gelu: None = auto (module docstring), True/False to force.
     cache_dir: where tagged weights are (or get downloaded to); None = open_clip's default.
     layers: a --layers spec ("8,16,24", "all", "every:4"; None or "" = none): the blocks whose class
         token encode_with_layers returns; recorded in the provenance as `layers` and `layer_width`.
+    tap: where those block features are read, "resid" or "ln2" (TAPS); recorded as `tap` (always
+        "resid" without layers, where nothing is tapped).
     Raises UserError for anything the user can fix.
     """
     if feature not in FEATURES:
         raise UserError(f"unknown feature {feature!r}; use one of {', '.join(FEATURES)}")
+    if tap not in TAPS:
+        raise UserError(f"unknown --tap {tap!r}; use one of {', '.join(TAPS)}")
+    if timm_tower.is_timm_model(model):
+        return _load_timm(model, pretrained, feature=feature, device=device, cache_dir=cache_dir,
+                          layers=layers, tap=tap)
     name, model_source = resolve_model_name(model)
     weights = _resolve_pretrained(name, pretrained, cache_dir)
     state_dict, checkpoint_format = (None, None)
@@ -247,8 +284,7 @@ def load_backbone(
 
     # A tag's mean/std/interpolation/resize mode, exactly as open_clip would merge them;
     # the size always comes from the tower.
-    tag_preprocess = merge_preprocess_dict({}, weights["tag_cfg"])
-    tag_preprocess.pop("size", None)
+    tag_preprocess, preprocess_from = _tag_preprocess(name, weights)
     with _quiet_random_init_warning(state_dict is not None):
         clip = open_clip.create_model(
             name, pretrained=None, device="cpu", precision="fp32",
@@ -271,12 +307,15 @@ def load_backbone(
             raise UserError(f"--layers needs a ViT image tower with a class token, but {name} has "
                             f"{type(visual).__name__}; drop --layers")
         blocks = fmt.parse_layers(layers, transformer_depth(visual))
+        if tap == "ln2" and not all(hasattr(visual.transformer.resblocks[b - 1], "ln_2") for b in blocks):
+            raise UserError(f"--tap ln2 needs blocks with an ln_2 LayerNorm, which {name} lacks; use --tap resid")
     device = torch.device(device)
     visual.requires_grad_(False).eval().to(device)
     preprocess = image_transform_v2(PreprocessCfg(**visual.preprocess_cfg), is_train=False)
-    dim = int(visual.proj.shape[0]) if feature == "pre" else int(visual.output_dim)
-
     model_config = open_clip.get_model_config(name)
+    # Towers open_clip builds with timm (PE Core, ConvNeXt, EVA) have no output_dim: CLIP's embed_dim is it.
+    dim = int(visual.proj.shape[0]) if feature == "pre" else int(getattr(visual, "output_dim", model_config["embed_dim"]))
+
     model_config["quick_gelu"] = use_quick_gelu
     weights_record = {k: v for k, v in weights.items() if k not in ("path", "tag_cfg")}
     if weights["path"] is not None:
@@ -287,6 +326,7 @@ def load_backbone(
             # store's identity uses the hash, not this path.
             weights_record["file_path"] = str(Path(weights["path"]).resolve())
     provenance = {
+        "library": "open_clip",
         "model": name,
         "model_source": model_source,
         "model_config": model_config,
@@ -294,9 +334,11 @@ def load_backbone(
         "quick_gelu_reason": quick_gelu_reason,
         "pretrained": weights_record,
         "preprocess": dict(visual.preprocess_cfg),
+        "preprocess_from": preprocess_from,
         "feature": feature,
         "dim": dim,
         "layers": blocks,
+        "tap": tap if blocks else "resid",
         **({"layer_width": int(visual.transformer.width)} if blocks else {}),
         "normalized": False,
         "versions": {
@@ -306,7 +348,65 @@ def load_backbone(
             "pillow": PIL.__version__,
         },
     }
-    return Backbone(visual, preprocess, dim, feature, _jsonable(provenance), device, tuple(blocks))
+    return Backbone(visual, preprocess, dim, feature, _jsonable(provenance), device, tuple(blocks),
+                    tap if blocks else "resid")
+
+
+def _tag_preprocess(name: str, weights: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The preprocessing open_clip is told to use (less the size, which the tower gives), and why.
+
+    A tag's mean/std/interpolation/resize mode, exactly as open_clip would merge them. Without a
+    tag, the one all of the architecture's tags share, if they share one (module docstring).
+    """
+    def of(tag_cfg: dict) -> dict[str, Any]:
+        merged = merge_preprocess_dict({}, tag_cfg)
+        merged.pop("size", None)
+        return merged
+
+    if weights["kind"] == "tag":
+        return of(weights["tag_cfg"]), f"pretrained tag '{weights['tag']}'"
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    shared = {json.dumps(of(open_clip.get_pretrained_cfg(name, t)), sort_keys=True) for t in tags}
+    if len(shared) == 1 and (common := json.loads(shared.pop())):
+        return common, f"shared by every pretrained tag of {name} ({len(tags)})"
+    return {}, "model config"
+
+
+def _load_timm(model: str, pretrained: str | None, *, feature: str, device, cache_dir, layers: str | None,
+               tap: str) -> Backbone:
+    """load_backbone for a timm model (embed.timm_tower)."""
+    tower, preprocess, record = timm_tower.build(model, pretrained, cache_dir)
+    name = record["model"]
+    blocks: list[int] = []
+    if layers:
+        if not tower.supports_layers():
+            raise UserError(f"--layers needs a ViT with a class token and a list of blocks, but {name} has "
+                            f"{type(tower.model).__name__}; drop --layers")
+        blocks = fmt.parse_layers(layers, tower.depth())
+        if tap == "ln2" and not all(hasattr(tower.model.blocks[b - 1], "norm2") for b in blocks):
+            raise UserError(f"--tap ln2 needs blocks with a norm2 LayerNorm, which {name} lacks; use --tap resid")
+    device = torch.device(device)
+    tower.to(device)
+    size = tower.image_size
+    with torch.no_grad():  # the feature size, from one blank image of the tower's input size
+        dim = int(tower(torch.zeros(1, 3, *size, device=device), feature).shape[-1])
+    provenance = {
+        **record,
+        "feature": feature,
+        "dim": dim,
+        "layers": blocks,
+        "tap": tap if blocks else "resid",
+        **({"layer_width": tower.width()} if blocks else {}),
+        "normalized": False,
+        "versions": {
+            "torch": torch.__version__,
+            "timm": timm_tower.timm.__version__,
+            "torchvision": torchvision.__version__,
+            "pillow": PIL.__version__,
+        },
+    }
+    return Backbone(tower, preprocess, dim, feature, _jsonable(provenance), device, tuple(blocks),
+                    tap if blocks else "resid")
 
 
 def resolve_model_name(model: str) -> tuple[str, str]:

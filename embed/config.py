@@ -23,6 +23,7 @@ from dfclip.errors import UserError
 from dfclip.store import format as fmt
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TAPS = ("resid", "ln2")  # embed.backbone.TAPS
 FACE_MODES = ("none", "largest", "all")
 FACE_FALLBACKS = ("none", "center")
 # Settings of the machine that runs the pass, not of the embedding: never taken from a record.
@@ -35,9 +36,12 @@ class EmbedConfig:
     """How to embed images. Validated on construction (UserError).
 
     model: an open_clip model name ("ViT-L-14"), a name from embed/model_configs/
-        ("dfclip-tiny"), or a path to an open_clip model-config JSON.
-    pretrained: an open_clip tag ("openai"), a checkpoint file, or "none" (random init).
-    feature: "proj" (the CLIP image embedding) or "pre" (pooled, before the projection).
+        ("dfclip-tiny"), a path to an open_clip model-config JSON, or a timm model
+        ("timm:vit_large_patch14_dinov2.lvd142m", or a JSON {"timm": NAME, "kwargs": {...}}).
+    pretrained: an open_clip tag ("openai"), a checkpoint file, or "none" (random init). For a
+        timm model the tag is the one in its name (this default means: that tag).
+    feature: "proj" (the CLIP image embedding; a timm model's output) or "pre" (pooled, before
+        the projection; before a timm model's head).
     quick_gelu: None = auto (embed.backbone's rule), True/False to force.
     cache_dir: where tagged weights are cached / downloaded; None = open_clip's default.
     precision: "auto" (fp16 autocast on CUDA, fp32 elsewhere),
@@ -50,6 +54,9 @@ class EmbedConfig:
     dtype: stored embedding dtype, "float16" or "float32".
     layers: also store the class token after these transformer blocks ("8,16,24", "all", "every:4";
         "" = none) as features/block{i}; part of the store's identity.
+    tap: where those block features are read: "resid" (the residual stream after the block) or
+        "ln2" (the output of the block's second LayerNorm, as RINE reads them); part of the
+        store's identity. Without layers nothing is tapped, and it is kept as "resid".
     perturb: degrade every decoded image before preprocessing ("jpeg:75", "resize:0.5", "blur:1",
         "noise:0.02", composed with +; "" = none; embed.perturb), deterministically per path, for
         robustness stores; recorded in canonical form and part of the store's identity.
@@ -75,6 +82,7 @@ class EmbedConfig:
     shard_size: int = 16384
     dtype: str = "float16"
     layers: str = ""
+    tap: str = "resid"
     perturb: str = ""
     frames: int | None = 32
     frame_stride: int | None = None
@@ -97,6 +105,10 @@ class EmbedConfig:
         from dfclip.embed.perturb import canonical
 
         object.__setattr__(self, "perturb", canonical(self.perturb))
+        if self.tap not in TAPS:
+            raise UserError(f"unknown --tap {self.tap!r}; use one of {', '.join(TAPS)}")
+        if not self.layers:  # nothing is tapped (and a record's tap must not outlive its layers)
+            object.__setattr__(self, "tap", "resid")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown --precision {self.precision!r}; use one of {', '.join(PRECISIONS)}")
         fmt.check_layout(self.dtype, self.shard_size)
@@ -152,7 +164,8 @@ def config_from_provenance(provenance: dict, workdir: str | os.PathLike) -> Embe
     written before it was recorded get the defaults), less MACHINE_FIELDS, which are left at
     their defaults for the caller to set. Model, weights, feature and QuickGELU come from the
     provenance itself, which says what was actually built: a model that came from a config
-    file is re-registered from the recorded config (written into `workdir`); a checkpoint file
+    file is re-registered from the recorded config (written into `workdir`; for a timm model, a
+    JSON of its name and create_model kwargs); a checkpoint file
     must still exist where it was and have the same sha256. Raises UserError when the
     provenance cannot rebuild its backbone (imported or synthetic embeddings).
     """
@@ -165,7 +178,12 @@ def config_from_provenance(provenance: dict, workdir: str | os.PathLike) -> Embe
         raise UserError("this run's provenance names no model (imported or synthetic embeddings?); "
                         "embed the images yourself with `dfembed extract` and use `dfhead predict RUN --store`")
     model = name
-    if name not in open_clip.list_models():
+    timm_config = provenance.get("model_config") or {}
+    if provenance.get("library") == "timm":
+        if timm_config.get("kwargs"):  # rebuilt from its recorded name and create_model kwargs
+            model = str(Path(workdir) / "timm-model.json")
+            Path(model).write_text(json.dumps({"timm": timm_config["name"], "kwargs": timm_config["kwargs"]}))
+    elif name not in open_clip.list_models():
         if not provenance.get("model_config"):
             raise UserError(f"model {name!r} of this run is not an open_clip name and its config was not recorded; "
                             "embed the images yourself and use `dfhead predict RUN --store`")
@@ -197,4 +215,5 @@ def config_from_provenance(provenance: dict, workdir: str | os.PathLike) -> Embe
     return dataclasses.replace(EmbedConfig.from_dict(recorded), model=model, pretrained=pretrained,
                                feature=provenance.get("feature", "proj"), quick_gelu=provenance.get("quick_gelu"),
                                layers=",".join(map(str, provenance.get("layers") or [])),
+                               tap=provenance.get("tap", "resid"),
                                perturb="")  # new images are scored as they are, never degraded

@@ -403,7 +403,8 @@ def extract(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         backbone = load_backbone(config.model, config.pretrained, feature=feature, device=dev,
-                                 quick_gelu=config.quick_gelu, cache_dir=config.cache_dir, layers=config.layers)
+                                 quick_gelu=config.quick_gelu, cache_dir=config.cache_dir, layers=config.layers,
+                                 tap=config.tap)
     faces = _face_stage(config, backbone, dev) if config.faces != "none" else None
     provenance = {**backbone.provenance, "dim": backbone.dim, "precision": precision, "input_root": str(input_root),
                   "perturb": config.perturb, "embed_config": config.to_dict(), "video": config.video_settings(),

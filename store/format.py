@@ -108,11 +108,11 @@ MODEL_KEYS = ("model", "model_config", "pretrained", "feature", "dim", "preproce
 # What a store holds beside the model's features: its block layers and the perturbation applied to
 # its images. Every shard of one store agrees on them, but stores that differ in them may still meet
 # (a head trained on a clean store is evaluated on a JPEG one; a run needs only its own blocks).
-STORE_KEYS = ("layers", "perturb", "video", "faces")
+STORE_KEYS = ("layers", "tap", "perturb", "video", "faces")
 IDENTITY_KEYS = MODEL_KEYS + STORE_KEYS
 # The value a key has in stores written before it existed.
 # A store written before videos were read took no frames, so any frame setting matches it: the defaults.
-_KEY_DEFAULTS = {"layers": [], "perturb": "", "video": {"frames": 32, "stride": None}, "faces": None}
+_KEY_DEFAULTS = {"layers": [], "tap": "resid", "perturb": "", "video": {"frames": 32, "stride": None}, "faces": None}
 
 
 def row_path(file: str, frame: int = -1, face: int = -1) -> str:
