@@ -54,6 +54,10 @@ class Chunk:
     n_frames: int = -1  # frames in the whole video (-1: a still image)
     error: tuple[str, str] | None = None  # (kind, message): the file failed at `positions` (all of it if empty)
 
+    def pin_memory(self) -> "Chunk":  # called by DataLoader(pin_memory=True): frames copy to a GPU asynchronously
+        pinned = None if self.pixels is None else self.pixels.pin_memory()
+        return Chunk(self.file, self.positions, pinned, self.last, self.n_frames, self.error)
+
 
 class MediaFiles(IterableDataset):
     """The frames of images and videos, chunk by chunk. Worker w of W reads files w, w + W, ...
