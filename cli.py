@@ -426,7 +426,7 @@ def fit(
 
     cfg = make_config(preset, **settings)
     run_dir = fit_run(store_dir, cfg, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
-                      log=out.print, progress=True)
+                      log=_say, progress=True)
     _print_report(run_dir)
 
 
@@ -600,6 +600,15 @@ def predict(
         _warn(f"{failed.height} images could not be read ({reasons}): not scored, listed in {failures_csv}")
 
 
+def _say(line) -> None:
+    """A progress or summary line of fit and sweep on stdout: never wrapped (a long path stays on one line,
+    the terminal folds it), never read as markup (a path may hold [brackets]). Tables print as tables."""
+    if isinstance(line, str):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    else:
+        out.print(line)
+
+
 def _warn(line: str) -> None:
     """A warning from the library (dropped rows, unreadable images) on stderr, one line."""
     console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -663,7 +672,7 @@ def sweep(
     if rank_from_env().rank == 0:
         out.print(f"sweep {name}: {len(cfgs)} heads")
     out_dir, board = sweep_run(store_dir, cfgs, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
-                               log=out.print, progress=True, halving=halving,
+                               log=_say, progress=True, halving=halving,
                                **{k: v for k, v in (("eta", eta), ("min_epochs", min_epochs)) if v is not None})
     if board.height:
         from dfclip.heads.report import varying_columns
