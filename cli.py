@@ -173,7 +173,8 @@ EXTRACT_EPILOG = (
 @embed_app.command("extract", epilog=EXTRACT_EPILOG)
 def extract_cmd(
     images_dir: Annotated[Optional[Path], typer.Argument(
-        help="Folder of images (every type this Pillow opens: jpg, png, webp, avif, tif, ...); labels from real/fake folder names, "
+        help="Folder of images (every type Pillow opens here: jpg, png, webp, tif, ..., avif or heic where it reads them); "
+             "labels from real/fake folder names, "
              "source from the folder under them. Omit when using --manifest.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created or resumed).")] = DEFAULT_STORE,
     manifest: Annotated[Optional[Path], typer.Option(
