@@ -120,8 +120,8 @@ def info(
                      "`dfembed extract ... --prune-missing` drops them")
     if rep["source_case_clashes"]:
         shown = "; ".join(" / ".join(group) for group in rep["source_case_clashes"][:3])
-        notes.append(f"{len(rep['source_case_clashes'])} source names differ only in case ({shown}); they are separate "
-                     "sources and --holdout-source matches names exactly")
+        notes.append(f"source names differ only in case ({shown}): they are separate sources and --holdout-source "
+                     "matches names exactly")
     if rep["unfinished_import_shards"]:
         notes.append(f"{rep['unfinished_import_shards']} shards of an interrupted import are ignored; "
                      "re-run the import (the next writer deletes them)")

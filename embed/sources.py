@@ -438,7 +438,7 @@ def warn_case_clashes(sources: list[str]) -> None:
     """One line when source names differ only in case: they are separate sources, matched as written."""
     clashes = fmt.case_clashes(sources)
     if clashes:
-        shown = "; ".join(" / ".join(group) for group in clashes[:3])
-        log.print(f"warning: {len(clashes)} source names differ only in case ({shown}{'; ...' if len(clashes) > 3 else ''}); "
-                  "they stay separate sources and --holdout-source matches names exactly: rename the folders "
-                  "(or the manifest's sources) to merge them", markup=False)
+        shown = "; ".join(" / ".join(group) for group in clashes[:3]) + ("; ..." if len(clashes) > 3 else "")
+        log.print(f"warning: source names differ only in case ({shown}): they stay separate sources and "
+                  "--holdout-source matches names exactly; rename the folders (or the manifest's sources) to merge "
+                  "them", markup=False)
