@@ -132,8 +132,8 @@ def info(
                      "`dfembed extract ... --prune-missing` drops them")
     if rep["source_case_clashes"]:
         shown = "; ".join(" / ".join(group) for group in rep["source_case_clashes"][:3])
-        notes.append(f"{len(rep['source_case_clashes'])} source names differ only in case ({shown}); they are separate "
-                     "sources and --holdout-source matches names exactly")
+        notes.append(f"source names differ only in case ({shown}): they are separate sources and --holdout-source "
+                     "matches names exactly")
     if rep["unfinished_import_shards"]:
         notes.append(f"{rep['unfinished_import_shards']} shards of an interrupted import are ignored; "
                      "re-run the import (the next writer deletes them)")
@@ -185,8 +185,8 @@ EXTRACT_EPILOG = (
 @embed_app.command("extract", epilog=EXTRACT_EPILOG)
 def extract_cmd(
     images_dir: Annotated[Optional[Path], typer.Argument(
-        help="Folder of images (every type this Pillow opens: jpg, png, webp, avif, tif, ...) and videos (mp4, avi, "
-             "mov, mkv, webm, ...); labels from real/fake folder names, "
+        help="Folder of images (every type Pillow opens here: jpg, png, webp, tif, ..., avif or heic where it reads them) "
+             "and videos (mp4, avi, mov, mkv, webm, ...); labels from real/fake folder names, "
              "source from the folder under them. Omit when using --manifest.")] = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Store directory (created or resumed).")] = DEFAULT_STORE,
     manifest: Annotated[Optional[Path], typer.Option(

@@ -99,10 +99,6 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _extension(name: str) -> str:
-    return os.path.splitext(name)[1].lower()
-
-
 def _skipped_line(skipped: dict[str, int]) -> str:
     """ "skipped 3 files with other extensions (.heic 2, .txt 1)": the most common first."""
     ranked = sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -121,7 +117,7 @@ class _Walk:
     splits: list[str] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     mtimes: list[int] = field(default_factory=list)
-    files: list[tuple[int, int]] = field(default_factory=list)  # (st_dev, st_ino) of the file itself
+    files: list[int] = field(default_factory=list)  # st_dev << 64 | st_ino of the file itself
     linked: list[bool] = field(default_factory=list)  # reached through a symlinked folder
     loops: list[str] = field(default_factory=list)  # symlinks that point at themselves or at each other (ELOOP)
     skipped: dict[str, int] = field(default_factory=dict)  # extension -> files not picked up
@@ -140,6 +136,10 @@ def _walk(root_path: Path) -> _Walk:
     # Stack of (absolute dir, relative prefix ending in "/" or "", dir components below root, via a link).
     stack: list[tuple[str, str, list[str], bool]] = [(str(root_path), "", [], False)]
     linked: list[tuple[str, str, list[str], bool]] = []
+    add_path, add_label, add_source, add_split = (found.paths.append, found.labels.append, found.sources.append,
+                                                  found.splits.append)
+    add_size, add_mtime, add_file, add_linked = (found.sizes.append, found.mtimes.append, found.files.append,
+                                                 found.linked.append)
     while stack or linked:
         if not stack:
             stack.append(linked.pop(0))
@@ -167,9 +167,10 @@ def _walk(root_path: Path) -> _Walk:
                     (linked if is_link else stack).append(
                         (entry.path, prefix + name + "/", dir_parts + [name], via_link or is_link))
                     continue
-                if _extension(name) not in ACCEPTED_EXTENSIONS:
+                extension = os.path.splitext(name)[1].lower()
+                if extension not in ACCEPTED_EXTENSIONS:
                     if entry.is_file():  # dangling links and sockets are no files to count
-                        found.skipped[_extension(name)] = found.skipped.get(_extension(name), 0) + 1
+                        found.skipped[extension] = found.skipped.get(extension, 0) + 1
                     continue
                 file_stat = entry.stat()  # follows symlinks: size/mtime of the target image
             except FileNotFoundError:  # dangling symlink
@@ -179,14 +180,15 @@ def _walk(root_path: Path) -> _Walk:
                     raise
                 found.loops.append(prefix + name)
                 continue
-            found.paths.append(prefix + name)
-            found.labels.append(label)
-            found.sources.append(source)
-            found.splits.append(split)
-            found.sizes.append(file_stat.st_size)
-            found.mtimes.append(file_stat.st_mtime_ns)
-            found.files.append((file_stat.st_dev, file_stat.st_ino))
-            found.linked.append(via_link)
+            # Plain lists of strings and ints: no per-file tuple for the garbage collector to scan.
+            add_path(prefix + name)
+            add_label(label)
+            add_source(source)
+            add_split(split)
+            add_size(file_stat.st_size)
+            add_mtime(file_stat.st_mtime_ns)
+            add_file(file_stat.st_dev << 64 | file_stat.st_ino)
+            add_linked(via_link)
     return found
 
 
@@ -200,12 +202,13 @@ def _one_path_per_file(found: _Walk) -> list[int]:
     n = len(found.paths)
     if n == 0:
         return []
-    ids = pl.DataFrame({"dev": [d for d, _ in found.files], "ino": [i for _, i in found.files]},
+    mask = (1 << 64) - 1
+    ids = pl.DataFrame({"dev": [f >> 64 for f in found.files], "ino": [f & mask for f in found.files]},
                        schema={"dev": pl.UInt64, "ino": pl.UInt64})
     dup = (ids.is_duplicated() & (ids["ino"] != 0)).to_numpy()
     if not dup.any():
         return list(range(n))
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[int, list[int]] = {}
     for i in dup.nonzero()[0].tolist():
         groups.setdefault(found.files[i], []).append(i)
     drop: set[int] = set()
@@ -439,7 +442,7 @@ def warn_case_clashes(sources: list[str]) -> None:
     """One line when source names differ only in case: they are separate sources, matched as written."""
     clashes = fmt.case_clashes(sources)
     if clashes:
-        shown = "; ".join(" / ".join(group) for group in clashes[:3])
-        log.print(f"warning: {len(clashes)} source names differ only in case ({shown}{'; ...' if len(clashes) > 3 else ''}); "
-                  "they stay separate sources and --holdout-source matches names exactly: rename the folders "
-                  "(or the manifest's sources) to merge them", markup=False)
+        shown = "; ".join(" / ".join(group) for group in clashes[:3]) + ("; ..." if len(clashes) > 3 else "")
+        log.print(f"warning: source names differ only in case ({shown}): they stay separate sources and "
+                  "--holdout-source matches names exactly; rename the folders (or the manifest's sources) to merge "
+                  "them", markup=False)

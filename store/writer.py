@@ -361,10 +361,16 @@ def _remove_shard(shard: Path) -> None:
         cache.unlink(missing_ok=True)
 
 
-def _is_disk_full(e: Exception) -> bool:
-    """h5py and polars report ENOSPC in their own words, not always with errno set."""
-    text = str(e)
-    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "errno = 28" in text
+def _is_disk_full(e: BaseException | None) -> bool:
+    """h5py and polars report ENOSPC in their own words, not always with errno set, and a later error
+    (closing the file) may hide it: the whole chain of the exception is checked."""
+    seen = 0
+    while e is not None and seen < 10:
+        text = str(e)
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in text or "errno = 28" in text:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _fsync_dir(path: Path) -> None:

@@ -514,3 +514,25 @@ def test_read_only_store_without_index_cache_is_read_without_writing(tmp_path, m
     assert s.meta["path"].to_list() == ["a", "b"] and s.load()[0].shape == (2, 3)
     code, stdout, stderr = dfembed("info", tmp_path)
     assert code == 0 and "Traceback" not in stderr, stderr
+
+
+def test_failures_view_on_a_full_disk_is_one_line_and_written_by_the_next_run(tmp_path, extract_args, dfembed,
+                                                                               monkeypatch):
+    images = tmp_path / "images"
+    image(images / "real" / "s" / "x.png", 0)
+    out = tmp_path / "S"
+    real = pl.DataFrame.write_parquet
+
+    def full(self, file, *a, **k):
+        if Path(file).name.startswith(".failures"):
+            Path(file).write_bytes(b"PAR1 half")
+            raise pl.exceptions.ComputeError("parquet: underlying IO error: No space left on device (os error 28)")
+        return real(self, file, *a, **k)
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", full)
+    code, _, stderr = dfembed(*extract_args(images, out=out))
+    line = one_line(stderr)
+    assert code == 2 and "failures.parquet" in line and "No space left" in line and "re-run" in line
+    assert not list(out.glob(".failures*")) and len(store.open(out)) == 1  # the shard is complete
+    monkeypatch.undo()
+    code, stdout, _ = dfembed(*extract_args(images, out=out))
+    assert code == 0 and "0 embedded" in stdout and (out / "failures.parquet").is_file()
