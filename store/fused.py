@@ -79,7 +79,7 @@ class FusedStore:
         """`spec` with every part naming its store: "proj" -> "st_clip:proj+st_dino:proj" (what a run records)."""
         pairs = fmt.fused_feature(spec, self.names)
         for i, part in pairs:
-            self.stores[i]._check_feature(part)
+            self.stores[i].feature_dim(part)  # a part the store lacks is one UserError, naming it
         return fmt.fused_spec(pairs, self.names)
 
     def feature_dim(self, feature: str = fmt.DEFAULT_FEATURE) -> int:
@@ -98,8 +98,7 @@ class FusedStore:
         placed beside the others row by row, matched on path. Without `dtype` the result has the widest
         of the stores' dtypes."""
         pairs = fmt.fused_feature(feature, self.names)
-        for i, part in pairs:
-            self.stores[i]._check_feature(part)
+        width = sum(self.stores[i].feature_dim(part) for i, part in pairs)  # checks every part first
         rows = self.select(**filters) if rows is None else rows
         rows = rows.sort(["shard", "row"])
         if dtype is None:
@@ -110,27 +109,23 @@ class FusedStore:
                 runs[-1][1].append(part)
             else:
                 runs.append((i, [part]))
-        blocks = []
-        for i, parts in runs:
+        out, col = np.empty((rows.height, width), dtype), 0
+        for i, parts in runs:  # each store's columns straight into place: one copy of the result in memory
             s = self.stores[i]
             mine = rows if i == 0 else s.meta.join(rows.select("path"), on="path", how="semi")
             x, got = s.load(mine, dtype=dtype, feature="+".join(parts))
             order = (rows.select("path").with_row_index("want")
-                     .join(got.select("path").with_row_index("have"), on="path", how="left"))
-            if order["have"].null_count():  # rows not from this view's meta
-                raise ValueError(f"rows not held by store {s.root}, e.g. {order.filter(pl.col('have').is_null())['path'][0]}")
-            blocks.append(x[order.sort("want")["have"].to_numpy()])
-        out = np.concatenate(blocks, axis=1) if blocks else np.empty((rows.height, 0), dtype)
+                     .join(got.select("path").with_row_index("have"), on="path", how="left").sort("want")["have"])
+            if order.null_count():  # rows not from this view's meta
+                raise ValueError(f"rows not held by store {s.root}, e.g. {rows['path'][order.is_null().arg_max()]}")
+            order = order.to_numpy()
+            out[:, col:col + x.shape[1]] = x if np.array_equal(order, np.arange(len(order))) else x[order]
+            col += x.shape[1]
         return out, rows
 
     def missing_inputs(self) -> pl.DataFrame:
         """Joined rows whose image file is gone from the first store's input folder (Store.missing_inputs)."""
         return self.stores[0].missing_inputs().join(self.meta.select("path"), on="path", how="semi")
-
-    @property
-    def failures(self) -> pl.DataFrame:
-        """Inputs whose latest attempt failed in any of the stores, once each (the first store's reason first)."""
-        return pl.concat([s.failures for s in self.stores]).unique("path", keep="first", maintain_order=True)
 
 
 def _check_names(stores: list[Store], names: list[str]) -> None:

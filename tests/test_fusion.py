@@ -74,6 +74,8 @@ def test_fit_with_trains_on_the_concatenated_width(pair, tmp_path, dfhead):
     members = config["provenance"][fmt.FUSION_KEY]
     assert [m["name"] for m in members] == ["wide", "narrow"] and [m["provenance"]["dim"] for m in members] == [16, 8]
     assert "feature wide:proj+narrow:proj (24-d)" in out
+    code, _, err = dfhead("fit", a, "--with", b, "--val-store", a, "--runs-dir", tmp_path, *FIT)
+    assert code == 2 and "--val-store does not combine with --with" in err
     # Eval fuses the same way; without --with the fused run refuses in one line.
     code, out, err = dfhead("eval", tmp_path / "r", "--store", a, "--with", b, "--json", "--include-train")
     assert code == 0, err
@@ -95,6 +97,8 @@ def test_one_store_fit_is_unchanged_by_fusion_code(pair, tmp_path, dfhead):
     assert fmt.FUSION_KEY not in config["provenance"]
     code, _, err = dfhead("fit", a, "--feature", "wide:proj", "--runs-dir", tmp_path, *FIT)
     assert code == 2 and "--with" in err
+    code, _, err = dfhead("eval", tmp_path / "r", "--store", a, "--with", a)
+    assert code == 2 and "trained on one store" in err
 
 
 def test_rows_of_one_store_only_are_reported_and_left_out(pair, tmp_path, dfhead):
