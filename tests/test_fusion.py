@@ -48,6 +48,34 @@ def test_fused_load_is_the_per_path_concatenation(pair):
     assert sorted(rows["path"]) == sorted(some["path"])
 
 
+def test_training_data_holds_the_concatenation_of_each_row(pair):
+    """load_data on a fused view: the resident training rows are each path's stores side by side."""
+    import torch
+
+    from dfclip.heads.config import make_config
+    from dfclip.heads.data import load_data
+
+    a, b = pair
+    f = store.fuse([a, b])
+    data = load_data(f, make_config(feature=f.expand_feature("proj")), device=torch.device("cpu"))
+    assert data.dim == 24 and data.x.shape[1] == 24
+    xa, xb = _by_path(store.open(a)), _by_path(store.open(b))
+    want = np.stack([np.concatenate([xa[p], xb[p]]) for p in data.train_paths])
+    np.testing.assert_array_equal(data.x.numpy(), want)
+
+
+def test_video_frames_join_by_row_path(pair, tmp_path):
+    """Rows named VIDEO#fNNNNNN join frame by frame."""
+    a, b = pair
+    paths = [f"clips/v{i // 4:03d}.mp4#f{i % 4:06d}" for i in range(300)]
+    va = rewrite_store(a, tmp_path / "va", path=paths)
+    vb = rewrite_store(b, tmp_path / "vb", keep=np.arange(300) >= 4, path=paths)  # video v000 only in va
+    f = store.fuse([va, vb])
+    assert len(f) == 296 and "4 only in va (e.g. clips/v000.mp4#f000000)" in f.join_note
+    x, rows = f.load(feature="va:proj")
+    assert rows["path"].str.starts_with("clips/v000.mp4").sum() == 0 and x.shape == (296, 16)
+
+
 def test_fused_provenance_width_and_compatibility(pair):
     a, b = pair
     f = store.fuse([a, b])
