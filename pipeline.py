@@ -107,12 +107,16 @@ def _predict_mine(run_dir, config: dict, images, device: str, workers: int, prog
     from dfclip.heads.run import predict_store
 
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
-        stores, failures = [], []
+        stores, failures, source = [], [], images
         # One temporary store per backbone of the run (one for most runs; one per fused store otherwise),
         # each holding exactly what the run's feature reads of it: the projected embedding plus its blocks.
         for i, (provenance, blocks) in enumerate(_backbones(config)):
-            summary = extract_like(provenance, images, Path(tmp) / f"backbone{i}", device=device, workers=workers,
+            summary = extract_like(provenance, source, Path(tmp) / f"backbone{i}", device=device, workers=workers,
                                    progress=progress, layers=blocks)
+            if i == 0 and Path(images).is_file() and (summary["embedded"] or summary["failed"]):
+                # One image is embedded through a folder linking it: the other backbones read that same folder,
+                # so the fused stores share one input root.
+                source = store.open(summary["store"]).provenance.get("input_root") or images
             if summary["failed"]:
                 failures.append(store.open(summary["store"]).failures.select("path", "error", "message"))
             stores.append(summary["store"] if summary["embedded"] else None)

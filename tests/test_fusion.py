@@ -217,6 +217,14 @@ def test_predict_on_images_embeds_with_every_backbone(two_backbones, tmp_path, d
     assert from_images["path"].to_list() == from_stores["path"].to_list()
     assert from_images.height == len(store.open(st_proj)) == 16
     np.testing.assert_allclose(from_images["score"], from_stores["score"], atol=1e-5)
+    one = sorted((images / "fake").rglob("*.png"))[0]
+    code, _, err = dfhead("predict", tmp_path / "r", one, "--out", tmp_path / "one.csv", "--workers", "0")
+    assert code == 0, err
+    assert "different folders" not in err and "left out" not in err
+    scored = pl.read_csv(tmp_path / "one.csv")
+    assert scored["path"].to_list() == [one.name]
+    want = from_stores.filter(pl.col("path") == str(one.relative_to(images)))["score"]
+    np.testing.assert_allclose(scored["score"], want, atol=1e-5)
     # A store of one backbone only is refused before anything is scored.
     code, _, err = dfhead("predict", tmp_path / "r", "--store", st_proj, "--out", tmp_path / "x.csv")
     assert code == 2 and "--with" in err
