@@ -1,10 +1,10 @@
 """The data the trainer needs: train/val/holdout rows loaded once onto the device (`load_data`,
 `Data`), feature noise, the split rules and batches.
 
-Files are read only through dfclip.store (store.open / Store.load, in `load_data`, or a fused view of
-several stores, store.fuse, which offers the same interface); everything else is tensor and table logic. `meta` is a polars DataFrame with one row per embedding row, in
-the embedding array's order: path, label (Int8: 1 fake, 0 real, -1 unknown), source, split and
-group (Utf8; "" = none).
+Files are read only through dfclip.store (store.open / Store.load, in `load_data`, or store.fuse's view
+of several stores, which offers the same interface); everything else is tensor and table logic. `meta`
+is a polars DataFrame with one row per embedding row, in the embedding array's order: path, label
+(Int8: 1 fake, 0 real, -1 unknown), source, split and group (Utf8; "" = none).
 """
 
 from __future__ import annotations
