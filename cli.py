@@ -404,11 +404,20 @@ def with_settings(command: str):
     return decorate
 
 
+WITH_HELP = ("Fuse this store (the same images embedded by another backbone) with STORE, joined by path; repeat "
+             "for more. --feature then applies to each store (proj = every store's proj, concatenated), or names "
+             "each part's store by its folder name: --feature st_clip:proj+st_dino:block12. Rows held by some of "
+             "the stores only are left out (one note line); labels, sources, splits and groups must agree.")
+WITH_EVAL_HELP = ("For a run trained on fused stores: its other backbones' stores of the same images as --store, in "
+                  "the run's order (repeatable).")
+FUSION_NOTE = ("Fusing backbones: dfhead fit st_clip --with st_dino trains on both stores' proj, concatenated; "
+               "--feature st_clip:proj+st_dino:proj --head layermix learns weights over them (parts of one width).")
+
 REFERENCE_NOTE = ("The reference code (SP_CUP) trains with lr 1e-5, wd 6e-5, batch 256, 100 epochs: "
                   "use --preset sp_cup for those. --preset paper is CVaR 0.3 + AUC 0.5 + SAM 0.05 + feature noise.")
 
 
-@head_app.command(epilog=REFERENCE_NOTE)
+@head_app.command(epilog=REFERENCE_NOTE + " " + FUSION_NOTE)
 @with_settings("fit")
 def fit(
     store_dir: Annotated[Path, typer.Argument(help="Store to train on (from `dfembed extract`).")] = DEFAULT_STORE,
@@ -417,16 +426,18 @@ def fit(
     runs_dir: Annotated[Path, typer.Option(help="Where run directories go.")] = Path("runs"),
     val_store: Annotated[Optional[Path], typer.Option(help="Validate on this store instead of a split of the train store.")] = None,
     device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda, cuda:1 ...")] = "auto",
+    with_stores: Annotated[Optional[list[Path]], typer.Option("--with", metavar="STORE", help=WITH_HELP, show_default="none")] = None,
     *,
     settings: dict,
 ) -> None:
-    """Train one detector head on a store and write runs/NAME/ (config, weights, metrics, report, plots)."""
+    """Train one detector head on a store (or on fused stores, --with) and write runs/NAME/ (config, weights,
+    metrics, report, plots)."""
     from dfclip.heads.config import make_config
     from dfclip.heads.run import fit as fit_run
 
     cfg = make_config(preset, **settings)
     run_dir = fit_run(store_dir, cfg, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
-                      log=_say, progress=True)
+                      log=_say, progress=True, with_stores=with_stores or [])
     _print_report(run_dir)
 
 
@@ -477,6 +488,7 @@ def eval_(
     pool: Annotated[Optional[str], typer.Option(help=POOL_HELP + " For the video-level metrics of a --store.", show_default="the run's --video-pool")] = None,
     temperature: Annotated[Optional[float], typer.Option(help=TEMPERATURE_HELP, show_default="the run's --pool-temperature")] = None,
     include_train: Annotated[bool, typer.Option("--include-train", help="Also score the rows the run trained on (its own store, or perturbed copies of its images, matched on path); left out by default, as their metrics are optimistic.")] = False,
+    with_stores: Annotated[Optional[list[Path]], typer.Option("--with", metavar="STORE", help=WITH_EVAL_HELP + " Each --store is fused with them.", show_default="none")] = None,
 ) -> None:
     """Metrics of a trained run on any labelled store of the same model (AUC, AP, EER, TPR@FPR, per source, per video).
 
@@ -486,12 +498,15 @@ def eval_(
     """
     from dfclip.heads.run import evaluate_run, evaluate_stores, write_robustness
 
+    with_stores = with_stores or []
+    if with_stores and not store_dirs:
+        raise UserError("--with adds stores to a --store; give --store STORE too")
     if store_dirs and len(store_dirs) > 1:
         if pool is not None or temperature is not None:
             raise UserError("--pool and --temperature set the video-level metrics of one --store; the robustness "
                             "table over several has none")
         table = evaluate_stores(run, store_dirs, device=device, split=split, precision=precision,
-                                include_train=include_train, write=False, log=_warn)
+                                include_train=include_train, write=False, log=_warn, with_stores=with_stores)
         written = write_robustness(table, run, log=_warn)
         if as_json:
             out.print_json(json.dumps(table.to_dicts()))
@@ -515,7 +530,7 @@ def eval_(
         raise UserError("--pool and --temperature re-score a --store (the run's report used its own --video-pool); "
                         "give --store STORE")
     rep = evaluate_run(run, store_dir, device=device, split=split, precision=precision, include_train=include_train,
-                       log=_warn, pool=pool, temperature=temperature)
+                       log=_warn, pool=pool, temperature=temperature, with_stores=with_stores)
     if as_json:
         out.print_json(json.dumps(rep))
         return
@@ -544,8 +559,12 @@ def predict(
     pool: Annotated[Optional[str], typer.Option(help=POOL_HELP, show_default="the run's --video-pool")] = None,
     temperature: Annotated[Optional[float], typer.Option(help=TEMPERATURE_HELP, show_default="the run's --pool-temperature")] = None,
     frame_scores: Annotated[Optional[Path], typer.Option(help="Also write every scored frame (or face) to this CSV: path, video, frame, face_index, score, label.")] = None,
+    with_stores: Annotated[Optional[list[Path]], typer.Option("--with", metavar="STORE", help=WITH_EVAL_HELP, show_default="none")] = None,
 ) -> None:
     """Score a store or images and videos with a trained run, using the threshold chosen at fit time.
+
+    IMAGES are embedded with every backbone the run used (one for most runs; each fused store's for a run
+    trained with --with); a --store of a fused run takes the other stores with --with.
 
     A video gets one row (path, n_frames, n_faces, score, pred, label): its frames' scores pooled by
     --pool; still images keep one row each. Images that cannot be read are listed with their reason in
@@ -557,6 +576,8 @@ def predict(
 
     if (images is None) == (store_dir is None):
         raise UserError("give either IMAGES (a folder or file) or --store STORE, not both")
+    if with_stores and store_dir is None:
+        raise UserError("--with adds stores to a --store; IMAGES are embedded with every backbone of the run by itself")
     check_writable_file(out_csv, "--out")
     if frame_scores is not None:
         check_writable_file(frame_scores, "--frame-scores")
@@ -573,7 +594,8 @@ def predict(
         from dfclip.runtime import without_stray_ranks
 
         with without_stray_ranks(_warn):  # a stray LOCAL_RANK would pick the GPU
-            df = predict_store(run, store_dir, device=device, precision=precision, log=_warn, **pooling)
+            df = predict_store(run, store_dir, device=device, precision=precision, log=_warn,
+                               with_stores=with_stores or [], **pooling)
     from dfclip.runtime import own_rank
 
     if own_rank().rank != 0:  # under torchrun every rank holds all the rows: rank 0 writes them
@@ -652,6 +674,7 @@ def sweep(
     halving: Annotated[bool, typer.Option("--halving", help="Successive halving: train all configs to --min-epochs, keep the best 1/eta by --select on val, go on at min_epochs x eta^k epochs up to --epochs. The leaderboard's stop_epoch says where each stopped; best/ is a full-length run. Under torchrun each rank halves its own slice.", rich_help_panel="Successive halving")] = False,
     eta: Annotated[Optional[int], typer.Option(help="With --halving: keep the best 1/eta at each rung (>= 2).", show_default="3", rich_help_panel="Successive halving")] = None,
     min_epochs: Annotated[Optional[int], typer.Option(help="With --halving: epochs of the first rung (1..--epochs).", show_default="1", rich_help_panel="Successive halving")] = None,
+    with_stores: Annotated[Optional[list[Path]], typer.Option("--with", metavar="STORE", help=WITH_HELP + " A --feature list compares backbones and their fusion on the same rows: --feature st_clip:proj,st_dino:proj,proj.", show_default="none")] = None,
     *,
     settings: dict,
 ) -> None:
@@ -672,7 +695,7 @@ def sweep(
     if rank_from_env().rank == 0:
         out.print(f"sweep {name}: {len(cfgs)} heads")
     out_dir, board = sweep_run(store_dir, cfgs, val_store=val_store, runs_dir=runs_dir, name=name, device=device,
-                               log=_say, progress=True, halving=halving,
+                               log=_say, progress=True, halving=halving, with_stores=with_stores or [],
                                **{k: v for k, v in (("eta", eta), ("min_epochs", min_epochs)) if v is not None})
     if board.height:
         from dfclip.heads.report import varying_columns

@@ -46,7 +46,8 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     """Score a folder of images and videos (or one file) with a trained run.
 
     The images are embedded exactly as the run's training store was (same model, weights,
-    preprocessing and feature, and the blocks of its --feature; embed.config.config_from_provenance), on `device` with
+    preprocessing and feature, and the blocks of its --feature; embed.config.config_from_provenance), once
+    per backbone for a run trained on fused stores (`dfhead fit A --with B`), on `device` with
     `workers` decode processes, and scored with the threshold chosen at fit time. `precision`
     (auto, fp32, bf16) is the head's (heads.precision); the backbone runs at the precision the
     run's store was embedded with.
@@ -104,21 +105,43 @@ def _predict_mine(run_dir, config: dict, images, device: str, workers: int, prog
     from dfclip import store
     from dfclip.embed.extract import extract_like
     from dfclip.heads.run import predict_store
-    from dfclip.store.format import feature_blocks
 
-    # Exactly the run's feature: the projected embedding always, plus the blocks it reads (if any).
-    blocks = feature_blocks(config["run"]["feature"])
     with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
-        summary = extract_like(config["provenance"], images, tmp, device=device, workers=workers, progress=progress,
-                               layers=blocks)
-        failures = store.open(summary["store"]).failures.select("path", "error", "message") if summary["failed"] else None
-        scores = predict_store(run_dir, summary["store"], device=device, precision=precision, log=log, **pooling) \
-            if summary["embedded"] else None
+        stores, failures, source = [], [], images
+        # One temporary store per backbone of the run (one for most runs; one per fused store otherwise),
+        # each holding exactly what the run's feature reads of it: the projected embedding plus its blocks.
+        for i, (provenance, blocks) in enumerate(_backbones(config)):
+            summary = extract_like(provenance, source, Path(tmp) / f"backbone{i}", device=device, workers=workers,
+                                   progress=progress, layers=blocks)
+            if i == 0 and Path(images).is_file() and (summary["embedded"] or summary["failed"]):
+                # One image is embedded through a folder linking it: the other backbones read that same folder,
+                # so the fused stores share one input root.
+                source = store.open(summary["store"]).provenance.get("input_root") or images
+            if summary["failed"]:
+                failures.append(store.open(summary["store"]).failures.select("path", "error", "message"))
+            stores.append(summary["store"] if summary["embedded"] else None)
+        failures = pl.concat(failures).unique("path", keep="first", maintain_order=True) if failures else None
+        scores = predict_store(run_dir, stores[0], device=device, precision=precision, log=log,
+                               with_stores=stores[1:], **pooling) if all(stores) else None
     if Path(images).is_file():  # one image: its own name, not that of the link it was embedded through
         name = pl.lit(Path(images).name)
         scores = scores.with_columns(path=name) if scores is not None else None
         failures = failures.with_columns(path=name) if failures is not None else None
     return scores, failures
+
+
+def _backbones(config: dict) -> list[tuple[dict, list[int]]]:
+    """(provenance, blocks to store) of each store a run was trained on, in its order: the run's own store,
+    or each of its fused stores (store.format.FUSION_KEY) with the blocks its feature reads of that store."""
+    from dfclip.store.format import FUSION_KEY, feature_blocks, fused_feature
+
+    feature = config["run"]["feature"]
+    members = config["provenance"].get(FUSION_KEY)
+    if not members:
+        return [(config["provenance"], feature_blocks(feature))]
+    pairs = fused_feature(feature, [m["name"] for m in members])
+    return [(m["provenance"], feature_blocks("+".join(p for j, p in pairs if j == i) or "proj"))
+            for i, m in enumerate(members)]
 
 
 def _join_frame_scores(path: str | os.PathLike, world: int) -> None:

@@ -54,7 +54,9 @@ class RunConfig:
     dropout: float = setting(0.335, "MLP dropout (the default is the reference's).")
     l2_normalize: bool = setting(False, "Unit-normalise embeddings first.")
     feature: str = setting("proj", "Stored feature to train on: proj (the store's embeddings), blockN (a block stored "
-                                   "with `dfembed extract --layers`), or a + list, concatenated: block8+block16.")
+                                   "with `dfembed extract --layers`), or a + list, concatenated: block8+block16. "
+                                   "With --with (fused stores) it applies to each store, or each part names its "
+                                   "store's folder: st_clip:proj+st_dino:block12.")
     # dfclip: L = CVaR_alpha(per-sample loss) + gamma * pairwise AUC loss (heads.losses.head_loss);
     # sp_cup:MODE: the reference's calculate_loss, literally (heads.losses.sp_cup_loss).
     objective: str = setting("dfclip", "dfclip: CVaR_alpha(--loss) + gamma * AUC(--auc-kind). sp_cup:MODE: the "

@@ -1,10 +1,10 @@
 """The data the trainer needs: train/val/holdout rows loaded once onto the device (`load_data`,
 `Data`), feature noise, the split rules and batches.
 
-Files are read only through dfclip.store (store.open / Store.load, in `load_data`); everything
-else is tensor and table logic. `meta` is a polars DataFrame with one row per embedding row, in
-the embedding array's order: path, label (Int8: 1 fake, 0 real, -1 unknown), source, split and
-group (Utf8; "" = none).
+Files are read only through dfclip.store (store.open / Store.load, in `load_data`, or store.fuse's view
+of several stores, which offers the same interface); everything else is tensor and table logic. `meta`
+is a polars DataFrame with one row per embedding row, in the embedding array's order: path, label
+(Int8: 1 fake, 0 real, -1 unknown), source, split and group (Utf8; "" = none).
 """
 
 from __future__ import annotations
@@ -348,15 +348,20 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
     Rows whose embeddings are not finite are dropped, with one warning line in Data.notes; rows whose
     image file is gone from the input folder are counted there too (missing_inputs_note).
     """
-    tr = store.open(train_store) if not isinstance(train_store, store.Store) else train_store
+    tr = train_store if store.is_view(train_store) else store.open(train_store)
     va, notes = None, []
     if val_store is not None:
-        va = store.open(val_store) if not isinstance(val_store, store.Store) else val_store
+        va = val_store if store.is_view(val_store) else store.open(val_store)
+        if isinstance(tr, store.FusedStore) or isinstance(va, store.FusedStore):
+            raise UserError("--val-store does not combine with --with (fused stores); mark validation rows "
+                            "split='val' in the stores, or let --val-frac split them")
         store.format.require_compatible(va.provenance, tr.provenance, what=f"--val-store {va.root}",
                                         fix="extract the train and validation stores with the same model")
         _check_val_store(tr, va, notes)
-    notes += [n for n in (missing_inputs_note(tr), missing_inputs_note(va) if va is not None else None) if n]
-    meta = tr.meta
+    meta = tr.meta  # a fused view joins its stores here, and sets its join_note
+    notes += [n for n in (tr.join_note, missing_inputs_note(tr), missing_inputs_note(va) if va is not None else None)
+              if n]
+    _check_layermix_widths(tr, cfg)
     parts = split_rows(meta, val_frac=cfg.val_frac, seed=cfg.split_seed, holdout_sources=cfg.holdout_sources,
                        has_val_store=va is not None)
 
@@ -404,6 +409,17 @@ def load_data(train_store, cfg, *, val_store=None, device: torch.device) -> Data
               "store_root": str(tr.root.resolve())}  # eval matches its stores against this
     return Data(x, y, val, holdout, tr.provenance, tr.feature_dim(cfg.feature), counts, notes, cfg.feature,
                 train_rows["path"])
+
+
+def _check_layermix_widths(s, cfg) -> None:
+    """The layermix head mixes its feature's parts by a weighted sum, so they need one width: one line if not
+    (say proj of two backbones of different widths)."""
+    if cfg.head != "layermix":
+        return
+    widths = s.part_widths(cfg.feature)
+    if len(set(widths)) > 1:
+        raise UserError(f"--head layermix sums the parts of --feature {cfg.feature}, but their widths differ "
+                        f"({', '.join(map(str, widths))}); mix parts of one width, or use --head mlp on the concatenation")
 
 
 def _labels(rows: pl.DataFrame, device: torch.device) -> torch.Tensor:

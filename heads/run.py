@@ -41,15 +41,19 @@ from dfclip.errors import UserError
 
 def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs_dir: str | os.PathLike = "runs",
         name: str | None = None, device: str = "auto", log: Callable[[str], None] = print,
-        progress: bool = False) -> Path:
+        progress: bool = False, with_stores: list[str | os.PathLike] = ()) -> Path:
     """Train one head and write its run directory; returns the directory.
+
+    with_stores: stores of the same images from other backbones (`--with`), fused with store_dir by path
+    (store.fused): the head trains on the concatenation of config.feature over every store, or on the
+    named parts ("A:proj+B:block12"); the run records every store's provenance.
 
     Refused before training: a --runs-dir that cannot be written, a head too big for memory.
     A head whose loss goes NaN or infinite is an error naming the epoch (nothing is written).
     """
     config = validate(config)
     check_writable_dir(runs_dir, "--runs-dir")
-    s, vs = _open_stores(store_dir, val_store)
+    s, vs = _open_stores(store_dir, val_store, with_stores)
     _check_memory([s] + ([vs] if vs is not None else []), [config], resolve_device(device))
     results, data = train(s, [config], val_store=vs, device=device, log=log, progress=progress)
     if results[0].diverged:
@@ -125,8 +129,10 @@ def _divergence_hint(cfg: RunConfig) -> str:
     return hint
 
 
-def _open_stores(store_dir, val_store) -> tuple[store.Store, store.Store | None]:
-    return store.open(store_dir), (store.open(val_store) if val_store is not None else None)
+def _open_stores(store_dir, val_store, with_stores=()) -> tuple[store.Store | store.FusedStore, store.Store | None]:
+    """The training store (fused with `with_stores`, if any) and the validation store."""
+    s = store.fuse([store_dir, *with_stores]) if with_stores else store.open(store_dir)
+    return s, (store.open(val_store) if val_store is not None else None)
 
 
 def _check_memory(stores: list[store.Store], cfgs: list[RunConfig], device: torch.device) -> None:
@@ -135,7 +141,10 @@ def _check_memory(stores: list[store.Store], cfgs: list[RunConfig], device: torc
     When even the largest head alone does not fit, the fix is a smaller head, not a smaller grid.
     """
     # load_data keeps the store's dtype on a GPU and converts to float32 on the CPU (data._to_device).
-    itemsize = 4 if device.type == "cpu" else np.dtype(stores[0].provenance.get("dtype", "float32")).itemsize
+    # Fused stores are read in the widest of their dtypes (store.fused.FusedStore.load).
+    members = stores[0].provenance.get(store.format.FUSION_KEY) or [{"provenance": stores[0].provenance}]
+    stored = max(np.dtype(m["provenance"].get("dtype", "float32")).itemsize for m in members)
+    itemsize = 4 if device.type == "cpu" else stored
     rows = sum(len(s) for s in stores)
     # One feature's rows are resident at a time: the widest one counts (the heads of every feature, to be safe).
     dim = max(stores[0].feature_dim(c.feature) for c in cfgs)
@@ -163,7 +172,7 @@ BARRIER_TIMEOUT = datetime.timedelta(days=2)
 def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None,
           runs_dir: str | os.PathLike = "runs", name: str = "sweep", device: str = "auto",
           log: Callable[[str], None] = print, progress: bool = False, halving: bool = False, eta: int = 3,
-          min_epochs: int = 1) -> tuple[Path, pl.DataFrame]:
+          min_epochs: int = 1, with_stores: list[str | os.PathLike] = ()) -> tuple[Path, pl.DataFrame]:
     """Train every config at once; write the leaderboard, a heatmap and the best run directory.
 
     Under torchrun each rank trains a disjoint slice of the grid (configs rank, rank+world, ...)
@@ -172,6 +181,8 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     stop_epoch says where each config stopped, and best/ is a full-length run. Under torchrun each
     rank halves its own slice (no communication per rung), so every rank brings at least one
     full-length run and the merged leaderboard ranks them; a single process ranks the whole grid.
+    with_stores: as in fit; configs of different features (e.g. A:proj, B:proj, A:proj+B:proj) then
+    compare backbones and their fusion on the same joined rows.
     """
     plan = Halving(eta, min_epochs) if halving else None
     if plan is not None:
@@ -184,7 +195,7 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
     mine = cfgs[rank::world]
     if mine:  # refused sweeps leave nothing behind: check before the first folder is made
         dev = resolve_device(device)
-        s, vs = _open_stores(store_dir, val_store)
+        s, vs = _open_stores(store_dir, val_store, with_stores)
         _check_memory([s] + ([vs] if vs is not None else []), mine, dev)
     parts.mkdir(parents=True, exist_ok=True)
     # Rows of an earlier sweep of this name (maybe with more ranks) must not leak into this leaderboard.
@@ -246,8 +257,11 @@ def sweep(store_dir: str | os.PathLike, cfgs: list[RunConfig], *, val_store=None
 def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None = None, *,
                  device: str = "auto", split: str | None = None, precision: str = "auto",
                  include_train: bool = False, log: Callable[[str], None] = print, pool: str | None = None,
-                 temperature: float | None = None) -> dict:
+                 temperature: float | None = None, with_stores: list[str | os.PathLike] = ()) -> dict:
     """Metrics of a trained run on a store (default: its validation numbers from report.json).
+
+    with_stores: for a run trained on fused stores, the stores of its other backbones, in the run's order
+    (`dfhead eval RUN --store A --with B`); see open_for_run.
 
     split: only the store's rows of this split (e.g. "test"); None = every labelled row.
     include_train: also score the rows the run trained on. By default they are left out (one note
@@ -268,8 +282,29 @@ def evaluate_run(run_dir: str | os.PathLike, store_dir: str | os.PathLike | None
         return json.loads((run_dir / "report.json").read_text())
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
-    return _evaluate_loaded(head, config, _trained_paths(run_dir), store.open(store_dir), dev, split, precision,
+    s = open_for_run(config, store_dir, with_stores)
+    return _evaluate_loaded(head, config, _trained_paths(run_dir), s, dev, split, precision,
                             include_train, log, pool=pool, temperature=temperature)
+
+
+def open_for_run(config: dict, store_dir: str | os.PathLike, with_stores: list[str | os.PathLike] = ()
+                 ) -> store.Store | store.FusedStore:
+    """The store a run scores: `store_dir`, fused with `with_stores` when the run was trained on fused stores.
+
+    A fused run needs as many stores as it fused, given in its order; each is named as the run named its
+    store, so its feature ("st_clip:proj+st_dino:proj") reads the same parts whatever the folders are called.
+    """
+    members = config["provenance"].get(store.format.FUSION_KEY) or []
+    names = [m["name"] for m in members]
+    if not with_stores and not members:
+        return store.open(store_dir)
+    if not members:
+        raise UserError(f"the run was trained on one store, so it scores one: drop --with "
+                        f"({', '.join(map(str, with_stores))})")
+    if len(with_stores) + 1 != len(members):
+        raise UserError(f"the run fuses {len(members)} stores ({', '.join(names)}): give the first as --store and the "
+                        f"others with --with, in that order (got {1 + len(with_stores)} stores)")
+    return store.fuse([store_dir, *with_stores], names=names)
 
 
 def _trained_paths(run_dir: Path) -> pl.Series | None:
@@ -325,6 +360,8 @@ def _evaluate_loaded(head, config: dict, trained: pl.Series | None, s: store.Sto
     """evaluate_run on a loaded run and an open store (a robustness table loads the run once)."""
     _check_same_model(config, s)
     rows = s.select(label=[0, 1], split=split)
+    if s.join_note is not None:
+        log(s.join_note)
     where = f" in split {split!r}" if split is not None else ""
     if rows.height == 0:
         raise UserError(f"store {s.root} has no labelled rows{where} to evaluate on; use `dfhead predict` for "
@@ -357,21 +394,22 @@ ROBUSTNESS_FILES = ("robustness.parquet", "robustness.png")
 def evaluate_stores(run_dir: str | os.PathLike, store_dirs: list[str | os.PathLike], *,
                     device: str = "auto", split: str | None = None, precision: str = "auto",
                     include_train: bool = False, write: bool = True,
-                    log: Callable[[str], None] = print) -> pl.DataFrame:
+                    log: Callable[[str], None] = print, with_stores: list[str | os.PathLike] = ()) -> pl.DataFrame:
     """A run's metrics on several labelled stores of its model: the robustness table.
 
     One row per store, in the order given: store (its folder name), perturb (from its
     provenance, "none" for a clean store), n, and AUC, AP, EER and accuracy at the run's
     threshold, over every labelled row (or those of `split`) but the rows the run trained on
     (include_train: as evaluate_run). write: also save it into the run directory
-    (write_robustness); returned.
+    (write_robustness); returned. with_stores: of a fused run, its other stores; every store of
+    `store_dirs` is fused with them (open_for_run).
     """
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
     trained = _trained_paths(Path(run_dir))
     rows = []
     for store_dir in store_dirs:
-        s = store.open(store_dir)
+        s = open_for_run(config, store_dir, with_stores)
         rep = _evaluate_loaded(head, config, trained, s, dev, split, precision, include_train, log)
         rows.append({"store": Path(store_dir).name, "perturb": s.provenance.get("perturb") or "none", "n": rep["n"],
                      **{k: rep.get(k) for k in ROBUSTNESS_METRICS}, "path": str(Path(store_dir).resolve())})
@@ -453,8 +491,12 @@ def _finite(x: np.ndarray, rows: pl.DataFrame, s: store.Store, log: Callable[[st
 
 def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto",
                   precision: str = "auto", log: Callable[[str], None] = print, pool: str | None = None,
-                  temperature: float | None = None, frame_scores: str | os.PathLike | None = None) -> pl.DataFrame:
+                  temperature: float | None = None, frame_scores: str | os.PathLike | None = None,
+                  with_stores: list[str | os.PathLike] = ()) -> pl.DataFrame:
     """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store.
+
+    with_stores: of a run trained on fused stores, its other backbones' stores (open_for_run); rows
+    held by some of the stores only get no score (one note through `log`).
 
     precision: of the head's hidden matmuls (heads.precision: auto, fp32 or bf16).
     Rows whose embeddings are NaN or inf get no score: they are left out, with one warning line through `log`.
@@ -465,8 +507,10 @@ def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, d
     dev = resolve_device(device)
     head, config = load_run(run_dir, dev)
     run_pooling(config, pool, temperature)  # refused before scoring, with or without videos
-    s = store.open(store_dir)
+    s = open_for_run(config, store_dir, with_stores)
     _check_same_model(config, s)
+    if s.join_note is not None:
+        log(s.join_note)
     x, rows = _finite(*s.load(feature=config["run"]["feature"]), s, log)
     scores = _scores(head, config, x, dev, precision)[0]
     scores = scores.cpu().numpy()

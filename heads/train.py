@@ -512,9 +512,11 @@ def train(data: Data | object, cfgs: list[RunConfig], *, val_store=None, device:
         if any(c.feature != data.feature for c in cfgs):
             raise ValueError(f"loaded Data holds feature {data.feature}; every config must use it")
     else:  # one open of each store: its metadata is read once, whatever the features
-        data = data if isinstance(data, store.Store) else store.open(data)
-        if val_store is not None and not isinstance(val_store, store.Store):
+        data = data if store.is_view(data) else store.open(data)
+        if val_store is not None and not store.is_view(val_store):
             val_store = store.open(val_store)
+        # Over fused stores every part names its store, as the run records it ("proj" -> "A:proj+B:proj").
+        cfgs = [dataclasses.replace(c, feature=data.expand_feature(c.feature)) for c in cfgs]
     by_feature: dict[str, list[int]] = {}
     for i, c in enumerate(cfgs):
         by_feature.setdefault(c.feature, []).append(i)

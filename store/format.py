@@ -110,6 +110,9 @@ MODEL_KEYS = ("model", "model_config", "pretrained", "feature", "dim", "preproce
 # (a head trained on a clean store is evaluated on a JPEG one; a run needs only its own blocks).
 STORE_KEYS = ("layers", "tap", "perturb", "video", "faces")
 IDENTITY_KEYS = MODEL_KEYS + STORE_KEYS
+# A run trained on fused stores (`dfhead fit A --with B`) records them in its provenance under this key: a list
+# of {"name", "provenance", "root"}, one per store, in order; the other keys are the first store's.
+FUSION_KEY = "fusion"
 # The value a key has in stores written before it existed.
 # A store written before videos were read took no frames, so any frame setting matches it: the defaults.
 _KEY_DEFAULTS = {"layers": [], "tap": "resid", "perturb": "", "video": {"frames": 32, "stride": None}, "faces": None}
@@ -179,6 +182,9 @@ def identity(provenance: dict, keys: tuple[str, ...] = IDENTITY_KEYS) -> str:
 
 def describe_identity(provenance: dict) -> str:
     """Short human form for error messages."""
+    if provenance.get(FUSION_KEY):
+        return "fused stores " + " and ".join(f"{m['name']} ({describe_identity(m['provenance'])})"
+                                              for m in provenance[FUSION_KEY])
     p = provenance.get("pretrained")
     if isinstance(p, dict):
         p = p.get("tag") or p.get("file") or (p.get("sha256") or "")[:12] or p.get("kind", "?")
@@ -208,7 +214,12 @@ def compatible(a: dict, b: dict) -> bool:
 
     Extracted stores must match in the model's identity (MODEL_KEYS; layers and perturbation may differ). An imported store (`declared: true`) only
     knows what the user declared, so it matches on model name, weights tag, feature and dim.
+    Fused stores (FUSION_KEY) match fused stores of as many compatible stores, in the same order.
     """
+    fa, fb = a.get(FUSION_KEY), b.get(FUSION_KEY)
+    if fa or fb:
+        return bool(fa) and bool(fb) and len(fa) == len(fb) and all(
+            compatible(x["provenance"], y["provenance"]) for x, y in zip(fa, fb))
     if a.get("declared") or b.get("declared"):
         keys = ("model", "feature", "dim")
         return all(a.get(k) == b.get(k) for k in keys) and weights_name(a) == weights_name(b)
@@ -268,13 +279,50 @@ def parse_layers(spec: str | None, n_blocks: int) -> list[int]:
 
 
 def feature_parts(spec: str) -> list[str]:
-    """A head's feature name -> the names it concatenates: "block8+proj" -> ["block8", "proj"] (UserError if bad)."""
+    """A head's feature name -> the names it concatenates: "block8+proj" -> ["block8", "proj"] (UserError if bad).
+
+    Over fused stores (`dfhead fit A --with B`) a part may name its store: "A:proj+B:block12"; then every
+    part must (an unnamed spec applies to each store: fused_feature)."""
     parts = [p.strip() for p in str(spec).split("+")]
-    bad = [p for p in parts if p != DEFAULT_FEATURE and not BLOCK_RE.match(p)]
-    if bad or len(set(parts)) != len(parts):
+    bases = [split_part(p)[1] for p in parts]
+    named = [split_part(p)[0] is not None for p in parts]
+    bad = [p for p, b in zip(parts, bases) if b != DEFAULT_FEATURE and not BLOCK_RE.match(b)]
+    if bad or len(set(parts)) != len(parts) or any(p.startswith(":") for p in parts):
         raise UserError(f"bad feature {spec!r}; use proj, blockN (a stored --layers block) or a + list of them "
-                        "without repeats, e.g. block8+block16")
+                        "without repeats, e.g. block8+block16 (with --with: STORE:proj+STORE:block12)")
+    if any(named) and not all(named):
+        raise UserError(f"bad feature {spec!r}: name the store of every part (e.g. A:proj+B:block12) or of none "
+                        "(then each part is read from every store)")
     return parts
+
+
+def split_part(part: str) -> tuple[str | None, str]:
+    """One feature part -> (store name or None, stored feature): "st_dino:block12" -> ("st_dino", "block12")."""
+    name, sep, base = part.strip().rpartition(":")
+    return (name, base) if sep else (None, base)
+
+
+def fused_feature(spec: str, names: list[str]) -> list[tuple[int, str]]:
+    """(store position, stored feature) of each part of `spec` over fused stores called `names`, in order.
+
+    An unnamed spec ("proj", "block4+block8") is read from every store in turn (A:proj+B:proj); a named
+    one names stores as they are called (their folder names in `dfhead fit`, the run's names later)."""
+    parts = feature_parts(spec)
+    if split_part(parts[0])[0] is None:
+        return [(i, p) for i in range(len(names)) for p in parts]
+    out = []
+    for p in parts:
+        name, base = split_part(p)
+        if name not in names:
+            raise UserError(f"feature {spec!r} names store {name!r}, but the fused stores are {', '.join(names)}; "
+                            "name a part STORE:FEATURE after one of them")
+        out.append((names.index(name), base))
+    return out
+
+
+def fused_spec(pairs: list[tuple[int, str]], names: list[str]) -> str:
+    """fused_feature's inverse: the named spelling, "st_clip:proj+st_dino:proj"."""
+    return "+".join(f"{names[i]}:{p}" for i, p in pairs)
 
 
 def feature_dataset(part: str) -> str:
@@ -288,7 +336,13 @@ def stored_features(provenance: dict) -> list[str]:
 
 
 def feature_width(provenance: dict, spec: str) -> int | None:
-    """Columns of feature `spec` in a store of `provenance` (None when the provenance does not say)."""
+    """Columns of feature `spec` in a store of `provenance` (None when the provenance does not say).
+    A fused provenance ("fusion": its stores' names and provenances) sums its stores' parts."""
+    if provenance.get(FUSION_KEY):
+        members = provenance[FUSION_KEY]
+        parts = [feature_width(members[i]["provenance"], p)
+                 for i, p in fused_feature(spec, [m["name"] for m in members])]
+        return sum(parts) if all(isinstance(w, int) for w in parts) else None
     widths = {DEFAULT_FEATURE: provenance.get("dim"), **{f"block{b}": provenance.get("layer_width")
                                                          for b in provenance.get("layers") or []}}
     parts = [widths.get(p) for p in feature_parts(spec)]
@@ -296,8 +350,9 @@ def feature_width(provenance: dict, spec: str) -> int | None:
 
 
 def feature_blocks(spec: str) -> list[int]:
-    """The block numbers a feature needs: "block8+proj" -> [8]."""
-    return [int(BLOCK_RE.match(p).group(1)) for p in feature_parts(spec) if p != DEFAULT_FEATURE]
+    """The block numbers a feature needs: "block8+proj" -> [8] (a named part counts by its stored feature)."""
+    bases = [split_part(p)[1] for p in feature_parts(spec)]
+    return [int(BLOCK_RE.match(b).group(1)) for b in bases if b != DEFAULT_FEATURE]
 
 
 def parse_column_map(items: list[str]) -> dict[str, str]:

@@ -379,6 +379,17 @@ class Store:
         """Feature names this store holds, for `load(feature=...)`: "proj" and "block{i}" per stored layer."""
         return fmt.stored_features(self.provenance)
 
+    # Set by a fused view (store.fused.FusedStore) to its one line on rows left out; a store leaves none out.
+    join_note: str | None = None
+
+    def expand_feature(self, spec: str) -> str:
+        """The spelling of `spec` a run records: as given for one store (a FusedStore names each part's store)."""
+        return spec
+
+    def part_widths(self, feature: str = fmt.DEFAULT_FEATURE) -> list[int]:
+        """The width of each part of `feature`, in order (a layer mix needs them equal)."""
+        return [self.feature_dim(p) for p in self._check_feature(feature)]
+
     def feature_dim(self, feature: str = fmt.DEFAULT_FEATURE) -> int:
         """Columns of `feature` ("proj", "block16", "block8+block16": the sum of its parts)."""
         self._check_feature(feature)
@@ -387,6 +398,9 @@ class Store:
     def _check_feature(self, feature: str) -> list[str]:
         parts = fmt.feature_parts(feature)
         missing = [p for p in parts if p not in self.features]
+        if missing and fmt.split_part(parts[0])[0] is not None:
+            raise UserError(f"feature {feature!r} names stores, but {self.root} is one store; give the others with "
+                            "--with, or use an unnamed feature such as proj")
         if missing:
             raise UserError(f"store {self.root} has no feature {', '.join(missing)} (it holds {', '.join(self.features)}); "
                             f"extract it with `dfembed extract --layers ...` into another store, or pick a stored one")
