@@ -29,6 +29,7 @@ CASES = {
                                     dict(schedule="sp_cup", lr=3e-3, min_lr=1e-4, drop_last=False, epochs=4)],
     "linear-asam-l2": [dict(head="linear", sam_rho=0.05, sam_adaptive=True, l2_normalize=True)],
     "balanced-vs": [dict(balanced=True, fake_rate=0.5, loss="vs", auc_gamma=0.5, feature_noise=True)],
+    "sp_cup-objective": [dict(objective="sp_cup:vs_cvar_auc", cvar_alpha=0.5, auc_gamma=0.5, sam_rho=0.05)],
 }
 
 
