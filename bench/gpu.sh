@@ -174,8 +174,8 @@ for name in ("extract", "graphs", "fit", "sweep_ratio", "sweep_full"):
         missing += 1
         continue
     data = json.loads(f.read_text())
-    rows = data.get("rows") or data.get("results") or [data]
-    for r in rows if isinstance(rows, list) else [rows]:
+    rows = next((data[k] for k in ("results", "rows") if isinstance(data.get(k), list)), [data])
+    for r in rows:
         print(f"{name:12s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in r.items() if not isinstance(v, (dict, list))))
 sys.exit(1 if missing else 0)
