@@ -28,9 +28,9 @@ DRY=0 PLAN=0
 [ "${1:-}" = "--plan" ] && PLAN=1  # print the stages and their limits, run nothing
 export PYTHONUNBUFFERED=1
 
-# Stage limits, seconds, for the GPU run. Each is an estimate from the CPU rehearsal (python 3.12,
-# torch 2.11, `--dry-run` and each stage at small sizes), scaled to the GPU sizes, assuming every head
-# op is a kernel launch of at most 8 us (eager steps: the limits hold even when CUDA graphs are off).
+# Stage limits, seconds, for the GPU run. Each is an estimate from runs on a 2-core CPU (`--dry-run` and
+# each stage at small sizes), scaled to the GPU sizes, assuming every head op is a kernel launch of at
+# most 8 us (eager steps: the limits hold even when CUDA graphs are off).
 # Ops per training step (torch.profiler on the GPU code path): fit bf16 258, fit bf16 + SAM 494,
 # fit with SAM in fp32 or bf16 (the AUC comparison) 577, sweep K=24 MLP 282, sweep K=24 linear 112.
 # An epoch of 1M rows = 800k train rows / batch 256 = 3125 steps. Loading 1M x 768 rows: 200k rows
