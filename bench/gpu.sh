@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared benchmark run on a machine with one NVIDIA GPU, in one command, under 9 minutes.
-# Stage limits add up to 480 s (see LIMITS below); every stage writes its JSON under $OUT as soon as its
+# Stage limits add up to 480 s (see LIMIT below); every stage writes its JSON under $OUT as soon as its
 # main figure exists, and everything is logged to $OUT/gpu.log.
 #
 # On a GPU machine with python 3.12 + torch but no network: first, on a machine with network,
