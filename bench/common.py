@@ -159,7 +159,8 @@ def _top_level_ops(events) -> tuple[int, int]:
 
 def ops_per_step(data, cfg, steps: tuple[int, int] = (3, 6)) -> dict:
     """Ops per training step of heads.train.train on `data` with `cfg` (one epoch of steps[0], then of
-    steps[1] batches; the difference / extra steps is one step, so validation and setup cancel out)."""
+    steps[1] batches; the difference / extra steps is one step, so validation and setup cancel out).
+    Counted on eager steps: a CUDA-graph step replays these ops with one launch."""
     import dataclasses
 
     from torch.profiler import ProfilerActivity, profile
@@ -171,7 +172,7 @@ def ops_per_step(data, cfg, steps: tuple[int, int] = (3, 6)) -> dict:
         rows = n * cfg.batch_size
         part = dataclasses.replace(data, x=data.x[:rows], y=data.y[:rows])
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            train(part, [dataclasses.replace(cfg, epochs=1, warmup_epochs=0.0)], log=lambda line: None)
+            train(part, [dataclasses.replace(cfg, epochs=1, warmup_epochs=0.0, cuda_graphs="off")], log=lambda line: None)
         counts.append(_top_level_ops(prof.events()))
     extra = steps[1] - steps[0]
     return {"step": (counts[1][0] - counts[0][0]) / extra, "optimizer_and_sam": (counts[1][1] - counts[0][1]) / extra}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared benchmark run on a machine with one NVIDIA GPU, in one command, under 9 minutes.
-# Stage limits add up to 480 s (see LIMITS below); every stage writes its JSON under $OUT as soon as its
+# Stage limits add up to 480 s (see LIMIT below); every stage writes its JSON under $OUT as soon as its
 # main figure exists, and everything is logged to $OUT/gpu.log.
 #
 # On a GPU machine with python 3.12 + torch but no network: first, on a machine with network,
@@ -28,9 +28,9 @@ DRY=0 PLAN=0
 [ "${1:-}" = "--plan" ] && PLAN=1  # print the stages and their limits, run nothing
 export PYTHONUNBUFFERED=1
 
-# Stage limits, seconds, for the GPU run. Each is an estimate from the CPU rehearsal (python 3.12,
-# torch 2.11, `--dry-run` and each stage at small sizes), scaled to the GPU sizes, assuming every head
-# op is a kernel launch of at most 8 us (eager steps: the limits hold even when CUDA graphs are off).
+# Stage limits, seconds, for the GPU run. Each is an estimate from runs on a 2-core CPU (`--dry-run` and
+# each stage at small sizes), scaled to the GPU sizes, assuming every head op is a kernel launch of at
+# most 8 us (eager steps: the limits hold even when CUDA graphs are off).
 # Ops per training step (torch.profiler on the GPU code path): fit bf16 258, fit bf16 + SAM 494,
 # fit with SAM in fp32 or bf16 (the AUC comparison) 577, sweep K=24 MLP 282, sweep K=24 linear 112.
 # An epoch of 1M rows = 800k train rows / batch 256 = 3125 steps. Loading 1M x 768 rows: 200k rows
@@ -174,8 +174,8 @@ for name in ("extract", "graphs", "fit", "sweep_ratio", "sweep_full"):
         missing += 1
         continue
     data = json.loads(f.read_text())
-    rows = data.get("rows") or data.get("results") or [data]
-    for r in rows if isinstance(rows, list) else [rows]:
+    rows = next((data[k] for k in ("results", "rows") if isinstance(data.get(k), list)), [data])
+    for r in rows:
         print(f"{name:12s} " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in r.items() if not isinstance(v, (dict, list))))
 sys.exit(1 if missing else 0)

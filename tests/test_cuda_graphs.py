@@ -29,6 +29,7 @@ CASES = {
                                     dict(schedule="sp_cup", lr=3e-3, min_lr=1e-4, drop_last=False, epochs=4)],
     "linear-asam-l2": [dict(head="linear", sam_rho=0.05, sam_adaptive=True, l2_normalize=True)],
     "balanced-vs": [dict(balanced=True, fake_rate=0.5, loss="vs", auc_gamma=0.5, feature_noise=True)],
+    "sp_cup-objective": [dict(objective="sp_cup:vs_cvar_auc", cvar_alpha=0.5, auc_gamma=0.5, sam_rho=0.05)],
 }
 
 
@@ -173,3 +174,36 @@ def test_a_cuda_graphed_fit_is_the_eager_fit_on_a_gpu(small_store, precision):
     assert not [line for line in lines if "CUDA graphs" in line]
     _assert_same(graphed, eager, exact=False)
     assert abs(graphed[0].reports["val"]["auc"] - eager[0].reports["val"]["auc"]) <= 2e-3
+
+
+@pytest.mark.parametrize("per_model", [False, True])
+def test_adamw_device_step_is_the_host_step(per_model):
+    """BatchedAdamW.device_step (device step count, tensor lr) updates exactly as step() with host floats."""
+    from dfclip.heads.optim import BatchedAdamW
+
+    torch.manual_seed(0)
+    init = [torch.randn(3, 4, 5), torch.randn(3, 5)]
+    lr, wd = torch.tensor([1e-2, 3e-3, 1e-2]), torch.tensor([1e-4, 1e-4, 0.0])
+    sides = []
+    for device_side in (False, True):
+        params = [p.clone().requires_grad_() for p in init]
+        opt = BatchedAdamW(params, lr=lr, weight_decay=wd)
+        if device_side:
+            opt.begin_device_steps()
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            scale = [0.5 + 0.1 * step, 0.3, 0.5 + 0.1 * step] if per_model else 0.5 + 0.1 * step
+            if device_side:
+                opt.step(lr_scale=torch.tensor(scale, dtype=torch.float64), on_device=True)
+                opt.advance_host_steps(1)
+            else:
+                opt.step(lr_scale=scale)
+        sides.append((params, opt))
+    (host, host_opt), (dev, dev_opt) = sides
+    for a, b in zip(host, dev):
+        assert torch.equal(a, b)
+    assert [s["step"] for s in dev_opt.state.values()] == [s["step"] for s in host_opt.state.values()] == [4, 4]
+    opt_dict = dev_opt.state_dict()  # host counts and moments survive a round trip after device steps
+    assert all(s["step"] == 4 for s in opt_dict["state"].values())
