@@ -42,7 +42,8 @@ def remove_dead_temps() -> list[Path]:
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",
                    workers: int = 2, progress: bool = True, failures_csv: str | os.PathLike | None = None,
                    precision: str = "auto", log: Callable[[str], None] = print, pool: str | None = None,
-                   temperature: float | None = None, frame_scores: str | os.PathLike | None = None) -> pl.DataFrame:
+                   temperature: float | None = None, frame_scores: str | os.PathLike | None = None,
+                   score_means: str = "fake") -> pl.DataFrame:
     """Score a folder of images and videos (or one file) with a trained run.
 
     The images are embedded exactly as the run's training store was (same model, weights,
@@ -50,9 +51,9 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     `workers` decode processes, and scored with the threshold chosen at fit time. `precision`
     (auto, fp32, bf16) is the head's (heads.precision); the backbone runs at the precision the
     run's store was embedded with.
-    Returns path (relative to `images`; the file name for one image), score (probability of
-    fake), pred (1 fake, 0 real) and label (from real/fake folder names, -1 when none), sorted by
-    path. Images that cannot be read get no row: they are written with their reason to
+    Returns path (relative to `images`; the file name for one image), score (the run's calibrated
+    probability of fake; score_means="real": score_real = 1 - that), pred (1 fake, 0 real) and label
+    (from real/fake folder names, -1 when none), sorted by path. Images that cannot be read get no row: they are written with their reason to
     `failures_csv` (path, error, message) when given. Raises UserError when the run cannot
     rebuild its backbone (e.g. imported embeddings) or when no image could be read.
     Videos among the inputs are scored frame by frame and come back as one row per video (path,
@@ -71,7 +72,7 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
 
     config = load_run_config(run_dir)
     run_pooling(config, pool, temperature)  # a bad --pool is refused before anything is embedded
-    pooling = {"pool": pool, "temperature": temperature}
+    pooling = {"pool": pool, "temperature": temperature, "score_means": score_means}
     remove_dead_temps()
     with without_stray_ranks(log) as me:
         scores, failures, error = None, None, None

@@ -5,6 +5,7 @@
     runs/<name>/metrics.parquet  one row per epoch
     runs/<name>/report.json      val and held-out-source metrics of the selected epoch
     runs/<name>/roc_pr.png       ROC and PR curves of val (and held-out sources)
+    runs/<name>/reliability.png  reliability diagram of val (and held-out sources), raw and calibrated
     runs/<name>/train_rows.parquet  the path of every row it trained on (eval leaves them out)
 
 A run folder is written aside and swapped in whole (`replacing_dir`), so it only ever holds the
@@ -30,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dfclip.heads import metrics
+from dfclip.heads.calibration import Calibration, calibration_problems, plot_reliability
 from dfclip.heads.config import RunConfig, config_from_dict
 from dfclip.heads.models import Head, head_from_config
 from dfclip.errors import UserError
@@ -38,6 +40,7 @@ from dfclip.store.format import feature_width
 
 RUN_FORMAT = "dfclip-run/1"
 TRAIN_ROWS_FILE = "train_rows.parquet"
+RELIABILITY_FILE = "reliability.png"
 # .NAME.new-PID-TAG: a folder being written; .NAME.old-PID-TAG: the folder it replaces, mid-swap.
 _STAGE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -180,14 +183,30 @@ def _write_run(result, folder: Path, name: str, provenance: dict, counts: dict, 
         "format": RUN_FORMAT, "run": result.config.to_dict(), "head": head.config, "threshold": result.threshold,
         "best_epoch": result.best_epoch, "data": counts, "provenance": provenance,
     }
+    if result.calibration is not None:  # predict's P(fake) = calibrated score; decisions stay on the raw one
+        config["calibration"] = result.calibration.to_dict()
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     result.history.write_parquet(folder / "metrics.parquet")
     report = {"best_epoch": result.best_epoch, "threshold": result.threshold, "seconds": result.seconds, **result.reports}
+    if result.calibration is not None:
+        report["calibration"] = result.calibration.to_dict()
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     if train_paths is not None:
         pl.DataFrame({"path": train_paths}, schema={"path": pl.Utf8}).write_parquet(folder / TRAIN_ROWS_FILE)
     if result.scores:
         plot_roc_pr(result.scores, folder / "roc_pr.png", title=name)
+        plot_reliability(_reliability_curves(result.scores, result.calibration), folder / RELIABILITY_FILE,
+                         title=f"{name}: reliability")
+
+
+def _reliability_curves(scores: dict, cal: Calibration | None) -> dict:
+    """{label: (probabilities, labels)} of the reliability diagram: each set raw and, when fitted, calibrated."""
+    curves = {}
+    for name, (p, y) in scores.items():
+        curves[f"{name} raw"] = (p, y)
+        if cal is not None and cal.method != "none":
+            curves[f"{name} {cal.method}"] = (cal.from_probabilities(p), y)
+    return curves
 
 
 def load_run_config(run_dir: str | os.PathLike) -> dict:
@@ -236,6 +255,8 @@ def _run_config_problems(config: dict, weights: Path) -> list[str]:
         problems.append(f'"threshold" must be a probability in [0, 1], got {t!r}')
     if not isinstance(config["provenance"], dict):
         problems.append(f'"provenance" must be an object, got {config["provenance"]!r}')
+    if "calibration" in config:
+        problems += [f'"calibration": {p}' for p in calibration_problems(config["calibration"])]
     head = config["head"]
     feature = config["run"].get("feature", "proj") if isinstance(config["run"], dict) else "proj"
     head_problems = _head_problems(head, config["provenance"] if isinstance(config["provenance"], dict) else {}, feature)
