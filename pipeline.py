@@ -17,6 +17,7 @@ from pathlib import Path
 
 from typing import Callable
 
+import numpy as np
 import polars as pl
 
 from dfclip.errors import UserError
@@ -44,7 +45,7 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
                    precision: str = "auto", log: Callable[[str], None] = print, pool: str | None = None,
                    temperature: float | None = None, frame_scores: str | os.PathLike | None = None,
                    score_means: str = "fake") -> pl.DataFrame:
-    """Score a folder of images and videos (or one file) with a trained run.
+    """Score a folder of images and videos (or one file) with a trained run (a run folder or a `dfhead export` file).
 
     The images are embedded exactly as the run's training store was (same model, weights,
     preprocessing and feature, and the blocks of its --feature; embed.config.config_from_provenance), on `device` with
@@ -66,12 +67,14 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     ranks exchange their rows (gloo), every rank returns all of them, and rank 0 alone writes
     `failures_csv`.
     """
+    from dfclip.heads.calibration import as_score_means
     from dfclip.heads.report import load_run_config
     from dfclip.heads.run import run_pooling
     from dfclip.runtime import without_stray_ranks
 
     config = load_run_config(run_dir)
     run_pooling(config, pool, temperature)  # a bad --pool is refused before anything is embedded
+    as_score_means(np.zeros(0), score_means)  # and so is a bad --score-means
     pooling = {"pool": pool, "temperature": temperature, "score_means": score_means}
     remove_dead_temps()
     with without_stray_ranks(log) as me:

@@ -253,7 +253,8 @@ def plot_reliability(curves: dict, path: Path, *, title: str = "", bins: int = E
         centres = (t["edges"][:-1] + t["edges"][1:]) / 2
         ax_n.step(centres, t["count"], where="mid", label=name)
     ax.set(ylabel="fraction fake", title=title or "reliability", xlim=(0, 1), ylim=(0, 1))
-    ax_n.set(xlabel="predicted P(fake)", ylabel="rows per bin", yscale="symlog")
+    ax_n.set(xlabel="predicted P(fake)", ylabel="rows per bin", yscale="log")
+    ax_n.set_ylim(bottom=0.8)  # an empty bin sits below the axis
     for a in (ax, ax_n):
         a.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
