@@ -78,10 +78,11 @@ class Calibration:
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-z)) in float64 without overflow warnings; increasing, so a threshold keeps its rows."""
+    """1 / (1 + exp(-z)) in float64, never overflowing (exp of -|z| only; 0 and 1 at -inf and inf);
+    increasing, so a threshold keeps its rows."""
     z = np.asarray(z, dtype=np.float64)
-    with np.errstate(over="ignore"):
-        return np.where(z >= 0, 1.0 / (1.0 + np.exp(-z)), np.exp(z) / (1.0 + np.exp(z)))
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def logit(p: np.ndarray) -> np.ndarray:
