@@ -70,8 +70,7 @@ class Calibration:
         """Calibrated P(fake) (float64) of raw probabilities p = sigmoid(z): exact for 0 and 1 (logit +-inf)."""
         if self.method == "none":
             return np.asarray(p, dtype=np.float64)
-        with np.errstate(divide="ignore"):
-            return self.from_logits(logit(p))
+        return self.from_logits(logit(p))
 
     def to_dict(self) -> dict:
         return asdict(self) | {"temperature": self.temperature}
@@ -88,7 +87,8 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 def logit(p: np.ndarray) -> np.ndarray:
     """log(p / (1 - p)) in float64 (+-inf at 1 and 0)."""
     p = np.asarray(p, dtype=np.float64)
-    return np.log(p) - np.log1p(-p)
+    with np.errstate(divide="ignore"):
+        return np.log(p) - np.log1p(-p)
 
 
 def calibration_from_config(config: dict) -> Calibration:
