@@ -85,7 +85,8 @@ def approx_tree(a, b, tol=1e-4, path="") -> None:
 def test_fit_learns_the_signal_and_writes_every_artifact(stores, fitted):
     run_dir, cfg = fitted
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "head.safetensors", "metrics.parquet",
-                                                         "report.json", "roc_pr.png", "train_rows.parquet"]
+                                                         "reliability.png", "report.json", "roc_pr.png",
+                                                         "train_rows.parquet"]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["val"]["auc"] >= 0.95
 
