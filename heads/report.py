@@ -1,6 +1,6 @@
 """Run directories: writing and reading them, plots, the sweep leaderboard, the progress bar.
 
-    runs/<name>/config.json      every setting, the head architecture, threshold, store provenance
+    runs/<name>/config.json      every setting, the head architecture, threshold, calibration, store provenance
     runs/<name>/head.safetensors the head weights (K = 1; no pickled code)
     runs/<name>/metrics.parquet  one row per epoch
     runs/<name>/report.json      val and held-out-source metrics of the selected epoch

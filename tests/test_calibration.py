@@ -215,3 +215,23 @@ def test_fit_reports_the_test_split_at_the_threshold(tmp_path):
     by_eval = R.evaluate_run(run, st, split="test", device="cpu", **QUIET)
     assert rep["test"]["fpr@threshold"] == by_eval["fpr@threshold"] and rep["test"]["tpr@threshold"] == by_eval["tpr@threshold"]
     assert rep["test"]["calibration"] == by_eval["calibration"]
+
+
+def test_cli_predict_score_means_real_and_the_fit_summary(runs, dfhead, tmp_path):
+    out = tmp_path / "s.csv"
+    code, stdout, err = dfhead("predict", runs["temperature"], "--store", runs["store"], "--out", out, "--device", "cpu",
+                               "--score-means", "real")
+    assert code == 0, err
+    assert "score_real column is 1 - P(fake)" in " ".join(stdout.split())  # rich wraps lines
+    table = pl.read_csv(out)
+    assert table.columns == ["path", "score_real", "pred", "label"]
+    by_api = R.predict_store(runs["temperature"], runs["store"], device="cpu")
+    np.testing.assert_allclose(table["score_real"].to_numpy(), 1 - by_api["score"].to_numpy(), rtol=1e-12)
+    code, _, err = dfhead("predict", runs["temperature"], "--store", runs["store"], "--out", out, "--device", "cpu",
+                          "--score-means", "maybe")
+    assert code == 2 and "--score-means must be fake or real" in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = dfhead("eval", runs["temperature"], "--store", runs["store"], "--device", "cpu",
+                               "--include-train")
+    assert code == 0, err
+    stdout = " ".join(stdout.split())
+    assert "raw," in stdout and "calibrated (temperature)" in stdout and "fpr@threshold" in stdout
