@@ -71,7 +71,11 @@ def _add_test_report(run_dir: Path, s: store.Store, device: str, log: Callable[[
     "test", so the threshold's FPR and TPR and the calibration are shown on unseen rows; nothing without such rows."""
     if s.select(label=[0, 1], split="test").height == 0:
         return
-    rep = evaluate_run(run_dir, s.root, device=device, split="test", log=log)
+    try:
+        rep = evaluate_run(run_dir, s.root, device=device, split="test", log=log)
+    except UserError as e:  # e.g. every test row's embedding is NaN: the run is saved, the test report is not
+        log(f"warning: no test report ({e})")
+        return
     path = run_dir / "report.json"
     report = json.loads(path.read_text()) | {"test": rep}
     tmp = path.with_name(f".report.json.tmp{os.getpid()}")
