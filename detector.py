@@ -82,7 +82,10 @@ class Detector:
         items = [images] if not isinstance(images, Sequence) else list(images)
         if not items:
             raise UserError("no images given")
-        with tempfile.TemporaryDirectory(prefix="dfclip-detector-") as tmp:
+        from dfclip.pipeline import TEMP_PREFIX
+
+        # Named as predict's temporary stores, so a killed call's folder is removed by the next predict.
+        with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
             names = _gather(items, Path(tmp))
             table = predict_images(self.path, tmp, **run)
         order = {link: i for i, link in enumerate(names)}
