@@ -122,8 +122,9 @@ def calibration_problems(c) -> list[str]:
 def _nll_and_derivatives(z: np.ndarray, y: np.ndarray, a: float, b: float) -> tuple[float, np.ndarray, np.ndarray]:
     """Mean NLL of sigmoid(a z + b), its gradient and Hessian in (a, b)."""
     u = a * z + b
-    nll = float(np.mean(np.logaddexp(0.0, u) - y * u))
-    p = sigmoid(u)
+    e = np.exp(-np.abs(u))  # one exp serves both: log(1 + e^u) = max(u, 0) + log1p(e), and sigmoid(u)
+    nll = float(np.mean(np.maximum(u, 0.0) + np.log1p(e) - y * u))
+    p = np.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     r, w = p - y, p * (1 - p)
     grad = np.array([np.mean(r * z), np.mean(r)])
     hess = np.array([[np.mean(w * z * z), np.mean(w * z)], [np.mean(w * z), np.mean(w)]])
@@ -131,24 +132,27 @@ def _nll_and_derivatives(z: np.ndarray, y: np.ndarray, a: float, b: float) -> tu
 
 
 def _newton(z: np.ndarray, y: np.ndarray, intercept: bool, steps: int = 100) -> tuple[float, float]:
-    """(a, b) minimising the mean NLL, a in [A_MIN, A_MAX] (b = 0 without intercept): damped, projected Newton."""
+    """(a, b) minimising the mean NLL, a in [A_MIN, A_MAX] (b = 0 without intercept): Newton steps, halved
+    until they stay inside the bounds and do not raise the NLL."""
     a, b = 1.0, 0.0
     free = [0, 1] if intercept else [0]
     nll, grad, hess = _nll_and_derivatives(z, y, a, b)
     for _ in range(steps):
         g, h = grad[free], hess[np.ix_(free, free)] + 1e-12 * np.eye(len(free))
+        if np.abs(g).max() < 1e-12:  # at the minimum (a mean gradient is exact to about 1e-16 here)
+            break
         step = np.linalg.solve(h, g)
         t = 1.0
-        while t > 1e-10:  # halve the step until the NLL does not rise (the bounds may cut it)
-            new = np.array([a, b])
-            new[free] -= t * step
-            na, nb = float(np.clip(new[0], A_MIN, A_MAX)), float(np.clip(new[1], -B_MAX, B_MAX))
-            n_nll, n_grad, n_hess = _nll_and_derivatives(z, y, na, nb)
-            if n_nll <= nll:
-                break
+        while t > 1e-10:  # halve the step until it stays inside the bounds and the NLL does not rise
+            na, nb = np.array([a, b]) - t * np.array([step[0], step[1] if intercept else 0.0])
+            if A_MIN <= na <= A_MAX and -B_MAX <= nb <= B_MAX:
+                n_nll, n_grad, n_hess = _nll_and_derivatives(z, y, float(na), float(nb))
+                if n_nll <= nll:
+                    break
             t /= 2
         else:
             break
+        na, nb = float(na), float(nb)
         moved = abs(na - a) + abs(nb - b)
         a, b, nll, grad, hess = na, nb, n_nll, n_grad, n_hess
         if moved < 1e-12 * (1 + abs(a) + abs(b)):
