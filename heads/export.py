@@ -23,7 +23,6 @@ from pathlib import Path
 from dfclip.errors import UserError
 
 EXPORT_FORMAT = "dfclip-detector/1"
-EXPORT_SUFFIX = ".dfclip"
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
