@@ -451,12 +451,17 @@ def _print_report(run_dir: Path) -> None:
     for c in cols:
         t.add_column(c, justify="right")
     fmt = lambda v: "-" if v is None else (str(v) if isinstance(v, int) else f"{v:.4f}")
-    for name in ("val", "holdout"):
+    for name in ("val", "holdout", "test"):
         if rep.get(name):
             t.add_row(name, *(fmt(rep[name].get(c)) for c in cols))
             if rep[name].get("video"):
                 t.add_row(f"{name} video", *(fmt(rep[name]["video"].get(c)) for c in cols))
     out.print(t)
+    rates = [f"{name} FPR {fmt(rep[name]['fpr@threshold'])} TPR {fmt(rep[name]['tpr@threshold'])}"
+             for name in ("val", "holdout", "test") if "fpr@threshold" in (rep.get(name) or {})]
+    if rates:
+        out.print(f"at threshold {rep['threshold']:.4g}: " + "; ".join(rates), highlight=False)
+    _print_calibration(rep, fmt)
     pooled = {_pooling(rep[name]["video"]) for name in ("val", "holdout") if (rep.get(name) or {}).get("video")}
     if pooled:  # one pooling per run
         out.print(f"video rows: one score per video, its frames' scores pooled by {pooled.pop()}", highlight=False)
@@ -465,6 +470,23 @@ def _print_report(run_dir: Path) -> None:
         if ps:
             out.print(f"{name} per source: " + ", ".join(
                 f"{s or '(none)'} auc={fmt(v['auc'])} acc={fmt(v['acc'])} n={v['n']}" for s, v in ps.items()))
+
+
+def _print_calibration(rep: dict, fmt) -> None:
+    """ECE, NLL and Brier of each set, raw -> calibrated, and the fitted map (report.json "calibration")."""
+    cal = rep.get("calibration")
+    if not cal:
+        return
+    how = {"temperature": f"temperature T={cal['temperature']:.4g}", "none": "none (scores as trained)",
+           "platt": f"platt a={cal['a']:.4g} b={cal['b']:.4g}"}[cal["method"]]
+    threshold = f", threshold {cal['threshold']:.4g} in the calibrated scale" if cal.get("threshold") is not None else ""
+    out.print(f"calibration (fitted on val): {how}{threshold}", highlight=False)
+    for name in ("val", "holdout", "test"):
+        c = (rep.get(name) or {}).get("calibration")
+        if c:
+            out.print(f"  {name}: " + ", ".join(f"{k.upper() if k != 'brier' else 'Brier'} {fmt(c['before'][k])} -> "
+                                               f"{fmt(c['after'][k])}" for k in ("ece", "nll", "brier")),
+                      highlight=False)
 
 
 def _pooling(video: dict) -> str:
@@ -541,6 +563,11 @@ def eval_(
             out.print(f"{k:>16}  {show(v)}")
     for s, v in (rep.get("per_source") or {}).items():
         out.print(f"{'source ' + (s or '(none)'):>16}  auc={show(v['auc'])}  acc={show(v['acc'])}  n={v['n']}")
+    if rep.get("calibration"):
+        c = rep["calibration"]
+        for k in ("ece", "nll", "brier"):
+            out.print(f"{k:>16}  {show(c['before'][k])} raw, {show(c['after'][k])} calibrated ({c['method']})",
+                      highlight=False)
     if rep.get("video"):
         v = rep["video"]
         out.print(f"{'video':>16}  auc={show(v['auc'])}  ap={show(v['ap'])}  eer={show(v['eer'])}  acc={show(v['acc'])}  "
@@ -549,10 +576,10 @@ def eval_(
 
 @head_app.command()
 def predict(
-    run: Annotated[Path, typer.Argument(help="Run directory.")],
+    run: Annotated[Path, typer.Argument(help="Run directory, or a one-file detector from `dfhead export`.")],
     images: Annotated[Optional[Path], typer.Argument(help="Folder of images (or one image) to score; embedded with the run's own model and preprocessing.")] = None,
     store_dir: Annotated[Optional[Path], typer.Option("--store", help="Score every row of this store instead of images.")] = None,
-    out_csv: Annotated[Path, typer.Option("--out", help="CSV to write: path, score (probability of fake), pred (1 fake, 0 real), label.")] = Path("scores.csv"),
+    out_csv: Annotated[Path, typer.Option("--out", help="CSV to write: path, score (the run's calibrated probability of fake), pred (1 fake, 0 real), label.")] = Path("scores.csv"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
     precision: Annotated[str, typer.Option(help="Head matmuls: auto (bf16 on CUDA and CPUs with native bf16, else fp32), fp32 or bf16.")] = "auto",
     workers: Annotated[int, typer.Option(help="Decoding workers when embedding images.")] = 2,
@@ -560,11 +587,14 @@ def predict(
     temperature: Annotated[Optional[float], typer.Option(help=TEMPERATURE_HELP, show_default="the run's --pool-temperature")] = None,
     frame_scores: Annotated[Optional[Path], typer.Option(help="Also write every scored frame (or face) to this CSV: path, video, frame, face_index, score, label.")] = None,
     with_stores: Annotated[Optional[list[Path]], typer.Option("--with", metavar="STORE", help=WITH_EVAL_HELP, show_default="none")] = None,
+    score_means: Annotated[str, typer.Option(help="fake: the score column is P(fake). real: the column is score_real = 1 - P(fake) (higher means real, as DFWild-Cup scores); pred stays 1 = fake.")] = "fake",
 ) -> None:
     """Score a store or images and videos with a trained run, using the threshold chosen at fit time.
 
-    IMAGES are embedded with every backbone the run used (one for most runs; each fused store's for a run
-    trained with --with); a --store of a fused run takes the other stores with --with.
+    Scores are the run's calibrated P(fake) (--calibration at fit time); the predicted labels are those of the
+    uncalibrated scores at the run's threshold, which calibration never changes. IMAGES are embedded with every
+    backbone the run used (one for most runs; each fused store's for a run trained with --with); a --store of a
+    fused run takes the other stores with --with.
 
     A video gets one row (path, n_frames, n_faces, score, pred, label): its frames' scores pooled by
     --pool; still images keep one row each. Images that cannot be read are listed with their reason in
@@ -581,7 +611,7 @@ def predict(
     check_writable_file(out_csv, "--out")
     if frame_scores is not None:
         check_writable_file(frame_scores, "--frame-scores")
-    pooling = {"pool": pool, "temperature": temperature, "frame_scores": frame_scores}
+    pooling = {"pool": pool, "temperature": temperature, "frame_scores": frame_scores, "score_means": score_means}
     failures_csv = out_csv.with_name(f"{out_csv.stem}.failures.csv")
     failures_csv.unlink(missing_ok=True)  # never leave an earlier run's failures beside new scores
     if images is not None:
@@ -602,7 +632,8 @@ def predict(
         return
     df.write_csv(out_csv)
     n_fake = int(df["pred"].sum())
-    out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real",
+    means = "; its score_real column is 1 - P(fake), higher means real" if score_means == "real" else ""
+    out.print(f"wrote {out_csv}: {df.height} rows, {n_fake} predicted fake, {df.height - n_fake} predicted real{means}",
               highlight=False)
     if images is not None and images.is_file() and "n_frames" in df.columns and df.height == 1:  # one video
         from dfclip.heads.report import load_run_config
@@ -612,7 +643,8 @@ def predict(
         used = run_pooling(load_run_config(run), pool, temperature)
         how = f"lse T={used[1]:g}" if used[0] == "lse" else used[0]
         faces = f", {v['n_faces']} faces" if v["n_faces"] != v["n_frames"] else ""  # one row per frame: say frames
-        out.print(f"{v['path']}: {'fake' if v['pred'] else 'real'}, score {v['score']:.4f} "
+        score = f"score {v['score']:.4f}" if "score" in v else f"score_real {v['score_real']:.4f}"
+        out.print(f"{v['path']}: {'fake' if v['pred'] else 'real'}, {score} "
                   f"({how} over {v['n_frames']} frames{faces})", highlight=False, soft_wrap=True)
     if failures_csv.is_file():
         import polars as pl
@@ -620,6 +652,19 @@ def predict(
         failed = pl.read_csv(failures_csv)
         reasons = ", ".join(f"{n} {k}" for k, n in failed["error"].value_counts(sort=True).iter_rows())
         _warn(f"{failed.height} images could not be read ({reasons}): not scored, listed in {failures_csv}")
+
+
+@head_app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `dfhead fit` or a sweep's best/.")],
+    out_file: Annotated[Path, typer.Argument(metavar="OUT", help="File to write, e.g. detector.dfclip.")],
+) -> None:
+    """Write a run as ONE file (safetensors, no pickle): head weights, settings, threshold, calibration and the
+    backbone's provenance. Use it with `dfhead predict OUT IMAGES` or `dfclip.Detector.load(OUT)`."""
+    from dfclip.heads.export import export_run
+
+    path = export_run(run, out_file)
+    out.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
 
 
 def _say(line) -> None:

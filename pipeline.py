@@ -17,6 +17,7 @@ from pathlib import Path
 
 from typing import Callable
 
+import numpy as np
 import polars as pl
 
 from dfclip.errors import UserError
@@ -42,8 +43,9 @@ def remove_dead_temps() -> list[Path]:
 def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, device: str = "auto",
                    workers: int = 2, progress: bool = True, failures_csv: str | os.PathLike | None = None,
                    precision: str = "auto", log: Callable[[str], None] = print, pool: str | None = None,
-                   temperature: float | None = None, frame_scores: str | os.PathLike | None = None) -> pl.DataFrame:
-    """Score a folder of images and videos (or one file) with a trained run.
+                   temperature: float | None = None, frame_scores: str | os.PathLike | None = None,
+                   score_means: str = "fake") -> pl.DataFrame:
+    """Score a folder of images and videos (or one file) with a trained run (a run folder or a `dfhead export` file).
 
     The images are embedded exactly as the run's training store was (same model, weights,
     preprocessing and feature, and the blocks of its --feature; embed.config.config_from_provenance), once
@@ -51,9 +53,9 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     `workers` decode processes, and scored with the threshold chosen at fit time. `precision`
     (auto, fp32, bf16) is the head's (heads.precision); the backbone runs at the precision the
     run's store was embedded with.
-    Returns path (relative to `images`; the file name for one image), score (probability of
-    fake), pred (1 fake, 0 real) and label (from real/fake folder names, -1 when none), sorted by
-    path. Images that cannot be read get no row: they are written with their reason to
+    Returns path (relative to `images`; the file name for one image), score (the run's calibrated
+    probability of fake; score_means="real": score_real = 1 - that), pred (1 fake, 0 real) and label
+    (from real/fake folder names, -1 when none), sorted by path. Images that cannot be read get no row: they are written with their reason to
     `failures_csv` (path, error, message) when given. Raises UserError when the run cannot
     rebuild its backbone (e.g. imported embeddings) or when no image could be read.
     Videos among the inputs are scored frame by frame and come back as one row per video (path,
@@ -66,13 +68,15 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
     ranks exchange their rows (gloo), every rank returns all of them, and rank 0 alone writes
     `failures_csv`.
     """
+    from dfclip.heads.calibration import as_score_means
     from dfclip.heads.report import load_run_config
     from dfclip.heads.run import run_pooling
     from dfclip.runtime import without_stray_ranks
 
     config = load_run_config(run_dir)
     run_pooling(config, pool, temperature)  # a bad --pool is refused before anything is embedded
-    pooling = {"pool": pool, "temperature": temperature}
+    as_score_means(np.zeros(0), score_means)  # and so is a bad --score-means
+    pooling = {"pool": pool, "temperature": temperature, "score_means": score_means}
     remove_dead_temps()
     with without_stray_ranks(log) as me:
         scores, failures, error = None, None, None

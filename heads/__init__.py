@@ -10,4 +10,6 @@ Public API (the CLI `dfhead` is a thin layer over it):
     heads.metrics: roc_auc, roc_points, average_precision, eer, tpr_at_fpr, threshold_metrics, evaluate,
                    pick_threshold
     heads.optim: BatchedAdamW, SAM            heads.models: BatchedMLP, BatchedLinear, HEAD_KINDS, build_head
+    heads.calibration: fit_calibration, Calibration, ece, nll_from_logits, brier, reliability
+    heads.export: export_run(run_dir, out) -> one safetensors file, read_export(path) -> (config, tensors)
 """

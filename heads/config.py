@@ -111,6 +111,10 @@ class RunConfig:
     patience: int = setting(0, "Stop after this many epochs without improvement; 0 = never stop early.")
     threshold: str = setting("eer", "Decision threshold saved with the run: eer, a probability like 0.5, or "
                                     "fpr@RATE like fpr@0.01.")
+    calibration: str = setting("temperature", "After training, fit P(fake) on the validation logits by NLL "
+                                              "(heads.calibration): temperature (sigmoid(z / T)), platt "
+                                              "(sigmoid(a z + b)), or none. Predicted labels do not change.",
+                               choices=("temperature", "platt", "none"), sweep=ONE_VALUE)
     # Frame probabilities, not logits, are pooled: heads.metrics explains why (the note above VIDEO_POOLS).
     video_pool: str = setting("mean", "How a video's frame scores (probabilities) become its score, for video-level "
                                       "metrics, --select video_auc and predict's per-video rows: mean, max, or lse "

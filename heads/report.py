@@ -1,10 +1,11 @@
 """Run directories: writing and reading them, plots, the sweep leaderboard, the progress bar.
 
-    runs/<name>/config.json      every setting, the head architecture, threshold, store provenance
+    runs/<name>/config.json      every setting, the head architecture, threshold, calibration, store provenance
     runs/<name>/head.safetensors the head weights (K = 1; no pickled code)
     runs/<name>/metrics.parquet  one row per epoch
     runs/<name>/report.json      val and held-out-source metrics of the selected epoch
     runs/<name>/roc_pr.png       ROC and PR curves of val (and held-out sources)
+    runs/<name>/reliability.png  reliability diagram of val (and held-out sources), raw and calibrated
     runs/<name>/train_rows.parquet  the path of every row it trained on (eval leaves them out)
 
 A run folder is written aside and swapped in whole (`replacing_dir`), so it only ever holds the
@@ -20,7 +21,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,7 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dfclip.heads import metrics
+from dfclip.heads.calibration import Calibration, calibration_problems, plot_reliability
 from dfclip.heads.config import RunConfig, config_from_dict
+from dfclip.heads.export import is_export, read_export
 from dfclip.heads.models import Head, head_from_config
 from dfclip.errors import UserError
 from dfclip.runtime import process_alive
@@ -38,6 +41,7 @@ from dfclip.store.format import feature_width
 
 RUN_FORMAT = "dfclip-run/1"
 TRAIN_ROWS_FILE = "train_rows.parquet"
+RELIABILITY_FILE = "reliability.png"
 # .NAME.new-PID-TAG: a folder being written; .NAME.old-PID-TAG: the folder it replaces, mid-swap.
 _STAGE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>new|old)-(?P<pid>\d+)-[0-9a-f]+$")
 
@@ -180,14 +184,30 @@ def _write_run(result, folder: Path, name: str, provenance: dict, counts: dict, 
         "format": RUN_FORMAT, "run": result.config.to_dict(), "head": head.config, "threshold": result.threshold,
         "best_epoch": result.best_epoch, "data": counts, "provenance": provenance,
     }
+    if result.calibration is not None:  # predict's P(fake) = calibrated score; decisions stay on the raw one
+        config["calibration"] = result.calibration.to_dict()
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
     result.history.write_parquet(folder / "metrics.parquet")
     report = {"best_epoch": result.best_epoch, "threshold": result.threshold, "seconds": result.seconds, **result.reports}
+    if result.calibration is not None:
+        report["calibration"] = result.calibration.to_dict()
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     if train_paths is not None:
         pl.DataFrame({"path": train_paths}, schema={"path": pl.Utf8}).write_parquet(folder / TRAIN_ROWS_FILE)
     if result.scores:
         plot_roc_pr(result.scores, folder / "roc_pr.png", title=name)
+        plot_reliability(_reliability_curves(result.scores, result.calibration), folder / RELIABILITY_FILE,
+                         title=f"{name}: reliability")
+
+
+def _reliability_curves(scores: dict, cal: Calibration | None) -> dict:
+    """{label: (probabilities, labels)} of the reliability diagram: each set raw and, when fitted, calibrated."""
+    curves = {}
+    for name, (p, y) in scores.items():
+        curves[f"{name} raw"] = (p, y)
+        if cal is not None and cal.method != "none":
+            curves[f"{name} {cal.method}"] = (cal.from_probabilities(p), y)
+    return curves
 
 
 def load_run_config(run_dir: str | os.PathLike) -> dict:
@@ -198,6 +218,8 @@ def load_run_config(run_dir: str | os.PathLike) -> dict:
     is refused from the file's shapes alone, without allocating it.
     """
     run_dir = Path(run_dir)
+    if is_export(run_dir):  # OUT.dfclip from `dfhead export`: the same config, checked the same way
+        return read_export(run_dir)[0]
     cfg_path, weights = run_dir / "config.json", run_dir / "head.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise UserError(f"{run_dir} is not a dfclip run directory (needs config.json and head.safetensors); "
@@ -210,14 +232,23 @@ def load_run_config(run_dir: str | os.PathLike) -> dict:
         raise UserError(f"{cfg_path} must hold a JSON object; restore it or re-run `dfhead fit`")
     if config.get("format") != RUN_FORMAT:
         raise UserError(f"{run_dir} is a run of format {config.get('format')!r}; this dfclip reads {RUN_FORMAT!r}")
-    problems = [f"{cfg_path}: {p}" for p in _run_config_problems(config, weights)]
+    problems = [f"{cfg_path}: {p}" for p in _run_config_problems(config, lambda head: _weights_problems(head, weights))]
     if problems:
         raise UserError("\n".join(problems))
     return config
 
 
-def _run_config_problems(config: dict, weights: Path) -> list[str]:
-    """Every problem of a loaded config.json, one line each; on success config["run"] is normalised."""
+def config_problems(config: dict, stored: int, what: str) -> list[str]:
+    """Every problem of a run's config (a config.json, or an export's) whose head weights hold `stored` numbers
+    (`what` names them), one line each; on success config["run"] is normalised."""
+    if config.get("format") != RUN_FORMAT:
+        return [f"a run of format {config.get('format')!r}; this dfclip reads {RUN_FORMAT!r}"]
+    return _run_config_problems(config, lambda head: _size_problems(head, stored, what))
+
+
+def _run_config_problems(config: dict, weights_problems: Callable[[dict], list[str]]) -> list[str]:
+    """Every problem of a loaded config.json, one line each; on success config["run"] is normalised.
+    weights_problems(head): what is wrong with the weights given a valid "head"."""
     from dfclip.heads.config import validate
 
     missing = [k for k in ("run", "head", "threshold", "provenance") if k not in config]
@@ -236,12 +267,14 @@ def _run_config_problems(config: dict, weights: Path) -> list[str]:
         problems.append(f'"threshold" must be a probability in [0, 1], got {t!r}')
     if not isinstance(config["provenance"], dict):
         problems.append(f'"provenance" must be an object, got {config["provenance"]!r}')
+    if "calibration" in config:
+        problems += [f'"calibration": {p}' for p in calibration_problems(config["calibration"])]
     head = config["head"]
     feature = config["run"].get("feature", "proj") if isinstance(config["run"], dict) else "proj"
     head_problems = _head_problems(head, config["provenance"] if isinstance(config["provenance"], dict) else {}, feature)
     problems += head_problems
     if not head_problems:
-        problems += _weights_problems(head, weights)
+        problems += weights_problems(head)
     return problems
 
 
@@ -281,29 +314,38 @@ def _weights_problems(head: dict, weights: Path) -> list[str]:
     """Compare the size config.json's head would have with head.safetensors, reading only the file's header."""
     from safetensors import safe_open
 
-    from dfclip.heads.models import HEAD_KINDS
-
     try:
         with safe_open(str(weights), framework="pt") as f:
             stored = sum(math.prod(f.get_slice(n).get_shape()) for n in f.keys())
     except Exception as e:  # safetensors raises its own SafetensorError (and OSError) for a damaged file
         return [f"{weights.name} is damaged or not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                 "re-run `dfhead fit` to write it again"]
+    return _size_problems(head, stored, weights.name)
+
+
+def _size_problems(head: dict, stored: int, what: str) -> list[str]:
+    from dfclip.heads.models import HEAD_KINDS
+
     options = {k: v for k, v in head.items() if k not in ("kind", "dim")}
     expected = HEAD_KINDS[head["kind"]].params(head["dim"], **options)
     if expected != stored:
-        return [f'"head" describes {expected:,} weights but {weights.name} holds {stored:,}; '
+        return [f'"head" describes {expected:,} weights but {what} holds {stored:,}; '
                 "config.json and the weights are from different heads: restore config.json or re-run `dfhead fit`"]
     return []
 
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Head, dict]:
-    """The trained head (eval mode) and config.json of a run directory."""
-    config = load_run_config(run_dir)
-    weights = Path(run_dir) / "head.safetensors"
+    """The trained head (eval mode) and config.json of a run directory (or of a `dfhead export` file)."""
+    if is_export(run_dir):
+        config, state = read_export(run_dir)
+        weights = Path(run_dir)
+    else:
+        config = load_run_config(run_dir)
+        weights = Path(run_dir) / "head.safetensors"
+        state = None
     head = head_from_config(config["head"], 1, seeds=[config["run"].get("seed", 0)])
     try:
-        head.load_state_dict(load_file(str(weights)))
+        head.load_state_dict(load_file(str(weights)) if state is None else state)
     except Exception as e:  # same size, other layout (names or shapes); or the data part is damaged
         raise UserError(f"{weights} does not fit the head config.json describes "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); re-run `dfhead fit`") from None

@@ -27,6 +27,7 @@ import torch
 
 from dfclip import store
 from dfclip.heads import metrics
+from dfclip.heads.calibration import Calibration, as_score_means, calibration_from_config, scores_report, threshold_rates
 from dfclip.heads.config import RunConfig, validate
 from dfclip.heads.data import finite_rows, missing_inputs_note, non_finite_note
 from dfclip.heads.report import (TRAIN_ROWS_FILE, check_writable_dir, default_run_name, leaderboard, load_run,
@@ -65,7 +66,25 @@ def fit(store_dir: str | os.PathLike, config: RunConfig, *, val_store=None, runs
         while run_dir.exists():
             run_dir, n = base.with_name(f"{base.name}-{n}"), n + 1
     save_run(results[0], run_dir, provenance=data.provenance, counts=data.counts, train_paths=data.train_paths)
+    _add_test_report(run_dir, s, device, log)
     return run_dir
+
+
+def _add_test_report(run_dir: Path, s: store.Store, device: str, log: Callable[[str], None]) -> None:
+    """Add the metrics of the store's labelled "test" rows (never trained on, nor validated on) to report.json as
+    "test", so the threshold's FPR and TPR and the calibration are shown on unseen rows; nothing without such rows."""
+    if s.select(label=[0, 1], split="test").height == 0:
+        return
+    try:
+        rep = evaluate_run(run_dir, s.root, device=device, split="test", log=log)
+    except UserError as e:  # e.g. every test row's embedding is NaN: the run is saved, the test report is not
+        log(f"warning: no test report ({e})")
+        return
+    path = run_dir / "report.json"
+    report = json.loads(path.read_text()) | {"test": rep}
+    tmp = path.with_name(f".report.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
 
 
 def grid(base: RunConfig, *, seeds: int = 1, **options) -> list[RunConfig]:
@@ -370,12 +389,15 @@ def _evaluate_loaded(head, config: dict, trained: pl.Series | None, s: store.Sto
     if (note := missing_inputs_note(s, rows)) is not None:
         log(note)
     x, rows = _finite(*s.load(rows, feature=config["run"]["feature"]), s, log)
-    scores = _scores(head, config, x, dev, precision)
+    logits = _logits(head, config, x, dev, precision)
     y = torch.from_numpy(rows["label"].to_numpy().astype(np.int64)).to(dev)
     groups = rows["group"].to_list() if (rows["group"] != "").any() else None
     pool, temperature = run_pooling(config, pool, temperature)
-    return metrics.evaluate(scores, y, sources=rows["source"].to_list(), groups=groups, threshold=config["threshold"],
-                            pool=pool, temperature=temperature)[0]
+    rep = metrics.evaluate(torch.sigmoid(logits), y, sources=rows["source"].to_list(), groups=groups,
+                           threshold=config["threshold"], pool=pool, temperature=temperature)[0]
+    # ECE, NLL and Brier of the raw and the calibrated scores; the rates at the run's threshold.
+    rep["calibration"] = scores_report(logits[0].cpu().numpy(), rows["label"].to_numpy(), calibration_from_config(config))
+    return rep | {f"{k}@threshold": v for k, v in threshold_rates(rep).items()}
 
 
 def run_pooling(config: dict, pool: str | None = None, temperature: float | None = None) -> tuple[str, float]:
@@ -468,11 +490,16 @@ def plot_robustness(table: pl.DataFrame, path: Path, *, title: str = "") -> None
 
 
 def _scores(head, config: dict, x: np.ndarray, dev: torch.device, precision: str = "auto") -> torch.Tensor:
-    """Probabilities [K, N] of a loaded run on rows x: its l2 normalisation applied, hidden matmuls in
+    """Raw probabilities [K, N] (sigmoid of `_logits`); calibration is applied after any video pooling."""
+    return torch.sigmoid(_logits(head, config, x, dev, precision))
+
+
+def _logits(head, config: dict, x: np.ndarray, dev: torch.device, precision: str = "auto") -> torch.Tensor:
+    """Logits [K, N] of a loaded run on rows x: its l2 normalisation applied, hidden matmuls in
     `precision` (heads.precision), fp32 matmuls as TF32 on GPUs as in training (runtime.tf32_precision)."""
     with tf32_precision():
-        return torch.sigmoid(predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"],
-                                            precision=resolve_precision(precision, dev)))
+        return predict_logits(head, torch.from_numpy(x).to(dev), l2_normalize=config["run"]["l2_normalize"],
+                              precision=resolve_precision(precision, dev))
 
 
 def _check_same_model(config: dict, s: store.Store) -> None:
@@ -492,8 +519,10 @@ def _finite(x: np.ndarray, rows: pl.DataFrame, s: store.Store, log: Callable[[st
 def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, device: str = "auto",
                   precision: str = "auto", log: Callable[[str], None] = print, pool: str | None = None,
                   temperature: float | None = None, frame_scores: str | os.PathLike | None = None,
-                  with_stores: list[str | os.PathLike] = ()) -> pl.DataFrame:
-    """path, score (probability of fake) and predicted label (1 fake, 0 real) for every row of a store.
+                  with_stores: list[str | os.PathLike] = (), score_means: str = "fake") -> pl.DataFrame:
+    """path, score (calibrated probability of fake) and predicted label (1 fake, 0 real) for every row of a store.
+
+    score_means="real": the column is score_real = 1 - P(fake) instead (see `verdicts`).
 
     with_stores: of a run trained on fused stores, its other backbones' stores (open_for_run); rows
     held by some of the stores only get no score (one note through `log`).
@@ -514,7 +543,8 @@ def predict_store(run_dir: str | os.PathLike, store_dir: str | os.PathLike, *, d
     x, rows = _finite(*s.load(feature=config["run"]["feature"]), s, log)
     scores = _scores(head, config, x, dev, precision)[0]
     scores = scores.cpu().numpy()
-    return verdicts(rows, scores, config, pool=pool, temperature=temperature, frame_scores=frame_scores)
+    return verdicts(rows, scores, config, pool=pool, temperature=temperature, frame_scores=frame_scores,
+                    score_means=score_means)
 
 
 FRAME_SUFFIX = r"#f\d+(@\d+)?$"  # a video row's path is VIDEO#fNNNNNN, plus @K for its face K
@@ -534,21 +564,38 @@ def frame_table(rows: pl.DataFrame, scores: np.ndarray) -> pl.DataFrame:
 
 
 def verdicts(rows: pl.DataFrame, scores: np.ndarray, config: dict, *, pool: str | None = None,
-             temperature: float | None = None, frame_scores: str | os.PathLike | None = None) -> pl.DataFrame:
-    """predict's table from scored store rows and a run's config.json.
+             temperature: float | None = None, frame_scores: str | os.PathLike | None = None,
+             score_means: str = "fake") -> pl.DataFrame:
+    """predict's table from scored store rows (raw probabilities `scores`) and a run's config.json.
 
     Without video frames among the rows: path, score, pred, label, one row per image. With them:
     heads.metrics.pool_table's one row per video (and per still image), path, n_frames, n_faces,
     score, pred, label, the frames pooled by `pool` / `temperature` (None = the run's) and judged at
     the run's threshold. frame_scores: also write the per-row scores (frame_table) to this CSV.
+    pred is decided on the raw probabilities (pooled for a video) at the run's threshold; the score
+    written is then the run's calibrated P(fake) of that probability (heads.calibration; the raw one
+    for runs without a calibration), or with score_means="real" 1 - P(fake) in a column named
+    score_real (DFWild-Cup's convention; pred still says 1 = fake).
     """
+    as_score_means(np.zeros(0), score_means)  # a bad value is refused before anything is written
+    cal = calibration_from_config(config)
     table = frame_table(rows, scores)
     if frame_scores is not None:
-        table.sort("path").write_csv(frame_scores)
+        _calibrated(table, cal, score_means).sort("path").write_csv(frame_scores)
     if not (table["frame"] >= 0).any():
         pred = (scores >= config["threshold"]).astype(np.int8)
-        return pl.DataFrame({"path": rows["path"], "score": scores, "pred": pred, "label": rows["label"]}).sort("path")
-    return metrics.pool_table(table, *run_pooling(config, pool, temperature), config["threshold"])
+        raw = pl.DataFrame({"path": rows["path"], "score": scores, "pred": pred, "label": rows["label"]})
+    else:
+        raw = metrics.pool_table(table, *run_pooling(config, pool, temperature), config["threshold"])
+    return _calibrated(raw, cal, score_means).sort("path")
+
+
+def _calibrated(table: pl.DataFrame, cal: Calibration, score_means: str) -> pl.DataFrame:
+    """`table` with its raw `score` column replaced by the calibrated P(fake) (float64), or by 1 - P(fake) in a
+    column `score_real` (score_means="real"), in the same place."""
+    p = as_score_means(cal.from_probabilities(table["score"].to_numpy()), score_means)
+    name = "score" if score_means == "fake" else "score_real"
+    return table.with_columns(pl.Series("score", p, dtype=pl.Float64)).rename({"score": name})
 
 
 def list_runs(runs_dir: str | os.PathLike = "runs") -> pl.DataFrame:

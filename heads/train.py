@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from dfclip import store
 from dfclip.errors import UserError
 from dfclip.heads import graphs, losses, metrics
+from dfclip.heads.calibration import Calibration, fit_calibration, scores_report, threshold_rates
 from dfclip.heads.config import FIELDS, ONE_VALUE, PER_MODEL, RunConfig, group_key, option_name
 from dfclip.heads.data import (Data, EvalSet, augment_with_noise, describe_data, epoch_batches, feature_noise,
                                load_data)
@@ -51,6 +52,8 @@ class RunResult:
     # The epoch whose loss or validation logits went NaN or infinite (training of this config stopped
     # there), or None. A diverged result is never a usable head: fit refuses it, a sweep ranks it last.
     diverged: int | None = None
+    # P(fake) fitted on the val logits after training (heads.calibration); the identity with --calibration none.
+    calibration: Calibration | None = None
 
 
 def _per_model(cfgs: list[RunConfig], name: str, device) -> torch.Tensor:
@@ -470,18 +473,27 @@ def _finish(data: Data, cfgs: list[RunConfig], head: Head, history: pl.DataFrame
     """
     c0, k = cfgs[0], len(cfgs)
     sets = {"val": data.val} | ({"holdout": data.holdout} if data.holdout is not None else {})
-    scores = {name: torch.sigmoid(predict_logits(head, s.x, l2_normalize=c0.l2_normalize, precision=c0.precision))
+    logits = {name: predict_logits(head, s.x, l2_normalize=c0.l2_normalize, precision=c0.precision)
               for name, s in sets.items()}
+    scores = {name: torch.sigmoid(z) for name, z in logits.items()}
     thresholds = torch.cat([metrics.pick_threshold(c.threshold, scores["val"][i:i + 1], data.val.y)
                             for i, c in enumerate(cfgs)])
     reports = {name: metrics.evaluate(scores[name], s.y, sources=s.meta["source"].to_list(), groups=s.groups,
                                       threshold=thresholds, pool=c0.video_pool, temperature=c0.pool_temperature)
                for name, s in sets.items()}
     host = {name: (scores[name].cpu().numpy(), s.y.cpu().numpy()) for name, s in sets.items()}
+    host_logits = {name: z.cpu().numpy() for name, z in logits.items()}
+    # The calibration of each head, fitted on its val logits (heads.calibration), and its numbers on every set.
+    cals = [fit_calibration(c.calibration, host_logits["val"][i], host["val"][1], float(thresholds[i]))
+            for i, c in enumerate(cfgs)]
+    for name, rep in reports.items():
+        for i, cal in enumerate(cals):
+            rep[i]["calibration"] = scores_report(host_logits[name][i], host[name][1], cal)
+            rep[i].update({f"{k}@threshold": v for k, v in threshold_rates(rep[i]).items()})
     return [
         RunResult(cfg, head.select([i]), history.filter(pl.col("model") == i).drop("model"), best_epoch[i],
                   float(thresholds[i]), {name: rep[i] for name, rep in reports.items()}, seconds / k,
-                  {name: (s[i], y) for name, (s, y) in host.items()})
+                  {name: (s[i], y) for name, (s, y) in host.items()}, calibration=cals[i])
         for i, cfg in enumerate(cfgs)
     ]
 

@@ -80,7 +80,8 @@ def test_choices_and_errors_come_from_the_fields():
                          "schedule": ("cosine", "sp_cup"), "video_pool": ("mean", "max", "lse"),
                          "objective": ("dfclip", "sp_cup:erm", "sp_cup:dag", "sp_cup:auc", "sp_cup:vs",
                                        "sp_cup:vs_cvar_auc"),
-                         "precision": ("auto", "fp32", "bf16"), "cuda_graphs": ("auto", "on", "off")}
+                         "precision": ("auto", "fp32", "bf16"), "cuda_graphs": ("auto", "on", "off"),
+                         "calibration": ("temperature", "platt", "none")}
     assert C.option_name("holdout_sources") == "--holdout-source"
     assert C.option_name("cvar_alpha") == "--cvar-alpha"
     assert C.value_type("hidden") is int and C.value_type("holdout_sources") is str

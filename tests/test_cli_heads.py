@@ -193,9 +193,9 @@ def test_fit_saves_the_threshold_and_predict_uses_it(env, fitted, monkeypatch, c
     assert df.columns == ["path", "score", "pred", "label"]
     assert df.height == meta.height and sorted(df["path"]) == sorted(meta["path"])
     assert df.sort("path")["label"].to_list() == meta.sort("path")["label"].to_list()
-    s = df["score"].to_numpy().astype(np.float32)  # the CSV holds float32 scores
+    s = df["score"].to_numpy()  # calibrated P(fake); the decision threshold in that scale is the calibration's
     assert ((s >= 0) & (s <= 1)).all()
-    assert np.array_equal(df["pred"].to_numpy(), (s >= config["threshold"]).astype(int))
+    assert np.array_equal(df["pred"].to_numpy(), (s >= config["calibration"]["threshold"]).astype(int))
     reals = df["label"].to_numpy() == 0
     assert df["pred"].to_numpy()[reals].mean() <= 0.01  # fpr@0.01 keeps its promise on val
     assert df["pred"].to_numpy()[~reals].mean() > 0.5
@@ -206,9 +206,10 @@ def test_eval_json_equals_sklearn_on_predicts_scores(env, fitted, monkeypatch, c
     code, out, err = dfhead(monkeypatch, capsys, "eval", fitted, "--store", env["val"], "--json", "--device", "cpu")
     assert code == 0, err
     rep = json.loads(out)
-    y, s = df["label"].to_numpy(), df["score"].to_numpy().astype(np.float32).astype(np.float64)
-    t = json.loads((fitted / "config.json").read_text())["threshold"]
-    pred = (s >= np.float32(t)).astype(int)
+    y, s = df["label"].to_numpy(), df["score"].to_numpy()  # calibrated: the same order as eval's raw scores
+    config = json.loads((fitted / "config.json").read_text())
+    t = config["threshold"]
+    pred = (s >= config["calibration"]["threshold"]).astype(int)
     assert rep["n"] == len(y) and rep["n_fake"] == y.sum() and rep["threshold"] == t
     assert rep["auc"] == pytest.approx(skm.roc_auc_score(y, s), abs=1e-9)
     assert rep["ap"] == pytest.approx(skm.average_precision_score(y, s), abs=1e-9)

@@ -120,7 +120,8 @@ def test_fit_over_an_existing_run_keeps_no_stale_file(env, dfhead, tmp_path):
     code, _, err = dfhead("fit", env["good"], *FAST, "--runs-dir", runs, "--name", "x", "--seed", "3")
     assert code == 0, err
     assert sorted(p.name for p in (runs / "x").iterdir()) == [
-        "config.json", "head.safetensors", "metrics.parquet", "report.json", "roc_pr.png", "train_rows.parquet"]
+        "config.json", "head.safetensors", "metrics.parquet", "reliability.png", "report.json", "roc_pr.png",
+        "train_rows.parquet"]
     assert json.loads((runs / "x" / "config.json").read_text())["run"]["seed"] == 3
     assert sorted(p.name for p in runs.iterdir()) == ["x"]  # no staging folder left behind
 

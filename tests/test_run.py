@@ -85,7 +85,8 @@ def approx_tree(a, b, tol=1e-4, path="") -> None:
 def test_fit_learns_the_signal_and_writes_every_artifact(stores, fitted):
     run_dir, cfg = fitted
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "head.safetensors", "metrics.parquet",
-                                                         "report.json", "roc_pr.png", "train_rows.parquet"]
+                                                         "reliability.png", "report.json", "roc_pr.png",
+                                                         "train_rows.parquet"]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["val"]["auc"] >= 0.95
 
@@ -193,8 +194,9 @@ def test_threshold_is_saved_and_used_by_predict(stores, spec):
     assert config["run"]["threshold"] == spec and report["threshold"] == t
     pred = R.predict_store(run_dir, stores["val"], device="cpu")
     s, y = pred["score"].to_numpy(), pred["label"].to_numpy()
-    assert np.array_equal(pred["pred"].to_numpy(), (s >= t).astype(np.int8))
-    fpr = np.mean(s[y == 0] >= t)
+    t_calibrated = config["calibration"]["threshold"]  # predict's scores are calibrated; so is this threshold
+    assert np.array_equal(pred["pred"].to_numpy(), (s >= t_calibrated).astype(np.int8))
+    fpr = np.mean(s[y == 0] >= t_calibrated)
     assert 1 - report["recall_real"] == pytest.approx(fpr, abs=1e-12)  # the report used the same decisions
     if spec == "eer":
         assert t == report["eer_threshold"]
@@ -203,7 +205,7 @@ def test_threshold_is_saved_and_used_by_predict(stores, spec):
     else:
         n_real = int((y == 0).sum())
         assert fpr <= 0.01
-        assert int(np.sum(s[y == 0] >= t)) == int(0.01 * n_real)  # the most fakes caught within 1 % FPR
+        assert int(np.sum(s[y == 0] >= t_calibrated)) == int(0.01 * n_real)  # the most fakes caught within 1 % FPR
 
 
 # --- sweep ----------------------------------------------------------------------------------------

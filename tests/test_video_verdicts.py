@@ -18,6 +18,7 @@ from dfclip.heads import metrics
 from dfclip.heads import run as R
 from dfclip.heads import train as T
 from dfclip.heads.config import make_config
+from dfclip.heads.report import load_run
 from dfclip.store.synthetic import make_synthetic_store, rewrite_store
 
 QUIET = {"log": lambda line: None}
@@ -253,9 +254,11 @@ def fitted(videos, tmp_path_factory) -> Path:
 def test_eval_pools_as_the_run_or_as_asked(videos, fitted):
     own = R.evaluate_run(fitted, videos, device="cpu", include_train=True)  # every row, as the hand computation
     assert (own["video"]["pool"], own["video"]["temperature"]) == ("lse", 0.05)
-    scored = R.predict_store(fitted, videos, device="cpu").join(store.open(videos).meta.select("path", "group"),
-                                                                 on="path")
-    labels, probs = scored["label"].to_numpy().astype(np.int64), scored["score"].to_numpy()[None].astype(np.float64)
+    # The head's raw frame probabilities (predict's are calibrated after pooling; eval pools the raw ones).
+    head, config = load_run(fitted)
+    x, scored = store.open(videos).load()
+    raw = R._scores(head, config, x, torch.device("cpu"))[0].numpy()
+    labels, probs = scored["label"].to_numpy().astype(np.int64), raw[None].astype(np.float64)
     for pool in ("mean", "max", "lse"):
         rep = R.evaluate_run(fitted, videos, device="cpu", pool=pool, temperature=0.05, include_train=True)
         _, pooled, video_labels = hand_video_table(probs, labels, scored["group"].to_list(), pool, 0.05)
@@ -341,7 +344,7 @@ def test_predict_on_a_store_of_video_frames_writes_one_row_per_video(videos, fit
     by_hand = per_frame.group_by("video").agg(pl.col("score").max(), pl.col("label").max()).sort("video")
     np.testing.assert_allclose(table["score"].to_numpy(), by_hand["score"].to_numpy(), rtol=1e-6)
     assert table["label"].to_list() == by_hand["label"].to_list()
-    threshold = json.loads((fitted / "config.json").read_text())["threshold"]
+    threshold = json.loads((fitted / "config.json").read_text())["calibration"]["threshold"]  # calibrated scale
     assert table["pred"].to_list() == (table["score"] >= threshold).cast(pl.Int64).to_list()
 
 
