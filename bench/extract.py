@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--videos", type=int, metavar="N",
                     help="time N generated face videos: decode only, extract whole frames, extract --faces largest")
     ap.add_argument("--frames", type=int, default=16, help="frames per generated video (with --videos)")
+    ap.add_argument("--face-image", type=Path, help="head picture for the generated videos (default: scikit-image's "
+                    "astronaut; bench/gpu-wheels.sh --video saves it for machines without scikit-image)")
     args = ap.parse_args()
     if args.compare_layers:
         compare_layers(args)
@@ -211,7 +213,8 @@ def compare_videos(args) -> None:
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE.get(device.type, DEFAULT_BATCH_SIZE["cpu"])
     per_source = max(1, args.videos // 5)  # the demo writes 5 sources
     with tempfile.TemporaryDirectory(prefix="dfclip-bench-") as tmp:
-        root = write_demo_videos(Path(tmp) / "videos", n_per_source=per_source, frames=args.frames, size=args.size)
+        root = write_demo_videos(Path(tmp) / "videos", n_per_source=per_source, frames=args.frames, size=args.size,
+                                 face_image=args.face_image)
         (root / "manifest.csv").unlink()
         paths = scan_folder(root)["path"].to_list()
         loader = torch.utils.data.DataLoader(MediaFiles(root, paths, frames=None, stride=None, host=None),

@@ -5,6 +5,10 @@
 # ones this checkout's .venv runs, so the GPU run tests the same code paths as CI.
 #   bash bench/gpu-wheels.sh [DEST]      # DEST defaults to .whl
 #   bash bench/gpu-wheels.sh --check DEST  # only verify that DEST is a complete, installable set
+#   bash bench/gpu-wheels.sh --video [DEST]  # the video stage's set into .whl-video/ (a second call: the two
+#                                            # sets together pass the 64 MiB a call can carry): PyAV,
+#                                            # facenet-pytorch and requests with its dependencies, plus the
+#                                            # demo videos' head picture (the machine has no scikit-image)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
@@ -12,9 +16,15 @@ PACKAGES=(polars polars-runtime-32 open_clip_torch ftfy wcwidth)
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64)
 TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}")
-check=0
+check=0 video=0
 if [ "${1:-}" = "--check" ]; then check=1; shift; fi
-DEST="${1:-.whl}"
+if [ "${1:-}" = "--video" ]; then video=1; shift; fi
+if [ $video = 1 ]; then
+  PACKAGES=(av facenet-pytorch requests urllib3 idna certifi charset-normalizer)
+  DEST="${1:-.whl-video}"
+else
+  DEST="${1:-.whl}"
+fi
 
 pins=()
 for p in "${PACKAGES[@]}"; do
@@ -33,6 +43,9 @@ fi
 # installs, so only the set itself is checked, plus that every pin resolves from it.
 "$PY" -m pip install -q --dry-run --no-index --no-deps --find-links "$DEST" --target /tmp/dfclip-wheel-check \
   "${TARGET[@]}" "${pins[@]}"
+if [ $video = 1 ] && [ $check = 0 ]; then
+  "$PY" -c "import sys; from dfclip.embed.demo import save_demo_head; save_demo_head(sys.argv[1])" "$DEST/head.png"
+fi
 n=$(ls "$DEST"/*.whl | wc -l)
 mb=$(du -cm "$DEST"/*.whl | tail -1 | cut -f1)
 [ "$n" -eq "${#PACKAGES[@]}" ] || { echo "error: expected ${#PACKAGES[@]} wheels in $DEST, found $n" >&2; exit 1; }

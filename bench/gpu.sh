@@ -12,6 +12,10 @@
 #
 #   bash bench/gpu.sh --dry-run    # every stage's Python on this CPU with tiny sizes (.venv), a few minutes
 #   bash bench/gpu.sh --plan       # the stages and their time limits only
+#   OUT=... bash bench/gpu.sh --video   # a second call on the same machine, right after the first (its
+#                                       # /tmp/site is reused), carrying .whl-video/ (bash bench/gpu-wheels.sh
+#                                       # --video; 37 MiB: with .whl/ it would pass the 64 MiB a call carries):
+#                                       # the video stage alone, limit 150 s; --video --dry-run rehearses it here
 #
 # Stages (random weights throughout: weights do not change speed):
 #   1. extract: ViT-L-14, fp16, 20k generated 256 px JPEGs, vs decode+preprocess only, same workers;
@@ -21,11 +25,19 @@
 #   4. fit: one epoch of the paper config on 1M x 768, vs the reference-style loop (on a subset)
 #   5. sweep_ratio: K=24 MLP and linear heads vs sequential fits (1 epoch, 1 fit timed and extrapolated)
 #   6. sweep_full: the K=24 MLP sweep over 1M rows x 10 epochs alone (target: under 20 s)
+#   (--video) video: 40 generated face videos x 32 frames of 512 px, ViT-L-14 fp16: decode only, whole
+#      frames, and --faces largest (MTCNN on the GPU); target: the face stage adds at most 30% to a frame
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DRY=0 PLAN=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
-[ "${1:-}" = "--plan" ] && PLAN=1  # print the stages and their limits, run nothing
+DRY=0 PLAN=0 VIDEO=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    --plan) PLAN=1 ;;  # print the stages and their limits, run nothing
+    --video) VIDEO=1 ;;
+    *) echo "error: unknown option $arg; use --dry-run, --plan or --video" >&2; exit 2 ;;
+  esac
+done
 export PYTHONUNBUFFERED=1
 
 # Stage limits, seconds, for the GPU run. Each is an estimate from runs on a 2-core CPU (`--dry-run` and
@@ -51,8 +63,12 @@ export PYTHONUNBUFFERED=1
 #   sum          75 + 30 + 45 + 130 + 100 + 100 = 480
 # With CUDA graphs a step is one graph launch plus its GPU time (~0.3-0.5 ms for K=24), so the head
 # stages should end well inside their limits; the limits do not count on it.
-declare -A LIMIT=([extract]=75 [graphs]=30 [store]=45 [fit]=130 [sweep_ratio]=100 [sweep_full]=100)
+# video (its own call): 5 start + 40 videos of 32 frames written 5 + ViT-L-14 built 3 x 5 + decode 1280
+#   frames 3 + whole frames 1280 at >= 1000/s 2 + MTCNN on 1280 512 px frames at >= 30/s 43 + crops 2
+#   + detector and worker start 5                                                                    ~80 -> 150
+declare -A LIMIT=([extract]=75 [graphs]=30 [store]=45 [fit]=130 [sweep_ratio]=100 [sweep_full]=100 [video]=150)
 STAGES=(extract graphs store fit sweep_ratio sweep_full)
+[ $VIDEO = 1 ] && STAGES=(video)
 TOTAL=0
 for s in "${STAGES[@]}"; do TOTAL=$((TOTAL + LIMIT[$s])); done
 [ $TOTAL -le 480 ] || { echo "error: stage limits add up to ${TOTAL}s, more than 480s" >&2; exit 2; }
@@ -72,6 +88,12 @@ else
   if [ -d .whl ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       || { echo "error: installing .whl/ failed; rebuild it with bash bench/gpu-wheels.sh" >&2; exit 2; }
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if [ $VIDEO = 1 ]; then
+    [ -d .whl-video ] || { echo "error: --video needs .whl-video/ (bash bench/gpu-wheels.sh --video) carried along" >&2; exit 2; }
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl-video/*.whl \
+      || { echo "error: installing .whl-video/ failed; rebuild it with bash bench/gpu-wheels.sh --video" >&2; exit 2; }
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi
@@ -131,6 +153,24 @@ stage() {  # name, command...: runs under the stage's limit (x SCALE), SIGKILL 1
   tail -6 "$LOG" | grep -v "^== " || true
   return $rc
 }
+
+if [ $VIDEO = 1 ]; then
+  if [ $DRY = 1 ]; then
+    N_VIDEOS=5; V_FRAMES=4; V_SIZE=128; FACE=(--face-image "$WORK/head.png")
+    # the head picture as gpu-wheels.sh --video saves it, so the rehearsal reads it the same way
+    "$PY" -c "import sys; from dfclip.embed.demo import save_demo_head; save_demo_head(sys.argv[1])" "$WORK/head.png"
+  else
+    N_VIDEOS=40; V_FRAMES=32; V_SIZE=512; FACE=(--face-image .whl-video/head.png)
+  fi
+  "$PY" -c "import av, facenet_pytorch, requests; print('video imports: ok, av', av.__version__)" 2>&1 | tee -a "$LOG" \
+    || { echo "error: the video stage needs av and facenet-pytorch (bash bench/gpu-wheels.sh --video)" | tee -a "$LOG"; exit 2; }
+  stage video "$PY" bench/extract.py --videos $N_VIDEOS --frames $V_FRAMES --size $V_SIZE --model $MODEL \
+    --pretrained none --device $DEV --precision $([ $DRY = 1 ] && echo fp32 || echo fp16) \
+    --workers $((CORES > 1 ? CORES - 1 : 1)) "${FACE[@]}" --json "$OUT/video.json"
+  rc=$?
+  [ -f "$OUT/video.json" ] && cat "$OUT/video.json" | tee -a "$LOG"
+  exit $rc
+fi
 
 stage extract "$PY" bench/extract.py --model $MODEL --pretrained none --device $DEV --precision fp16 \
   --n-images $N_IMAGES --size 256 --workers $((CORES > 1 ? CORES - 1 : 1)) --json "$OUT/extract.json"

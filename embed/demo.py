@@ -263,6 +263,13 @@ def _astronaut_head() -> np.ndarray:
     return np.ascontiguousarray(astronaut()[y0:y1, x0:x1])
 
 
+def save_demo_head(path: str | os.PathLike) -> Path:
+    """Save the demo videos' head picture as a PNG, for `write_demo_videos(face_image=...)` on a machine
+    without scikit-image (bench/gpu-wheels.sh --video carries it to a GPU machine)."""
+    Image.fromarray(_astronaut_head()).save(path)
+    return Path(path)
+
+
 def _feather(h: int, w: int, border: float = 0.08) -> np.ndarray:
     """Alpha [h, w] in [0, 255]: opaque inside, fading out over `border` of each side."""
     ramp = lambda n: np.clip(np.minimum(np.arange(n) + 0.5, n - np.arange(n) - 0.5) / (border * n), 0, 1)  # noqa: E731
@@ -313,7 +320,7 @@ def _write_mp4(path: Path, frames: np.ndarray) -> None:
 
 
 def write_demo_videos(out_dir: str | os.PathLike, *, n_per_source: int = 4, frames: int = 8, size: int = 192,
-                      seed: int = 0) -> Path:
+                      seed: int = 0, face_image: str | os.PathLike | None = None) -> Path:
     """Write short labelled demo videos into the empty or new `out_dir`; returns its absolute path.
 
     Layout: real/{ffhq,celeba}/vidNNN.mp4, fake/{stylegan2,sd15,dalle}/vidNNN.mp4 (`n_per_source`
@@ -329,7 +336,8 @@ def write_demo_videos(out_dir: str | os.PathLike, *, n_per_source: int = 4, fram
     out = Path(os.path.abspath(os.path.expanduser(out_dir)))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"demo folder {out} already exists and is not empty; pass a new or empty folder")
-    head = _astronaut_head()
+    # face_image: another head picture (RGB), e.g. the astronaut's head saved where scikit-image is not installed
+    head = _astronaut_head() if face_image is None else np.asarray(Image.open(face_image).convert("RGB"))
     rows: list[dict] = []
     for source_index, source in enumerate(REAL_SOURCES + FAKE_SOURCES):
         label = int(source in FAKE_SOURCES)

@@ -115,3 +115,18 @@ def test_gpu_wheels_downloads_a_complete_installable_cp312_set(tmp_path):
     incomplete = subprocess.run(["bash", "bench/gpu-wheels.sh", "--check", str(dest)], cwd=REPO, capture_output=True,
                                 text=True, timeout=300, env=env)
     assert incomplete.returncode != 0
+
+
+def test_gpu_sh_video_stage_rehearses_on_the_cpu(tmp_path):
+    """`bash bench/gpu.sh --video --dry-run`: the second call's plan (one stage, 150 s) and its stage run
+    end to end on the tiny model, writing video.json with frames read and no failure."""
+    plan = subprocess.run(["bash", "bench/gpu.sh", "--video", "--plan"], cwd=REPO, capture_output=True, text=True)
+    assert plan.returncode == 0 and plan.stdout.strip() == "plan: video 150s, total 150s", plan.stdout + plan.stderr
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work")}
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--video", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "video.json").read_text())
+    assert result["frames"] == 20 and result["faces_frames_per_s"] > 0 and result["decode_frames_per_s"] > 0
+    bad = subprocess.run(["bash", "bench/gpu.sh", "--videos"], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option --videos" in bad.stderr
