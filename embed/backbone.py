@@ -335,21 +335,26 @@ def load_backbone(
         "pretrained": weights_record,
         "preprocess": dict(visual.preprocess_cfg),
         "preprocess_from": preprocess_from,
+        **_feature_record(feature, dim, blocks, tap, int(visual.transformer.width) if blocks else 0,
+                          open_clip=open_clip.__version__),
+    }
+    return Backbone(visual, preprocess, dim, feature, _jsonable(provenance), device, tuple(blocks),
+                    tap if blocks else "resid")
+
+
+def _feature_record(feature: str, dim: int, blocks: list[int], tap: str, width: int, **library: str) -> dict[str, Any]:
+    """The provenance keys every tower shares: what is stored, and the versions that made it
+    (`library`: the tower's own library and version, e.g. open_clip=...)."""
+    return {
         "feature": feature,
         "dim": dim,
         "layers": blocks,
         "tap": tap if blocks else "resid",
-        **({"layer_width": int(visual.transformer.width)} if blocks else {}),
+        **({"layer_width": width} if blocks else {}),
         "normalized": False,
-        "versions": {
-            "torch": torch.__version__,
-            "open_clip": open_clip.__version__,
-            "torchvision": torchvision.__version__,
-            "pillow": PIL.__version__,
-        },
+        "versions": {"torch": torch.__version__, **library, "torchvision": torchvision.__version__,
+                     "pillow": PIL.__version__},
     }
-    return Backbone(visual, preprocess, dim, feature, _jsonable(provenance), device, tuple(blocks),
-                    tap if blocks else "resid")
 
 
 def _tag_preprocess(name: str, weights: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -392,18 +397,7 @@ def _load_timm(model: str, pretrained: str | None, *, feature: str, device, cach
         dim = int(tower(torch.zeros(1, 3, *size, device=device), feature).shape[-1])
     provenance = {
         **record,
-        "feature": feature,
-        "dim": dim,
-        "layers": blocks,
-        "tap": tap if blocks else "resid",
-        **({"layer_width": tower.width()} if blocks else {}),
-        "normalized": False,
-        "versions": {
-            "torch": torch.__version__,
-            "timm": timm_tower.timm.__version__,
-            "torchvision": torchvision.__version__,
-            "pillow": PIL.__version__,
-        },
+        **_feature_record(feature, dim, blocks, tap, tower.width() if blocks else 0, timm=timm_tower.timm.__version__),
     }
     return Backbone(tower, preprocess, dim, feature, _jsonable(provenance), device, tuple(blocks),
                     tap if blocks else "resid")
