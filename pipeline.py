@@ -99,7 +99,7 @@ def predict_images(run_dir: str | os.PathLike, images: str | os.PathLike, *, dev
         reasons = ", ".join(f"{n} {k}" for k, n in failures["error"].value_counts(sort=True).iter_rows()) \
             if failures is not None else "no images found"
         where = f"; listed in {failures_csv}" if failures is not None and failures_csv is not None else ""
-        raise UserError(f"none of the images in {images} could be scored ({reasons}){where}")
+        raise UserError(f"nothing in {images} could be scored ({reasons}){where}")
     return scores
 
 

@@ -564,7 +564,7 @@ def _embed_media(todo: pl.DataFrame, plan: Plan, input_root: Path, config: Embed
 
 def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.PathLike, *, device: str = "auto",
                  workers: int | None = None, progress: bool = True, layers: Sequence[int] | None = None) -> dict:
-    """Embed `images` (a folder or one image file) into the store `out`/store exactly as the store of
+    """Embed `images` (a folder, or one image or video file) into the store `out`/store exactly as the store of
     `provenance` was embedded (embed.config.config_from_provenance), on `device` with `workers`.
     layers: the blocks to store (default: those of `provenance`).
 
@@ -575,7 +575,7 @@ def extract_like(provenance: dict, images: str | os.PathLike, out: str | os.Path
     images = Path(images)
     out = Path(out)
     if not images.exists():
-        raise UserError(f"{images} does not exist; give a folder of images or one image file")
+        raise UserError(f"{images} does not exist; give a folder of images and videos, or one image or video file")
     out.mkdir(parents=True, exist_ok=True)
     if images.is_file():  # one image: a folder holding a link to it
         folder = out / "_input"
