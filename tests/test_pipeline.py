@@ -155,7 +155,7 @@ def test_predict_on_images_reports_unreadable_files(tmp_path, demo_images, tiny_
     code, out, err = dfhead("predict", run, broken, "--out", tmp_path / "none.csv", "--workers", "0")
     assert code == 2 and "Traceback" not in out + err
     lines = [line for line in err.splitlines() if line.startswith("error:")]  # beside extract's progress lines
-    assert len(lines) == 1 and "none of the images" in lines[0] and "none.failures.csv" in lines[0]
+    assert len(lines) == 1 and "could be scored" in lines[0] and "none.failures.csv" in lines[0]
     assert not (tmp_path / "none.csv").exists()
 
     # a later clean predict to the same CSV removes the stale failures file
