@@ -259,6 +259,7 @@ def embed_media(loader, files: pl.DataFrame, embed: Callable[[torch.Tensor], tup
     queue = _Queue()
     counts = {"frames": 0, "rows": 0, "no_face": 0, "skipped_rows": 0, "detector_frames": 0}
     per_file: dict[int, int] = {}
+    per_face = faces is not None and faces.config.faces == "all"
 
     def drain(everything: bool) -> None:
         if queue.n == 0 and not everything:
@@ -284,6 +285,8 @@ def embed_media(loader, files: pl.DataFrame, embed: Callable[[torch.Tensor], tup
         file = {c: cols[c][chunk.file] for c in fmt.ROW_COLUMNS}
         name = file["path"]
         done_rows = skip.get(name, set())
+        # a row's name: its frame, and its face's rank when every face is a row (--faces all)
+        row_name = lambda m: fmt.row_path(name, m[0], m[1] if per_face else -1)  # noqa: E731
         if chunk.error is not None:
             kind, message = chunk.error
             if not chunk.positions:
@@ -312,15 +315,14 @@ def embed_media(loader, files: pl.DataFrame, embed: Callable[[torch.Tensor], tup
                                            f"no face found{_filters(faces.config)}")
                         counts["no_face"] += 1
                         per_file[chunk.file] = per_file.get(chunk.file, 0) + 1
-                names = [fmt.row_path(name, m[0], m[1] if faces.config.faces == "all" else -1) for m in meta]
+                names = [row_name(m) for m in meta]
                 keep = [j for j, row in enumerate(names) if row not in done_rows]
                 counts["skipped_rows"] += len(meta) - len(keep)
                 meta = [meta[j] for j in keep]
                 pixels = pixels[keep] if pixels is not None and keep else None
             if meta:
                 columns = {c: [file[c]] * len(meta) for c in fmt.ROW_COLUMNS}
-                columns["path"] = [fmt.row_path(name, m[0], m[1] if faces is not None and faces.config.faces == "all"
-                                                else -1) for m in meta]
+                columns["path"] = [row_name(m) for m in meta]
                 for c, k in (("frame", 0), ("face_index", 1), ("n_faces", 2), ("face_score", 3), ("face_box", 4)):
                     columns[c] = [m[k] for m in meta]
                 queue.rows(pixels, columns)
